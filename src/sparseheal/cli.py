@@ -1,0 +1,152 @@
+"""The command line, generated from the typed API functions (Typer): parsing and printing only.
+
+Every parameter of an API function becomes a flag spelled with dashes (the underscore spelling is
+accepted too); parameters without defaults are positional. ``--config FILE.yaml`` on every command
+supplies values by the same names. Bad input ends with one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import logging
+import re
+import sys
+import typing
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+import yaml
+from typer.exceptions import TyperException
+
+from sparseheal import api
+from sparseheal.config import ConfigError
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
+    help="Prune Hugging Face causal LMs and heal them, keeping every pruned weight exactly zero.",
+)
+_SHORT = {"output": "-o"}
+
+
+def _arg_help(func: Callable) -> dict[str, str]:
+    """Parameter descriptions from a Google-style docstring's Args section."""
+    doc = inspect.getdoc(func) or ""
+    section = doc.split("Args:", 1)[1].split("\n\n", 1)[0] if "Args:" in doc else ""
+    return {m.group(1): m.group(2) for m in re.finditer(r"^\s*(\w+): (.+)$", section, re.MULTILINE)}
+
+
+def _config_callback(ctx: typer.Context, _param: typer.CallbackParam, value: str | None) -> None:
+    if not value:
+        return
+    path = Path(value)
+    if not path.is_file():
+        raise ConfigError("--config", f"{value} is not a file")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError("--config", f"{value} is not valid YAML ({err.__class__.__name__})") from err
+    if not isinstance(data, dict):
+        raise ConfigError("--config", f"{value} must hold a mapping of flag names to values")
+    known = {p.name for p in ctx.command.params if p.name != "config"}
+    defaults = {}
+    for key, val in data.items():
+        name = str(key).replace("-", "_")
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f"; did you mean {close[0].replace('_', '-')!r}?" if close else ""
+            raise ConfigError(f"{value}: {key}", f"unknown key{hint} (valid: {', '.join(sorted(known))})")
+        defaults[name] = ",".join(map(str, val)) if isinstance(val, list) else val
+    ctx.default_map = {**(ctx.default_map or {}), **defaults}
+
+
+def _typer_param(name: str, param: inspect.Parameter, hint: Any, help_text: str, first: bool) -> inspect.Parameter:
+    """The first parameter is positional; every other one is a flag (required when it has no default)."""
+    if first:
+        return param.replace(annotation=Annotated[hint, typer.Argument(help=help_text, show_default=False)])
+    decls = [f"--{name.replace('_', '-')}"] + ([f"--{name}"] if "_" in name else []) + (
+        [_SHORT[name]] if name in _SHORT else []
+    )
+    if hint is bool:
+        decls = [f"{d}/--no-{d[2:]}" if d.startswith("--") and i == 0 else d for i, d in enumerate(decls)]
+    info = typer.Option(*decls, help=help_text)
+    default = ... if param.default is inspect.Parameter.empty else param.default
+    return param.replace(annotation=Annotated[hint, info], default=default, kind=inspect.Parameter.KEYWORD_ONLY)
+
+
+def command(func: Callable, printer: Callable[[Any], int | None], name: str | None = None) -> Callable:
+    """Registers ``func`` as a subcommand; ``printer`` shows its result and may return an exit code."""
+    hints = typing.get_type_hints(func)
+    helps = _arg_help(func)
+    params = [
+        _typer_param(n, p, hints[n], helps.get(n, ""), i == 0)
+        for i, (n, p) in enumerate(inspect.signature(func).parameters.items())
+    ]
+    config_info = typer.Option("--config", help="YAML file of flag values (same names).", is_eager=True,
+                               callback=_config_callback)
+    params.append(inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=None,
+                                    annotation=Annotated[str | None, config_info]))
+
+    def run(**kwargs: Any) -> int:
+        kwargs.pop("config", None)
+        return printer(func(**kwargs)) or 0
+
+    run.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    run.__doc__ = (inspect.getdoc(func) or "").split("\n\n")[0]
+    app.command(name or func.__name__)(run)
+    return run
+
+
+def _print_prune(output: Path) -> None:
+    record = api.read_record(output) or {}
+    print(f"pruned {record.get('base_model')} with {record.get('method')} ({record.get('pattern')}): "
+          f"{100 * record.get('sparsity_achieved', 0):.2f}% of prunable weights are zero -> {output}")
+
+
+def _print_evaluate(report: dict) -> None:
+    print(f"{'dataset':<12} {'protocol':<9} {'seqlen':>6} {'windows':>7} {'tokens':>9} {'dtype':<9} {'ppl':>10}")
+    for r in report["results"]:
+        print(f"{r['dataset']:<12} {r['protocol']:<9} {r['seqlen']:>6} {r['windows']:>7} {r['tokens']:>9} "
+              f"{r['dtype']:<9} {r['ppl']:>10.3f}")
+
+
+def _print_inspect(report: dict) -> int:
+    print(f"{'layer':<48} {'shape':<14} {'sparsity':>8} {'N:M':>5} {'N:M bad':>7} {'mask bad':>8}")
+    for r in report["layers"]:
+        shape = "x".join(map(str, r["shape"]))
+        print(f"{r['name']:<48} {shape:<14} {r['sparsity']:>8.4f} {r['nm_detected'] or '-':>5} "
+              f"{r.get('nm_violations', '-'):>7} {r.get('mask_violations', '-'):>8}")
+    print(f"total sparsity {report['total_sparsity']:.4f}; pattern {report['pattern']}; "
+          f"N:M violations {report['nm_violations']}; mask violations {report['mask_violations']}; "
+          f"{'OK' if report['ok'] else 'FAILED'}")
+    return 0 if report["ok"] else 1
+
+
+command(api.prune, _print_prune)
+command(api.evaluate, _print_evaluate)
+command(api.inspect, _print_inspect)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of ``sparseheal`` and ``python -m sparseheal``."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        code = typer.main.get_command(app).main(args=argv, prog_name="sparseheal", standalone_mode=False)
+    except typer.Exit as exc:
+        code = exc.exit_code
+    except typer.Abort:
+        code = 130
+    except ConfigError as exc:
+        print(f"sparseheal: error: {exc}", file=sys.stderr)
+        code = 2
+    except TyperException as exc:  # usage errors: unknown option, bad type, missing value
+        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        print(f"sparseheal: error: {' '.join(message.split())}", file=sys.stderr)
+        code = getattr(exc, "exit_code", 2)
+    sys.exit(code if isinstance(code, int) else 0)

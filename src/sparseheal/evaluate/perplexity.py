@@ -1,0 +1,108 @@
+"""Perplexity under the Wanda protocol.
+
+Protocol ``wanda``: the evaluation token stream is cut into non-overlapping windows of ``seqlen``
+tokens (the tail shorter than a window is dropped); each window's loss is the mean next-token
+cross-entropy over positions 1..seqlen-1, and ``ppl = exp(mean over windows of the window losses)``.
+Sun et al., https://arxiv.org/abs/2306.11695 (the evaluation of their reference code).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+__all__ = ["PerplexityResult", "window_losses", "perplexity"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PerplexityResult:
+    """One perplexity measurement with everything needed to compare it with another."""
+
+    dataset: str
+    protocol: str
+    seqlen: int
+    windows: int
+    tokens: int
+    dtype: str
+    ppl: float
+    seconds: float = 0.0
+    tokens_per_second: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _window_loss(logits: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy per window. logits (B, T, V), inputs (B, T) -> (B,)."""
+    shift_logits = logits[:, :-1].float()  # (B, T-1, V)
+    shift_labels = inputs[:, 1:]  # (B, T-1)
+    loss = F.cross_entropy(shift_logits.transpose(1, 2), shift_labels, reduction="none")  # (B, T-1)
+    return loss.mean(dim=1)
+
+
+@torch.no_grad()
+def window_losses(
+    model: nn.Module, tokens: torch.Tensor, seqlen: int, max_windows: int | None = None, batch_size: int = 1
+) -> torch.Tensor:
+    """Mean loss of each non-overlapping window.
+
+    Args:
+        tokens: (1, N) token stream.
+
+    Returns:
+        (W,) float32 loss per window.
+    """
+    n_windows = tokens.shape[1] // seqlen
+    if max_windows is not None:
+        n_windows = min(n_windows, max_windows)
+    windows = tokens[0, : n_windows * seqlen].reshape(n_windows, seqlen)  # (W, T)
+    device = next(model.parameters()).device
+    losses = []
+    for start in tqdm(range(0, n_windows, batch_size), desc=f"perplexity (seqlen {seqlen})", unit="batch"):
+        batch = windows[start : start + batch_size].to(device)  # (B, T)
+        logits = model(input_ids=batch, use_cache=False).logits  # (B, T, V)
+        losses.append(_window_loss(logits, batch).cpu())
+    return torch.cat(losses) if losses else torch.empty(0)
+
+
+def perplexity(
+    model: nn.Module,
+    tokens: torch.Tensor,
+    dataset: str,
+    seqlen: int,
+    max_windows: int | None = None,
+    batch_size: int = 1,
+) -> PerplexityResult:
+    """Wanda-protocol perplexity of ``model`` on a (1, N) token stream."""
+    if tokens.shape[1] < seqlen:
+        from sparseheal.config import ConfigError
+
+        raise ConfigError("--seqlen", f"{seqlen} is longer than the {dataset} stream ({tokens.shape[1]} tokens)")
+    was_training = model.training
+    model.eval()
+    start = time.perf_counter()
+    losses = window_losses(model, tokens, seqlen, max_windows, batch_size)
+    seconds = time.perf_counter() - start
+    model.train(was_training)
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    n_tokens = losses.numel() * seqlen
+    return PerplexityResult(
+        dataset=dataset,
+        protocol="wanda",
+        seqlen=seqlen,
+        windows=losses.numel(),
+        tokens=n_tokens,
+        dtype=dtype,
+        ppl=math.exp(losses.double().mean().item()),
+        seconds=round(seconds, 3),
+        tokens_per_second=round(n_tokens / seconds, 1) if seconds > 0 else 0.0,
+    )

