@@ -23,7 +23,10 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m sparseheal demo --output $(DEMO_OUT)
+	$(BIN)/sparseheal prune smollm2-135m -o $(DEMO_OUT)/pruned --method wanda --sparsity 0.5 \
+		--nsamples 64 --seqlen 1024 --overwrite
+	$(BIN)/sparseheal evaluate smollm2-135m --seqlen 1024 --max-windows 16 -o $(DEMO_OUT)/dense.json
+	$(BIN)/sparseheal evaluate $(DEMO_OUT)/pruned --seqlen 1024 --max-windows 16 -o $(DEMO_OUT)/pruned.json
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -59,12 +59,13 @@ def capture_layer_inputs(
     return captured
 
 
-def _run_layer(layer: nn.Module, batches: list[tuple[torch.Tensor, dict]]) -> list[torch.Tensor]:
-    outputs = []
+def _run_layer(layer: nn.Module, batches: list[tuple[torch.Tensor, dict]], in_place: bool = False) -> None:
+    """Runs every batch through ``layer``; with ``in_place`` each batch's hidden states (B, T, d) are
+    replaced by the layer's outputs, so only one copy of the activations is ever held."""
     for hidden, kwargs in batches:
         out = layer(hidden, **kwargs)
-        outputs.append((out[0] if isinstance(out, tuple) else out).detach())  # (B, T, d)
-    return outputs
+        if in_place:
+            hidden.copy_(out[0] if isinstance(out, tuple) else out)
 
 
 def _collect_statistics(layer: nn.Module, pruners: dict[str, LinearPruner], batches: list) -> None:
@@ -120,6 +121,5 @@ def prune_model(
             masks[f"{stack_name}.{index}.{name}"] = pruner.prune(nm, sparsity).cpu()
         del pruners
         if batches is not None:
-            outputs = _run_layer(layer, batches)
-            batches = [(out, kwargs) for out, (_, kwargs) in zip(outputs, batches)]
+            _run_layer(layer, batches, in_place=True)
     return masks

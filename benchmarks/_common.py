@@ -1,0 +1,56 @@
+"""Helpers shared by the benchmark scripts: subprocess runs with per-process peak RSS, tables, JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["run_measured", "print_table", "write_json", "machine"]
+
+
+def run_measured(cmd: list[str], env: dict | None = None, log: Path | None = None) -> dict:
+    """Runs ``cmd`` and returns its wall time and the peak RSS of that process alone (MiB)."""
+    start = time.perf_counter()
+    out = open(log, "w") if log else subprocess.DEVNULL
+    proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=out, stderr=subprocess.STDOUT)
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if log:
+        out.close()
+    if proc.returncode != 0:
+        tail = Path(log).read_text()[-2000:] if log else ""
+        raise RuntimeError(f"{' '.join(cmd)} failed with {proc.returncode}\n{tail}")
+    return {"wall_s": round(time.perf_counter() - start, 2), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1)}
+
+
+def print_table(rows: list[dict], columns: list[str]) -> str:
+    """Prints rows as a markdown table and returns it."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    for row in rows:
+        cells = []
+        for col in columns:
+            value = row.get(col, "")
+            cells.append(f"{value:.2f}" if isinstance(value, float) else str(value))
+        lines.append("| " + " | ".join(cells) + " |")
+    text = "\n".join(lines)
+    print(text)
+    return text
+
+
+def write_json(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
+def machine() -> dict:
+    import platform
+
+    import torch
+
+    return {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": sys.version.split()[0],
+            "platform": platform.platform(), "torch": torch.__version__}
