@@ -59,12 +59,14 @@ def sparsegpt_prune(
         hessian: (in, in) float32 Hessian of the layer inputs (consumed).
         nm: (n, m) to keep n of every m inputs, or None for unstructured.
         sparsity: fraction pruned (unstructured).
-        blocksize: columns processed per lazy-update block.
+        blocksize: columns processed per lazy-update block (rounded down to a multiple of M for N:M).
         percdamp: dampening as a fraction of the mean Hessian diagonal.
 
     Returns:
         (updated (out, in) float32 weight with pruned entries zero, (out, in) bool keep-mask)
     """
+    if nm is not None:  # blocks start on group boundaries, so groups never straddle two blocks
+        blocksize = max(nm[1], blocksize - blocksize % nm[1])
     w = weight.detach().float().clone()  # (out, in)
     hinv = inverse_hessian_factor(hessian, w, percdamp)  # (in, in)
     pruned = torch.zeros_like(w, dtype=torch.bool)
