@@ -6,6 +6,7 @@ write a directory write it atomically.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from pathlib import Path
@@ -15,6 +16,7 @@ import torch
 from sparseheal.config import ConfigError, EvaluateConfig, InspectConfig, PruneConfig
 from sparseheal.data import calibration_samples, eval_tokens, load_documents
 from sparseheal.evaluate.perplexity import perplexity
+from sparseheal.evaluate.zeroshot import prepare_tasks, run_zeroshot
 from sparseheal.models import load_model, max_positions, save_model, source_hash
 from sparseheal.records import MASKS_FILE, Stopwatch, atomic_dir, peak_rss_mb, read_record, write_record
 
@@ -25,7 +27,7 @@ from sparseheal.sparsity.inspection import inspect_model
 from sparseheal.sparsity.masks import sparsity_of
 from sparseheal.sparsity.store import save_masks
 
-__all__ = ["prune", "evaluate", "inspect"]
+__all__ = ["prune", "evaluate", "inspect", "heal", "merge"]
 
 log = logging.getLogger(__name__)
 
@@ -134,43 +136,57 @@ def evaluate(
     seqlen: int | None = None,
     max_windows: int | None = None,
     batch_size: int = 1,
+    tasks: str | None = None,
+    limit: int | None = None,
     output: str | None = None,
     dtype: str | None = None,
     device: str | None = None,
     data_dir: str | None = None,
 ) -> dict:
-    """Measures perplexity with the Wanda protocol on one or more data sets.
+    """Measures perplexity with the Wanda protocol, and zero-shot accuracy with lm-eval when asked.
 
     Args:
         model: Hub id, local directory, .gguf file, or smollm2-135m.
         adapter: a PEFT adapter directory to apply to the model.
-        dataset: wikitext2, c4, ptb or a local file; several separated by commas.
+        dataset: wikitext2, c4, ptb or a local file; several separated by commas (none: no perplexity).
         seqlen: window length (default min(2048, the model's positions)).
         max_windows: evaluate only the first K windows.
-        batch_size: windows per forward pass.
+        batch_size: windows (or zero-shot requests) per forward pass.
+        tasks: zero-shot tasks, comma-separated: lm-eval names (boolq,piqa) or local:PATH.jsonl.
+        limit: score only the first N questions of each zero-shot task.
         output: JSON file to write the results to.
         dtype: float32, bfloat16 or float16.
         device: compute device.
         data_dir: local mirror of the named data sets.
 
     Returns:
-        {"model", "adapter", "results": [one dict per data set]}
+        {"model", "adapter", "results": [one dict per data set], "zeroshot": {task: {"acc", "acc_norm", "n"}}}
     """
     cfg = EvaluateConfig(**{k: v for k, v in locals().items()})
-    lm, tokenizer, _ = load_model(cfg.model, cfg.dtype, cfg.device)
-    if cfg.adapter:
-        from sparseheal.heal.adapters import apply_adapter
+    watch = Stopwatch()
+    with contextlib.ExitStack() as stack:
+        zs_tasks = stack.enter_context(prepare_tasks(cfg.tasks, cfg.data_dir)) if cfg.tasks else None
+        with watch("load"):
+            lm, tokenizer, _ = load_model(cfg.model, cfg.dtype, cfg.device)
+        if cfg.adapter:
+            from sparseheal.heal.adapters import apply_adapter
 
-        lm = apply_adapter(lm, cfg.adapter, cfg.model)
-    seqlen = cfg.seqlen or min(2048, max_positions(lm.config) or 2048)
-    limit = max_positions(lm.config)
-    if limit is not None and seqlen > limit:
-        raise ConfigError("--seqlen", f"{seqlen} exceeds the model's {limit} positions")
-    results = []
-    for name in [d.strip() for d in cfg.dataset.split(",") if d.strip()]:
-        tokens = eval_tokens(name, tokenizer, seqlen, cfg.data_dir)
-        results.append(perplexity(lm, tokens, name, seqlen, cfg.max_windows, cfg.batch_size).to_dict())
-    report = {"model": cfg.model, "adapter": cfg.adapter, "results": results}
+            lm = apply_adapter(lm, cfg.adapter, cfg.model)
+        positions = max_positions(lm.config)
+        seqlen = cfg.seqlen or min(2048, positions or 2048)
+        if positions is not None and seqlen > positions:
+            raise ConfigError("--seqlen", f"{seqlen} exceeds the model's {positions} positions")
+        results = []
+        with watch("perplexity"):
+            for name in [d.strip() for d in cfg.dataset.split(",") if d.strip() and d.strip() != "none"]:
+                tokens = eval_tokens(name, tokenizer, seqlen, cfg.data_dir)
+                result = perplexity(lm, tokens, name, seqlen, cfg.max_windows, cfg.batch_size)
+                results.append(result.to_dict())
+        report = {"model": cfg.model, "adapter": cfg.adapter, "results": results}
+        if zs_tasks is not None:
+            with watch("zeroshot"):
+                report["zeroshot"] = run_zeroshot(lm, tokenizer, zs_tasks, cfg.limit, cfg.batch_size)
+    report.update(timings=watch.times, peak_rss_mb=round(peak_rss_mb(), 1))
     if cfg.output:
         Path(cfg.output).write_text(json.dumps(report, indent=2) + "\n")
     return report
@@ -191,3 +207,266 @@ def inspect(model: str, masks: str | None = None) -> dict:
     masks_file = cfg.masks or (Path(source.path) / MASKS_FILE)
     masks_file = masks_file if Path(masks_file).is_file() else None
     return inspect_model(lm, read_record(source.path), masks_file)
+
+
+def _heal_record(cfg, source, pruned_record: dict | None, summary: dict, extra: dict, data: dict,
+                 watch: Stopwatch, base_hash: str) -> dict:
+    from dataclasses import asdict
+
+    history = summary.pop("log_history")
+    return {
+        "stage": "heal",
+        "method": cfg.method,
+        "base_model": cfg.pruned_dir,
+        "base_path": str(Path(source.path).resolve()),
+        "base_hash": base_hash,
+        "dense_model": (pruned_record or {}).get("base_model"),
+        "recipe": asdict(cfg),
+        "data": data,
+        **summary,
+        "log_entries": len(history),
+        **extra,
+        "timings": watch.times,
+        "wall_seconds": round(sum(watch.times.values()), 3),
+        "previous": pruned_record,
+    }
+
+
+def heal(
+    pruned_dir: str,
+    output: str,
+    method: str = "lora",
+    data: str = "c4",
+    data_dir: str | None = None,
+    max_train_samples: int = 30000,
+    max_eval_samples: int = 128,
+    block_size: int = 1024,
+    max_steps: int | None = None,
+    epochs: float = 1.0,
+    batch_size: int = 1,
+    gradient_accumulation: int = 1,
+    lr: float | None = None,
+    weight_decay: float = 0.0,
+    scheduler: str | None = None,
+    warmup_steps: int = 0,
+    max_grad_norm: float = 1.0,
+    seed: int = 0,
+    dtype: str | None = None,
+    device: str | None = None,
+    gradient_checkpointing: bool = False,
+    bf16: bool = False,
+    logging_steps: int = 10,
+    eval_steps: int | None = None,
+    save_steps: int | None = None,
+    save_total_limit: int = 2,
+    resume: bool = False,
+    overwrite: bool = False,
+    rank: int = 8,
+    alpha: float = 16,
+    dropout: float = 0.05,
+    targets: str = "q_proj,v_proj",
+    mask_aware: bool = False,
+    merge: str = "none",
+    train_embeddings: bool = False,
+    train_norms: bool = True,
+    distill: str | None = None,
+    teacher: str | None = None,
+    temperature: float = 2.0,
+    distill_alpha: float = 0.5,
+    teacher_dtype: str | None = None,
+    teacher_device: str | None = None,
+    self_sequences: int = 64,
+    self_length: int = 256,
+    self_temperature: float = 1.0,
+    self_top_p: float = 0.95,
+    self_seed: int = 0,
+    max_bad_steps: int = 10,
+) -> Path:
+    """Heals a pruned model: LoRA adapters on the frozen sparse base, or full fine-tuning under the mask.
+
+    Args:
+        pruned_dir: the pruned model directory (weights + sparsity_masks.safetensors); never modified.
+        output: directory to write: a PEFT adapter (lora) or a model (full), with sparseheal.json.
+        method: lora, or full (alias dense).
+        data: training text: c4, wikitext2, ptb, a local file or directory, or self (teacher-generated).
+        data_dir: local mirror of the named data sets (default $SPARSEHEAL_DATA_DIR).
+        max_train_samples: at most this many training blocks.
+        max_eval_samples: blocks held out of the training text for the eval loss (0: none).
+        block_size: tokens per training block.
+        max_steps: optimizer steps (overrides epochs).
+        epochs: passes over the training blocks.
+        batch_size: blocks per device and step.
+        gradient_accumulation: micro-batches per optimizer step.
+        lr: peak learning rate (default 1e-4 for lora, 2e-5 for full).
+        weight_decay: AdamW weight decay.
+        scheduler: a transformers SchedulerType name (default linear for lora, cosine for full).
+        warmup_steps: linear warm-up steps.
+        max_grad_norm: gradient clipping norm (0 disables).
+        seed: seed of adapter initialisation, dropout and data order.
+        dtype: float32, bfloat16 or float16 for the model weights.
+        device: compute device.
+        gradient_checkpointing: recompute activations in the backward pass to save memory.
+        bf16: bfloat16 mixed precision (autocast).
+        logging_steps: log the loss every N steps (to train_log.jsonl too).
+        eval_steps: evaluate the held-out loss every N steps (default: only at the end).
+        save_steps: write a checkpoint to OUTPUT.ckpt every N steps (kept for --resume).
+        save_total_limit: checkpoints kept.
+        resume: continue an interrupted run from the last checkpoint in OUTPUT.ckpt.
+        overwrite: replace an existing output (and start over from scratch).
+        rank: LoRA rank r.
+        alpha: LoRA alpha (the update is scaled by alpha / r).
+        dropout: LoRA dropout, in [0, 1).
+        targets: module names to adapt, comma-separated (q_proj,v_proj), or all-linear.
+        mask_aware: mask the LoRA update by the sparsity mask during training, so a masked merge is exact.
+        merge: none, masked (pruned weights stay zero) or dense; the merged model goes to OUTPUT/merged.
+        train_embeddings: full: train the embeddings and lm_head too.
+        train_norms: full: train the normalisation layers.
+        distill: distillation loss from the dense teacher: kl, squarehead, or kl,squarehead.
+        teacher: the teacher model (default: the dense model named in the pruned record).
+        temperature: KL distillation temperature (> 0).
+        distill_alpha: weight of the distillation loss against the LM loss, in [0, 1].
+        teacher_dtype: float32, bfloat16 or float16 for the teacher.
+        teacher_device: device of the teacher.
+        self_sequences: --data self: number of generated sequences.
+        self_length: --data self: tokens per generated sequence.
+        self_temperature: --data self: sampling temperature.
+        self_top_p: --data self: nucleus sampling top-p.
+        self_seed: --data self: sampling seed.
+        max_bad_steps: non-finite losses in a row tolerated (their updates dropped) before stopping.
+
+    Returns:
+        The output directory.
+    """
+    import shutil
+
+    from sparseheal.config import HealConfig
+    from sparseheal.heal.adapters import model_masks
+    from sparseheal.heal.trainer import LOG_FILE, heal_blocks, train
+    from sparseheal.models import hash_weights, load_tokenizer, resolve_source
+    from sparseheal.registry import HEALERS
+
+    cfg = HealConfig(**{k: v for k, v in locals().items() if k in HealConfig.__dataclass_fields__})
+    watch = Stopwatch()
+    source = resolve_source(cfg.pruned_dir)
+    _check_block_size(source.path, cfg.block_size)
+    pruned_record = read_record(source.path)
+    with watch("data"):
+        train_blocks, eval_blocks = heal_blocks(cfg, load_tokenizer(source))
+    data_record = {"source": cfg.data, "block_size": cfg.block_size, "train_blocks": len(train_blocks),
+                   "eval_blocks": 0 if eval_blocks is None else len(eval_blocks)}
+    base_hash = hash_weights(source.path)
+    with watch("load"):
+        lm, tokenizer, _ = load_model(cfg.pruned_dir, cfg.dtype, cfg.device)
+    masks, mask_source = model_masks(lm, source.path)
+    healer = HEALERS.get(cfg.method)()
+    student = healer.prepare(lm, masks, cfg)
+    distiller = None
+    if cfg.distill:
+        from sparseheal.heal.distill import build_distiller
+
+        distiller = build_distiller(cfg, student, pruned_record)
+    callbacks = healer.callbacks() if hasattr(healer, "callbacks") else None
+    with watch("train"):
+        summary = train(student, train_blocks, eval_blocks, cfg, cfg.checkpoint_dir, distiller, callbacks)
+    with atomic_dir(cfg.output, cfg.overwrite) as tmp, watch("save"):
+        extra = {"masks_from": mask_source, **healer.save(student, tokenizer, tmp, masks, cfg)}
+        shutil.copyfile(cfg.checkpoint_dir / LOG_FILE, tmp / LOG_FILE)
+        if cfg.merge != "none":
+            from sparseheal.heal.merge import save_merged
+
+            merged = save_merged(student, tokenizer, masks, cfg.merge, tmp / "merged", eval_blocks,
+                                 "held-out")
+            extra["merged"] = {"path": "merged", **merged}
+        record = _heal_record(cfg, source, pruned_record, summary, extra, data_record, watch, base_hash)
+        write_record(tmp, record)
+    if not cfg.save_steps:
+        shutil.rmtree(cfg.checkpoint_dir, ignore_errors=True)
+    log.info("healed %s with %s -> %s", cfg.pruned_dir, cfg.method, cfg.output)
+    return Path(cfg.output)
+
+
+def _check_block_size(model_path: str, block_size: int) -> None:
+    from transformers import AutoConfig
+
+    positions = max_positions(AutoConfig.from_pretrained(model_path))
+    if positions is not None and block_size > positions:
+        raise ConfigError("--block-size", f"{block_size} exceeds the model's {positions} positions")
+
+
+def merge(
+    adapter: str,
+    output: str,
+    mode: str = "masked",
+    base: str | None = None,
+    eval_data: str = "wikitext2",
+    eval_seqlen: int | None = None,
+    eval_windows: int = 4,
+    dtype: str | None = None,
+    device: str | None = None,
+    overwrite: bool = False,
+    data_dir: str | None = None,
+) -> Path:
+    """Merges a LoRA adapter into its sparse base and writes a normal model directory.
+
+    Args:
+        adapter: the adapter directory written by sparseheal heal --method lora.
+        output: directory to write the merged model to.
+        mode: masked (W + BA * mask: pruned weights stay exactly zero) or dense (plain merge, not sparse).
+        base: the base model directory (default: the one named in the adapter's record; its hash must match).
+        eval_data: data set whose first windows compare the adapter model with the merged model.
+        eval_seqlen: window length of that comparison (default min(1024, the model's positions)).
+        eval_windows: windows compared (0 skips the comparison).
+        dtype: float32, bfloat16 or float16.
+        device: compute device.
+        overwrite: replace an existing output directory.
+        data_dir: local mirror of the named data sets.
+
+    Returns:
+        The output directory.
+    """
+    from sparseheal.config import MergeConfig
+    from sparseheal.heal.adapters import apply_adapter, check_adapter_base, model_masks
+    from sparseheal.heal.merge import save_merged
+    from sparseheal.models import hash_weights, resolve_source
+
+    cfg = MergeConfig(**{k: v for k, v in locals().items() if k in MergeConfig.__dataclass_fields__})
+    adapter_record = read_record(cfg.adapter) or {}
+    base_dir = cfg.base or adapter_record.get("base_path")
+    if not base_dir or not (Path(base_dir) / "config.json").is_file():
+        raise ConfigError("--base", f"the adapter's record names no usable base ({base_dir}); "
+                                    "pass --base DIR")
+    check_adapter_base(cfg.adapter, base_dir, "--base")
+    source = resolve_source(base_dir)
+    windows = _merge_windows(cfg, source) if cfg.eval_windows else None
+    watch = Stopwatch()
+    with watch("load"):
+        lm, tokenizer, _ = load_model(base_dir, cfg.dtype, cfg.device)
+    masks, mask_source = model_masks(lm, source.path)
+    peft_model = apply_adapter(lm, cfg.adapter, base_dir)
+    base_record = read_record(source.path) or {}
+    with atomic_dir(cfg.output, cfg.overwrite) as tmp, watch("merge"):
+        stats = save_merged(peft_model, tokenizer, masks, cfg.mode, tmp, windows, cfg.eval_data)
+        keys = ("method", "pattern", "sparsity", "calibration")
+        keep = {k: base_record[k] for k in keys if k in base_record}
+        write_record(tmp, {"stage": "merge", **keep, "merge": stats, "masks_from": mask_source,
+                           "base_model": base_dir, "base_path": str(Path(source.path).resolve()),
+                           "base_hash": hash_weights(source.path), "adapter": cfg.adapter,
+                           "sparsity_achieved": stats["sparsity_after"], "timings": watch.times,
+                           "peak_rss_mb": round(peak_rss_mb(), 1), "previous": adapter_record})
+    return Path(cfg.output)
+
+
+def _merge_windows(cfg, source) -> torch.Tensor:
+    from transformers import AutoConfig
+
+    from sparseheal.models import load_tokenizer
+
+    positions = max_positions(AutoConfig.from_pretrained(source.path)) or 1024
+    seqlen = cfg.eval_seqlen or min(1024, positions)
+    if seqlen > positions:
+        raise ConfigError("--eval-seqlen", f"{seqlen} exceeds the model's {positions} positions")
+    tokens = eval_tokens(cfg.eval_data, load_tokenizer(source), seqlen, cfg.data_dir)  # (1, N)
+    n = min(cfg.eval_windows, tokens.shape[1] // seqlen)
+    if n == 0:
+        raise ConfigError("--eval-seqlen", f"{seqlen} is longer than the {cfg.eval_data} stream")
+    return tokens[0, : n * seqlen].reshape(n, seqlen)  # (W, T)

@@ -126,7 +126,33 @@ def _print_inspect(report: dict) -> int:
     return 0 if report["ok"] else 1
 
 
+def _print_heal(output: Path) -> None:
+    r = api.read_record(output) or {}
+    losses = f"loss {r.get('first_loss') or float('nan'):.4f} -> {r.get('final_loss') or float('nan'):.4f}"
+    if r.get("eval_loss") is not None:
+        losses += f", eval loss {r['eval_loss']:.4f}"
+    print(f"healed {r.get('base_model')} with {r.get('method')}: {r.get('steps')} steps, "
+          f"{r.get('tokens_seen')} tokens ({r.get('tokens_per_second')} tokens/s), {losses} -> {output}")
+    merged = r.get("merged")
+    if merged:
+        target = output / merged["path"]
+        print(f"merged ({merged['mode']}): sparsity {merged['sparsity_after']:.4f} -> {target}")
+
+
+def _print_merge(output: Path) -> None:
+    r = api.read_record(output) or {}
+    stats = r.get("merge", {})
+    line = (f"merged {r.get('adapter')} ({stats.get('mode')}): sparsity of the pruned layers "
+            f"{stats.get('sparsity_before', 0):.4f} -> {stats.get('sparsity_after', 0):.4f}")
+    if "eval" in stats:
+        e = stats["eval"]
+        line += f"; ppl {e['ppl_unmerged']:.4f} (adapter) -> {e['ppl_merged']:.4f} (merged)"
+    print(f"{line} -> {output}")
+
+
 command(api.prune, _print_prune)
+command(api.heal, _print_heal)
+command(api.merge, _print_merge)
 command(api.evaluate, _print_evaluate)
 command(api.inspect, _print_inspect)
 

@@ -17,6 +17,11 @@ __all__ = [
     "PruneConfig",
     "EvaluateConfig",
     "InspectConfig",
+    "HealConfig",
+    "MergeConfig",
+    "MERGE_MODES",
+    "DISTILL_LOSSES",
+    "checkpoint_dir_for",
     "parse_pattern",
     "resolve_sparsity",
 ]
@@ -172,3 +177,213 @@ class InspectConfig:
     def __post_init__(self) -> None:
         if self.masks is not None and not Path(self.masks).is_file():
             raise ConfigError("--masks", f"{self.masks} is not a file")
+
+
+MERGE_MODES = ("none", "masked", "dense")
+DISTILL_LOSSES = ("kl", "squarehead")
+
+
+def checkpoint_dir_for(output: str | os.PathLike) -> Path:
+    """Training checkpoints of ``output`` live in the sibling ``<output>.ckpt/``."""
+    path = Path(output).expanduser()
+    return path.with_name(path.name + ".ckpt")
+
+
+def _check_nonnegative(flag: str, value: float, what: str = "a number") -> None:
+    if isinstance(value, bool) or value < 0:
+        raise ConfigError(flag, f"must be {what} >= 0, got {value}")
+
+
+def _check_above_zero(flag: str, value: float) -> None:
+    if not value > 0:
+        raise ConfigError(flag, f"must be > 0, got {value}")
+
+
+def _check_unit(flag: str, value: float, closed_high: bool) -> None:
+    """``value`` in [0, 1] (closed_high) or [0, 1)."""
+    if not (0.0 <= value <= 1.0) or (value == 1.0 and not closed_high):
+        raise ConfigError(flag, f"must be in [0, 1{']' if closed_high else ')'}, got {value}")
+
+
+def _check_model_dir(path: str, flag: str) -> None:
+    root = Path(path).expanduser()
+    if not root.is_dir() or not (root / "config.json").is_file():
+        raise ConfigError(flag, f"{path} is not a model directory (no config.json)")
+
+
+@dataclass
+class HealConfig:
+    """Settings of the heal stage (see ``sparseheal heal --help``); every field is a flag."""
+
+    pruned_dir: str
+    output: str
+    method: str = "lora"
+    data: str = "c4"
+    data_dir: str | None = None
+    max_train_samples: int = 30000
+    max_eval_samples: int = 128
+    block_size: int = 1024
+    max_steps: int | None = None
+    epochs: float = 1.0
+    batch_size: int = 1
+    gradient_accumulation: int = 1
+    lr: float | None = None
+    weight_decay: float = 0.0
+    scheduler: str | None = None
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    dtype: str | None = None
+    device: str | None = None
+    gradient_checkpointing: bool = False
+    bf16: bool = False
+    logging_steps: int = 10
+    eval_steps: int | None = None
+    save_steps: int | None = None
+    save_total_limit: int = 2
+    resume: bool = False
+    overwrite: bool = False
+    rank: int = 8
+    alpha: float = 16
+    dropout: float = 0.05
+    targets: str = "q_proj,v_proj"
+    mask_aware: bool = False
+    merge: str = "none"
+    train_embeddings: bool = False
+    train_norms: bool = True
+    distill: str | None = None
+    teacher: str | None = None
+    temperature: float = 2.0
+    distill_alpha: float = 0.5
+    teacher_dtype: str | None = None
+    teacher_device: str | None = None
+    self_sequences: int = 64
+    self_length: int = 256
+    self_temperature: float = 1.0
+    self_top_p: float = 0.95
+    self_seed: int = 0
+    max_bad_steps: int = 10
+
+    def __post_init__(self) -> None:
+        from sparseheal.heal import load_healers
+        from sparseheal.registry import HEALERS
+
+        load_healers()
+        self.method = HEALERS.canonical(self.method)
+        healer = HEALERS.get(self.method)
+        self.lr = healer.default_lr if self.lr is None else self.lr
+        self.scheduler = healer.default_scheduler if self.scheduler is None else self.scheduler
+        self._check_numbers()
+        self._check_names()
+        _check_model_dir(self.pruned_dir, "PRUNED_DIR")
+        check_output(self.output, self.overwrite)
+        self._check_checkpoints()
+
+    def _check_numbers(self) -> None:
+        positive = {
+            "--max-train-samples": self.max_train_samples, "--block-size": self.block_size,
+            "--max-steps": self.max_steps, "--batch-size": self.batch_size,
+            "--gradient-accumulation": self.gradient_accumulation, "--logging-steps": self.logging_steps,
+            "--eval-steps": self.eval_steps, "--save-steps": self.save_steps,
+            "--save-total-limit": self.save_total_limit, "--rank": self.rank,
+            "--self-sequences": self.self_sequences, "--self-length": self.self_length,
+        }
+        for flag, value in positive.items():
+            _check_positive(flag, value)
+        counts = {"--max-eval-samples": self.max_eval_samples, "--warmup-steps": self.warmup_steps,
+                  "--max-bad-steps": self.max_bad_steps}
+        for flag, value in counts.items():
+            _check_nonnegative(flag, value, "an integer")
+        _check_nonnegative("--weight-decay", self.weight_decay)
+        _check_nonnegative("--max-grad-norm", self.max_grad_norm, "a number (0 disables clipping)")
+        above_zero = {"--lr": self.lr, "--epochs": self.epochs, "--alpha": self.alpha,
+                      "--temperature": self.temperature, "--self-temperature": self.self_temperature,
+                      "--self-top-p": self.self_top_p}
+        for flag, value in above_zero.items():
+            _check_above_zero(flag, value)
+        _check_unit("--dropout", self.dropout, closed_high=False)
+        _check_unit("--distill-alpha", self.distill_alpha, closed_high=True)
+        _check_unit("--self-top-p", self.self_top_p, closed_high=True)
+
+    def _check_names(self) -> None:
+        from transformers.trainer_utils import SchedulerType
+
+        schedulers = [s.value for s in SchedulerType]
+        if self.scheduler not in schedulers:
+            allowed = ", ".join(schedulers)
+            raise ConfigError("--scheduler", f"unknown scheduler {self.scheduler!r}; choose from {allowed}")
+        if self.merge not in MERGE_MODES:
+            raise ConfigError("--merge", f"choose from {', '.join(MERGE_MODES)}; got {self.merge!r}")
+        check_dtype(self.dtype)
+        if self.teacher_dtype is not None and self.teacher_dtype not in DTYPES:
+            allowed = ", ".join(DTYPES)
+            raise ConfigError("--teacher-dtype", f"choose from {allowed}; got {self.teacher_dtype!r}")
+        if self.distill is not None:
+            names = [n.strip() for n in str(self.distill).split(",") if n.strip()]
+            if not names or any(n not in DISTILL_LOSSES for n in names):
+                allowed = ", ".join(DISTILL_LOSSES)
+                raise ConfigError("--distill", f"choose from {allowed} (or both, comma separated), "
+                                               f"got {self.distill!r}")
+            self.distill = ",".join(dict.fromkeys(names))
+        if not self.target_modules:
+            raise ConfigError("--targets", "give module names separated by commas (q_proj,v_proj), "
+                                           "or all-linear")
+
+    def _check_checkpoints(self) -> None:
+        from transformers.trainer_utils import get_last_checkpoint
+
+        ckpt = checkpoint_dir_for(self.output)
+        last = get_last_checkpoint(str(ckpt)) if ckpt.is_dir() else None
+        if self.resume and last is None:
+            raise ConfigError("--resume", f"no checkpoint to resume from in {ckpt}; run without --resume "
+                                          "(and with --save-steps N to write checkpoints)")
+        if not self.resume and last is not None and not self.overwrite:
+            raise ConfigError("--resume", f"{ckpt} holds checkpoints of an earlier run; pass --resume to "
+                                          "continue it or --overwrite to start over")
+
+    @property
+    def target_modules(self) -> list[str] | str:
+        """``--targets`` as PEFT takes it: ``"all-linear"`` or a list of module names."""
+        if self.targets.strip() == "all-linear":
+            return "all-linear"
+        return [t.strip() for t in self.targets.split(",") if t.strip()]
+
+    @property
+    def distill_losses(self) -> list[str]:
+        """The names in ``--distill`` (empty when distillation is off)."""
+        return self.distill.split(",") if self.distill else []
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        """Where training checkpoints go: ``<output>.ckpt/``."""
+        return checkpoint_dir_for(self.output)
+
+
+@dataclass
+class MergeConfig:
+    """Settings of ``sparseheal merge`` (see its ``--help``)."""
+
+    adapter: str
+    output: str
+    mode: str = "masked"
+    base: str | None = None
+    eval_data: str = "wikitext2"
+    eval_seqlen: int | None = None
+    eval_windows: int = 4
+    dtype: str | None = None
+    device: str | None = None
+    overwrite: bool = False
+    data_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if not (Path(self.adapter).expanduser() / "adapter_config.json").is_file():
+            raise ConfigError("ADAPTER_DIR", f"{self.adapter} is not a PEFT adapter directory "
+                                             "(no adapter_config.json)")
+        if self.mode not in MERGE_MODES[1:]:
+            raise ConfigError("--mode", f"choose from {', '.join(MERGE_MODES[1:])}; got {self.mode!r}")
+        if self.base is not None:
+            _check_model_dir(self.base, "--base")
+        _check_positive("--eval-seqlen", self.eval_seqlen)
+        _check_nonnegative("--eval-windows", self.eval_windows, "an integer (0 skips the comparison)")
+        check_dtype(self.dtype)
+        check_output(self.output, self.overwrite)

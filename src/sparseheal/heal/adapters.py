@@ -1,34 +1,75 @@
-"""Applying a PEFT adapter to a loaded base model for evaluation."""
+"""Masks of a pruned directory, and applying a PEFT adapter to a loaded base model."""
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+
+import torch
 from torch import nn
 
 from sparseheal.config import ConfigError
-from sparseheal.models import resolve_source, source_hash
-from sparseheal.records import read_record
+from sparseheal.models import decoder_layers, hash_weights, prunable_linears, resolve_source
+from sparseheal.records import MASKS_FILE, read_record
+from sparseheal.sparsity.store import check_masks_match, load_masks, masks_from_zeros
 
-__all__ = ["apply_adapter"]
+__all__ = ["model_masks", "check_adapter_base", "apply_adapter"]
+
+log = logging.getLogger(__name__)
+
+
+def model_masks(model: nn.Module, model_dir: str | Path) -> tuple[dict[str, torch.Tensor], str]:
+    """The keep-masks of a model directory's pruned linears, and where they came from.
+
+    ``sparsity_masks.safetensors`` when present (checked against the model); otherwise ``W != 0`` for
+    the decoder layers' linears, with a warning.
+
+    Returns:
+        (masks by module name, "file" or "zeros")
+    """
+    path = Path(model_dir) / MASKS_FILE
+    if path.is_file():
+        masks, _ = load_masks(path)
+        check_masks_match(model, masks, str(path))
+        return masks, "file"
+    prefix, layers = decoder_layers(model)
+    names = [f"{prefix}.{name}" for name in prunable_linears(layers)]
+    log.warning("%s has no %s; taking the masks from the zero weights (W != 0)", model_dir, MASKS_FILE)
+    return masks_from_zeros(model, names), "zeros"
+
+
+def check_adapter_base(adapter: str | Path, base: str, flag: str = "--adapter") -> dict:
+    """Refuses an adapter whose record names other base weights than ``base``'s; returns the record."""
+    record = read_record(adapter) or {}
+    expected = record.get("base_hash")
+    if expected is not None:
+        source = resolve_source(base)
+        actual = hash_weights(source.path) if source.kind != "hub" else None
+        if actual != expected:
+            raise ConfigError(flag, f"{adapter} was trained on base weights {expected}, but {base} has "
+                                    f"weights {actual}; give the base it was trained on")
+    return record
 
 
 def apply_adapter(model: nn.Module, adapter: str, base: str) -> nn.Module:
     """Wraps ``model`` with the PEFT adapter in ``adapter`` after checking it was trained on ``base``.
 
-    The adapter's sparseheal.json names the hash of its base weights; a mismatch is refused.
+    The adapter's sparseheal.json names the hash of its base weights; a mismatch is refused. A
+    mask-aware adapter gets its update masked by ``base``'s masks again, as in training.
     """
     from peft import PeftModel
 
-    record = read_record(adapter) or {}
-    expected = record.get("base_hash")
-    if expected is not None:
-        actual = source_hash(resolve_source(base))
-        if actual != expected:
-            raise ConfigError(
-                "--adapter",
-                f"{adapter} was trained on base weights {expected}, but {base} has weights {actual}",
-            )
+    record = check_adapter_base(adapter, base)
+    if not (Path(adapter) / "adapter_config.json").is_file():
+        raise ConfigError("--adapter", f"{adapter} is not a PEFT adapter directory (no adapter_config.json)")
     try:
         wrapped = PeftModel.from_pretrained(model, adapter)
-    except (ValueError, OSError) as err:
-        raise ConfigError("--adapter", f"{adapter} is not a PEFT adapter directory ({err})") from err
+    except (ValueError, OSError, KeyError) as err:
+        reason = f"{type(err).__name__}: {err}"
+        raise ConfigError("--adapter", f"{adapter} does not fit {base} ({reason})") from err
+    if (record.get("recipe") or {}).get("mask_aware"):
+        from sparseheal.heal.merge import install_mask_aware
+
+        masks, _ = model_masks(wrapped.get_base_model(), resolve_source(base).path)
+        install_mask_aware(wrapped, masks)
     return wrapped.eval()
