@@ -112,6 +112,11 @@ def _print_evaluate(report: dict) -> None:
     for r in report["results"]:
         print(f"{r['dataset']:<12} {r['protocol']:<9} {r['seqlen']:>6} {r['windows']:>7} {r['tokens']:>9} "
               f"{r['dtype']:<9} {r['ppl']:>10.3f}")
+    if report.get("zeroshot"):
+        print(f"\n{'zero-shot task':<32} {'n':>6} {'acc':>8} {'acc_norm':>8}")
+        for task, row in report["zeroshot"].items():
+            norm = f"{row['acc_norm']:>8.4f}" if "acc_norm" in row else f"{'-':>8}"
+            print(f"{task:<32} {row['n']:>6} {row['acc']:>8.4f} {norm}")
 
 
 def _print_inspect(report: dict) -> int:

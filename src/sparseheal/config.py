@@ -146,6 +146,7 @@ class EvaluateConfig:
     max_windows: int | None = None
     batch_size: int = 1
     tasks: list[str] = field(default_factory=list)
+    limit: int | None = None
     output: str | None = None
     dtype: str | None = None
     device: str | None = None
@@ -155,6 +156,9 @@ class EvaluateConfig:
         _check_positive("--seqlen", self.seqlen)
         _check_positive("--max-windows", self.max_windows)
         _check_positive("--batch-size", self.batch_size)
+        _check_positive("--limit", self.limit)
+        if self.tasks is None:
+            self.tasks = []
         check_dtype(self.dtype)
         if isinstance(self.tasks, str):
             self.tasks = [t.strip() for t in self.tasks.split(",") if t.strip()]
@@ -177,6 +181,7 @@ class InspectConfig:
     def __post_init__(self) -> None:
         if self.masks is not None and not Path(self.masks).is_file():
             raise ConfigError("--masks", f"{self.masks} is not a file")
+
 
 
 MERGE_MODES = ("none", "masked", "dense")
