@@ -27,7 +27,7 @@ from sparseheal.sparsity.inspection import inspect_model
 from sparseheal.sparsity.masks import sparsity_of
 from sparseheal.sparsity.store import save_masks
 
-__all__ = ["prune", "evaluate", "inspect", "heal", "merge"]
+__all__ = ["prune", "evaluate", "inspect", "heal", "merge", "run", "report"]
 
 log = logging.getLogger(__name__)
 
@@ -350,10 +350,21 @@ def heal(
     source = resolve_source(cfg.pruned_dir)
     _check_block_size(source.path, cfg.block_size)
     pruned_record = read_record(source.path)
+    if cfg.distill:  # an unresolvable teacher fails here, before data and weights load
+        from sparseheal.heal.distill import resolve_teacher
+
+        resolve_teacher(cfg.teacher, pruned_record)
+    self_record: dict = {}
     with watch("data"):
-        train_blocks, eval_blocks = heal_blocks(cfg, load_tokenizer(source))
+        if cfg.data == "self":  # text written by the dense teacher (heal/selfgen.py), cached
+            from sparseheal.heal.selfgen import self_training_blocks
+
+            tokenizer = load_tokenizer(source)
+            train_blocks, eval_blocks, self_record = self_training_blocks(cfg, pruned_record, tokenizer)
+        else:
+            train_blocks, eval_blocks = heal_blocks(cfg, load_tokenizer(source))
     data_record = {"source": cfg.data, "block_size": cfg.block_size, "train_blocks": len(train_blocks),
-                   "eval_blocks": 0 if eval_blocks is None else len(eval_blocks)}
+                   "eval_blocks": 0 if eval_blocks is None else len(eval_blocks), **self_record}
     base_hash = hash_weights(source.path)
     with watch("load"):
         lm, tokenizer, _ = load_model(cfg.pruned_dir, cfg.dtype, cfg.device)
@@ -367,7 +378,8 @@ def heal(
         distiller = build_distiller(cfg, student, pruned_record)
     callbacks = healer.callbacks() if hasattr(healer, "callbacks") else None
     with watch("train"):
-        summary = train(student, train_blocks, eval_blocks, cfg, cfg.checkpoint_dir, distiller, callbacks)
+        summary = train(student, train_blocks, eval_blocks, cfg, cfg.checkpoint_dir, distiller=distiller,
+                        callbacks=callbacks)
     with atomic_dir(cfg.output, cfg.overwrite) as tmp, watch("save"):
         extra = {"masks_from": mask_source, **healer.save(student, tokenizer, tmp, masks, cfg)}
         shutil.copyfile(cfg.checkpoint_dir / LOG_FILE, tmp / LOG_FILE)
@@ -377,6 +389,8 @@ def heal(
             merged = save_merged(student, tokenizer, masks, cfg.merge, tmp / "merged", eval_blocks,
                                  "held-out")
             extra["merged"] = {"path": "merged", **merged}
+            write_record(tmp / "merged", _merge_record(pruned_record, merged, source, base_hash, cfg.output,
+                                                       mask_source))
         record = _heal_record(cfg, source, pruned_record, summary, extra, data_record, watch, base_hash)
         write_record(tmp, record)
     if not cfg.save_steps:
@@ -443,17 +457,22 @@ def merge(
         lm, tokenizer, _ = load_model(base_dir, cfg.dtype, cfg.device)
     masks, mask_source = model_masks(lm, source.path)
     peft_model = apply_adapter(lm, cfg.adapter, base_dir)
-    base_record = read_record(source.path) or {}
     with atomic_dir(cfg.output, cfg.overwrite) as tmp, watch("merge"):
         stats = save_merged(peft_model, tokenizer, masks, cfg.mode, tmp, windows, cfg.eval_data)
-        keys = ("method", "pattern", "sparsity", "calibration")
-        keep = {k: base_record[k] for k in keys if k in base_record}
-        write_record(tmp, {"stage": "merge", **keep, "merge": stats, "masks_from": mask_source,
-                           "base_model": base_dir, "base_path": str(Path(source.path).resolve()),
-                           "base_hash": hash_weights(source.path), "adapter": cfg.adapter,
-                           "sparsity_achieved": stats["sparsity_after"], "timings": watch.times,
-                           "peak_rss_mb": round(peak_rss_mb(), 1), "previous": adapter_record})
+        base_hash = hash_weights(source.path)
+        record = _merge_record(read_record(source.path), stats, source, base_hash, cfg.adapter, mask_source)
+        write_record(tmp, {**record, "timings": watch.times, "previous": adapter_record})
     return Path(cfg.output)
+
+
+def _merge_record(base_record: dict | None, stats: dict, source, base_hash: str, adapter: str,
+                  mask_source: str) -> dict:
+    """The record of a merged model: the base's pruning facts, the merge statistics, provenance."""
+    keys = ("method", "pattern", "sparsity", "calibration")
+    keep = {k: v for k, v in (base_record or {}).items() if k in keys}
+    return {"stage": "merge", **keep, "merge": stats, "masks_from": mask_source, "base_model": source.name,
+            "base_path": str(Path(source.path).resolve()), "base_hash": base_hash, "adapter": str(adapter),
+            "sparsity_achieved": stats["sparsity_after"], "peak_rss_mb": round(peak_rss_mb(), 1)}
 
 
 def _merge_windows(cfg, source) -> torch.Tensor:
@@ -470,3 +489,49 @@ def _merge_windows(cfg, source) -> torch.Tensor:
     if n == 0:
         raise ConfigError("--eval-seqlen", f"{seqlen} is longer than the {cfg.eval_data} stream")
     return tokens[0, : n * seqlen].reshape(n, seqlen)  # (W, T)
+
+
+def run(
+    config: str | None = None,
+    output: str | None = None,
+    model: str | None = None,
+    prune: list[str] | None = None,
+    heal: list[str] | None = None,
+    evaluate: list[str] | None = None,
+    force: str | None = None,
+) -> dict:
+    """Runs a recipe: prune, heal, merge (when asked), evaluate every model with one protocol, report.
+
+    Args:
+        config: YAML recipe with sections model, prune, heal, evaluate and output (keys are the flags).
+        output: the run directory (overrides the recipe's output); re-running resumes it.
+        model: the dense model (overrides the recipe's model).
+        prune: a prune setting as KEY=VALUE, repeatable (e.g. --prune sparsity=0.6).
+        heal: a heal setting as KEY=VALUE, repeatable (e.g. --heal max-steps=50).
+        evaluate: an evaluate setting as KEY=VALUE, repeatable (e.g. --evaluate tasks=boolq,piqa).
+        force: redo this stage (prune, heal, merge or evaluate) and every stage that uses its output.
+
+    Returns:
+        The run record; "report" holds the report (its "path" is report.md).
+    """
+    from sparseheal.recipe import load_recipe, validate_recipe
+    from sparseheal.report import write_report
+    from sparseheal.runner import run_recipe
+
+    recipe = load_recipe(config, output, model, {"prune": prune, "heal": heal, "evaluate": evaluate})
+    validate_recipe(recipe)
+    return run_recipe(recipe, force, after=write_report)
+
+
+def report(run_dir: str) -> dict:
+    """Regenerates report.md, report.json and the PNG plots of a run directory from its records.
+
+    Args:
+        run_dir: the output directory of sparseheal run.
+
+    Returns:
+        The report ("path" is report.md).
+    """
+    from sparseheal.report import write_report
+
+    return write_report(run_dir)

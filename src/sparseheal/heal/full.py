@@ -1,0 +1,256 @@
+"""Full fine-tuning under the sparsity mask (``--method full``, alias ``dense``).
+
+Every surviving weight of the decoder's linear layers trains (norms too by default; embeddings and
+lm_head only with ``--train-embeddings``), while every pruned weight stays exactly +0.0. The mask is
+kept by construction rather than recomputed from ``W == 0`` at every step:
+
+1. a gradient hook on each masked weight zeroes the gradient at pruned positions before it is
+   accumulated, so gradient accumulation, clipping norms, DDP all-reduce and the optimizer's moments
+   only ever see ``g' = g * m``;
+2. a step post-hook on the optimizer re-masks the weight after every step, ``W' = W * m`` (written
+   as a masked fill with +0.0, so that a decay factor ``1 - lr * wd < 0`` cannot leave ``-0.0``).
+
+With (1) alone AdamW already keeps zeros (``m_t = v_t = 0`` there, and ``0 * (1 - lr * wd) = 0``);
+(2) makes the invariant independent of the optimizer. At the end every pruned position of the
+saved weights is checked bit for bit and the result is recorded.
+
+Memory per trainable parameter with AdamW in float32: weight 4 B + gradient 4 B + two moments
+8 B + the pruned-position mask 1 B (bool) = 17 B; frozen parameters (embeddings) cost their 4 B.
+``--bf16`` autocast keeps float32 master weights (activations shrink, not the 17 B);
+``--gradient-checkpointing`` trades activation memory for a second forward pass.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from torch import nn
+from transformers import TrainerCallback
+
+from sparseheal.config import ConfigError
+from sparseheal.models import decoder_layers, prunable_linears, save_model
+from sparseheal.records import MASKS_FILE, read_record
+from sparseheal.registry import HEALERS
+from sparseheal.sparsity.masks import count_violations
+from sparseheal.sparsity.store import check_masks_match, save_masks
+
+__all__ = [
+    "masked_gradient",
+    "select_trainable",
+    "MaskKeeper",
+    "MaskCallback",
+    "verify_saved_masks",
+    "FullHealer",
+]
+
+log = logging.getLogger(__name__)
+
+
+def masked_gradient(grad: torch.Tensor, pruned: torch.Tensor) -> torch.Tensor:
+    """``g * m`` written as a fill: +0.0 at pruned positions (``pruned`` = ~keep-mask), g elsewhere."""
+    return grad.masked_fill(pruned, 0.0)
+
+
+def _is_norm(module: nn.Module) -> bool:
+    return isinstance(module, (nn.LayerNorm, nn.GroupNorm)) or "norm" in type(module).__name__.lower()
+
+
+def select_trainable(model: nn.Module, masks: dict[str, torch.Tensor], train_embeddings: bool,
+                     train_norms: bool) -> dict[str, list[str]]:
+    """Sets ``requires_grad`` by role and returns the parameter names of each role.
+
+    Roles: ``linears`` (weights and biases of the decoder's linears and of every masked module),
+    ``norms`` (parameters of normalisation modules), ``embeddings`` (input/output/position embeddings,
+    lm_head) and ``other``. Only linears, norms (when ``train_norms``) and embeddings (when
+    ``train_embeddings``) train.
+    """
+    stack, _ = decoder_layers(model)
+    linears = {n for n in prunable_linears(model) if n.startswith(stack + ".")} | set(masks)
+    embeddings = {id(m) for m in model.modules() if isinstance(m, nn.Embedding)}
+    heads = (model.get_input_embeddings(), model.get_output_embeddings())
+    embeddings |= {id(m) for m in heads if m is not None}
+    roles: dict[str, list[str]] = {"linears": [], "norms": [], "embeddings": [], "other": []}
+    seen: set[int] = set()
+    for module_name, module in model.named_modules():
+        for param_name, param in module.named_parameters(recurse=False):
+            if id(param) in seen:  # tied weights: the first owner decides
+                continue
+            seen.add(id(param))
+            if id(module) in embeddings:
+                role = "embeddings"
+            elif module_name in linears:
+                role = "linears"
+            elif _is_norm(module):
+                role = "norms"
+            else:
+                role = "other"
+            trains = role == "linears" or (role == "norms" and train_norms) or (
+                role == "embeddings" and train_embeddings)
+            param.requires_grad_(trains)
+            roles[role].append(f"{module_name}.{param_name}" if module_name else param_name)
+    return roles
+
+
+class MaskKeeper:
+    """Keeps the pruned positions of masked weights at exactly +0.0 while they train.
+
+    Args:
+        model: the model whose linears are masked.
+        masks: keep-masks by module name, each shaped like the module's weight parameter.
+    """
+
+    def __init__(self, model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
+        modules = dict(model.named_modules())
+        self.entries: list[tuple[str, nn.Parameter, torch.Tensor]] = []
+        for name, mask in masks.items():
+            weight = modules[name].weight
+            self.entries.append((name, weight, (~mask.bool()).to(weight.device)))  # pruned positions
+        self._grad_handles: list[Any] = []
+        self._step_handles: dict[int, Any] = {}
+
+    @torch.no_grad()
+    def apply(self) -> None:
+        """Writes +0.0 into every pruned position (also turns a stored -0.0 into +0.0)."""
+        for _, weight, pruned in self.entries:
+            weight.masked_fill_(pruned, 0.0)
+
+    def install_grad_hooks(self) -> None:
+        """Registers a hook on each masked weight that masks its gradient before accumulation."""
+        if self._grad_handles:
+            return
+        for _, weight, pruned in self.entries:
+            self._grad_handles.append(weight.register_hook(_grad_hook(pruned)))
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> None:
+        """Re-masks the weights after every step of ``optimizer`` (unwrapping accelerate's wrapper)."""
+        inner = optimizer
+        while isinstance(getattr(inner, "optimizer", None), torch.optim.Optimizer):
+            inner = inner.optimizer
+        if id(inner) not in self._step_handles:
+            self._step_handles[id(inner)] = inner.register_step_post_hook(lambda *_: self.apply())
+
+    def remove(self) -> None:
+        """Removes every hook this keeper installed."""
+        for handle in [*self._grad_handles, *self._step_handles.values()]:
+            handle.remove()
+        self._grad_handles.clear()
+        self._step_handles.clear()
+
+    def violations(self) -> int:
+        """Pruned positions whose stored bits are not +0.0 (counts -0.0 too)."""
+        return sum(count_violations(weight, ~pruned) for _, weight, pruned in self.entries)
+
+
+def _grad_hook(pruned: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    def hook(grad: torch.Tensor) -> torch.Tensor:
+        return masked_gradient(grad, pruned)
+
+    return hook
+
+
+class MaskCallback(TrainerCallback):
+    """Attaches a MaskKeeper to the Trainer's optimizer once it exists (``on_train_begin``)."""
+
+    def __init__(self, keeper: MaskKeeper) -> None:
+        self.keeper = keeper
+
+    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+        if optimizer is None:
+            raise RuntimeError("the Trainer passed no optimizer; the sparsity mask cannot be kept")
+        self.keeper.attach(optimizer)
+        self.keeper.apply()
+
+
+def _weight_files(model_dir: Path) -> dict[str, Path]:
+    """Maps each tensor name of a saved HF directory to its safetensors file."""
+    found: dict[str, Path] = {}
+    for path in sorted(model_dir.glob("*.safetensors")):
+        if path.name == MASKS_FILE:
+            continue
+        with safe_open(str(path), framework="pt") as fh:
+            found.update({key: path for key in fh.keys()})
+    return found
+
+
+def verify_saved_masks(model_dir: str | os.PathLike, masks: dict[str, torch.Tensor]) -> dict:
+    """Checks bit for bit that every pruned position of the saved weights is +0.0.
+
+    Returns:
+        {"ok", "mask_violations" (pruned positions not +0.0), "negative_zeros" (of those, -0.0),
+        "pruned_parameters", "layers_checked"}
+    """
+    files = _weight_files(Path(model_dir))
+    violations = negative = pruned_total = 0
+    for name, mask in masks.items():
+        key = f"{name}.weight"
+        if key not in files:
+            raise RuntimeError(f"{key} is missing from the saved weights in {model_dir}")
+        with safe_open(str(files[key]), framework="pt") as fh:
+            weight = fh.get_tensor(key)
+        pruned = ~mask
+        violations += count_violations(weight, mask)
+        negative += int((torch.signbit(weight[pruned]) & (weight[pruned] == 0)).sum())
+        pruned_total += int(pruned.sum())
+    return {"ok": violations == 0, "mask_violations": violations, "negative_zeros": negative,
+            "pruned_parameters": pruned_total, "layers_checked": len(masks)}
+
+
+@HEALERS.register("full", "dense")
+class FullHealer:
+    """Trains every surviving weight; pruned weights stay exactly zero (see the module docstring)."""
+
+    default_lr: float = 2e-5
+    default_scheduler: str = "cosine"
+
+    def __init__(self) -> None:
+        self.keeper: MaskKeeper | None = None
+        self.roles: dict[str, list[str]] = {}
+
+    def prepare(self, model: nn.Module, masks: dict[str, torch.Tensor], cfg: Any) -> nn.Module:
+        """Chooses the trainable parameters, re-masks the weights and installs the gradient hooks."""
+        if not masks or not any(bool((~m).any()) for m in masks.values()):
+            raise ConfigError("PRUNED_DIR", f"{cfg.pruned_dir} is not a pruned model: no masks file and no "
+                              "zero weight in its decoder linears; prune it first (sparseheal prune)")
+        check_masks_match(model, masks)
+        self.roles = select_trainable(model, masks, cfg.train_embeddings, cfg.train_norms)
+        self.keeper = MaskKeeper(model, masks)
+        self.keeper.apply()
+        self.keeper.install_grad_hooks()
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        log.info("full fine-tuning: %d trainable parameters (%d linear, %d norm, %d embedding tensors); "
+                 "%d masked weights", trainable, len(self.roles["linears"]),
+                 len(self.roles["norms"]) if cfg.train_norms else 0,
+                 len(self.roles["embeddings"]) if cfg.train_embeddings else 0, len(masks))
+        return model
+
+    def callbacks(self) -> list[TrainerCallback]:
+        """Trainer callbacks this healer needs (the one that re-masks after each optimizer step)."""
+        if self.keeper is None:
+            raise RuntimeError("prepare() must run before callbacks()")
+        return [MaskCallback(self.keeper)]
+
+    def save(self, model: nn.Module, tokenizer, out_dir: Path, masks: dict[str, torch.Tensor],
+             cfg: Any) -> dict:
+        """Writes a normal HF directory plus the masks, verifies them bit for bit, returns record fields."""
+        if self.keeper is not None:
+            self.keeper.remove()
+        for param in model.parameters():
+            param.requires_grad_(False)
+        save_model(model, tokenizer, out_dir)
+        pattern = (read_record(cfg.pruned_dir) or {}).get("pattern", "unstructured")
+        save_masks(masks, Path(out_dir) / MASKS_FILE, {"pattern": pattern})
+        report = verify_saved_masks(out_dir, masks)
+        if not report["ok"]:
+            raise RuntimeError(f"{report['mask_violations']} pruned weights are not +0.0 after training; "
+                               "nothing was written")
+        log.info("verified: all %d pruned weights are +0.0 in the saved model", report["pruned_parameters"])
+        trainable = {role: len(names) for role, names in self.roles.items()}
+        return {"mask_verification": report, "parameter_tensors": trainable,
+                "train_embeddings": cfg.train_embeddings, "train_norms": cfg.train_norms}
+

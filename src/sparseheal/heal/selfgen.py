@@ -1,0 +1,242 @@
+"""Self-generated training text (``--data self``): the dense teacher writes the data it is healed on.
+
+Following the data-free recipe of LLM-QAT (Liu et al. 2023, https://arxiv.org/abs/2305.17888),
+each sequence starts from one token drawn uniformly from the vocabulary (special tokens excluded,
+after whatever the tokenizer puts in front of any text, e.g. BOS), and the teacher continues it by
+nucleus sampling::
+
+    x_1 ~ U(V \\ special),   x_{t+1} ~ top_p(softmax(z_t / temperature))
+
+for exactly ``--self-length`` new tokens (end-of-sequence is suppressed until then), so that every
+sequence has the same length. ``--self-sequences`` sequences are drawn with ``--self-seed``;
+sampling runs in fixed-size batches inside a forked RNG, so the same teacher, settings, dtype and
+device type give the same tokens. The tokens are cached under
+``<cache>/selfgen/<key>.safetensors``, the key hashing the teacher's weights and every setting,
+and reused by later runs. The sequences are concatenated and cut into training blocks like any
+other text (``data.training_blocks``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from sparseheal.config import ConfigError
+from sparseheal.heal.distill import check_vocabulary, load_teacher, resolve_teacher
+from sparseheal.models import (
+    ModelSource,
+    cache_dir,
+    default_device,
+    default_dtype,
+    load_tokenizer,
+    source_hash,
+)
+
+__all__ = [
+    "SELF_DATA",
+    "GENERATION_BATCH",
+    "selfgen_key",
+    "start_tokens",
+    "sample_sequences",
+    "blocks_from_sequences",
+    "self_generated_tokens",
+    "self_training_blocks",
+]
+
+log = logging.getLogger(__name__)
+
+SELF_DATA = "self"
+GENERATION_BATCH = 16  # part of the cache key: the batch shapes the random stream
+
+
+def selfgen_key(teacher_id: str, settings: dict[str, Any]) -> str:
+    """16 hex digits of SHA-256 over the teacher's identity and every generation setting."""
+    payload = json.dumps({"teacher": teacher_id, **settings}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def start_tokens(tokenizer, count: int, seed: int, vocab_size: int | None = None) -> torch.Tensor:
+    """The first tokens of ``count`` sequences: the tokenizer's prefix (e.g. BOS), then one token drawn
+    uniformly from the non-special vocabulary with ``seed``.
+
+    Args:
+        tokenizer: the teacher's tokenizer.
+        count: number of sequences.
+        seed: seed of the draw.
+        vocab_size: the model's embedding rows; ids at or above it are never drawn.
+
+    Returns:
+        (count, P) token ids, P = prefix length + 1.
+    """
+    prefix = list(tokenizer("").input_ids)
+    special = set(tokenizer.all_special_ids)
+    limit = len(tokenizer) if vocab_size is None else min(len(tokenizer), vocab_size)
+    candidates = torch.tensor([i for i in range(limit) if i not in special], dtype=torch.long)
+    generator = torch.Generator().manual_seed(seed)
+    picks = candidates[torch.randint(len(candidates), (count,), generator=generator)]  # (count,)
+    prefixes = torch.tensor([prefix] * count, dtype=torch.long).reshape(count, -1)  # (count, P - 1)
+    return torch.cat([prefixes, picks[:, None]], dim=1)
+
+
+@torch.no_grad()
+def sample_sequences(model: nn.Module, prompts: torch.Tensor, length: int, temperature: float,
+                     top_p: float, seed: int, eos_token_id: int | None,
+                     batch_size: int = GENERATION_BATCH) -> torch.Tensor:
+    """Continues each prompt by exactly ``length`` sampled tokens (``model.generate``).
+
+    Args:
+        model: the teacher.
+        prompts: (N, P) token ids.
+        length: new tokens per sequence.
+        temperature: sampling temperature (> 0).
+        top_p: nucleus mass in (0, 1].
+        seed: seeds the sampling RNG (forked, so the caller's RNG state is untouched).
+        eos_token_id: suppressed until ``length`` tokens are out.
+        batch_size: sequences per generate call.
+
+    Returns:
+        (N, P + length) token ids on the CPU.
+    """
+    from transformers import GenerationConfig
+
+    device = next(model.parameters()).device
+    config = GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
+                              max_new_tokens=length, min_new_tokens=length, eos_token_id=eos_token_id,
+                              pad_token_id=eos_token_id if eos_token_id is not None else 0, use_cache=True)
+    cuda = [device.index or 0] if device.type == "cuda" else []
+    rows = []
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(seed)
+        for start in tqdm(range(0, len(prompts), batch_size), desc="generating self data", unit="batch"):
+            batch = prompts[start : start + batch_size].to(device)  # (b, P)
+            mask = torch.ones_like(batch)
+            out = model.generate(input_ids=batch, attention_mask=mask, generation_config=config)
+            rows.append(out[:, : batch.shape[1] + length].cpu())  # (b, P + length)
+    return torch.cat(rows)
+
+
+def blocks_from_sequences(sequences: torch.Tensor, block_size: int,
+                          max_blocks: int | None = None) -> torch.Tensor:
+    """Concatenates (N, L) sequences and cuts them into (n_blocks, block_size); the remainder is dropped."""
+    stream = sequences.reshape(-1)  # (N * L,)
+    n_blocks = stream.numel() // block_size
+    if max_blocks is not None:
+        n_blocks = min(n_blocks, max_blocks)
+    if n_blocks == 0:
+        count, length = sequences.shape
+        raise ConfigError("--self-sequences", f"{count} sequences of {length} tokens make no block of "
+                          f"{block_size}; raise --self-sequences or --self-length, or lower --block-size")
+    return stream[: n_blocks * block_size].reshape(n_blocks, block_size)
+
+
+def _settings(cfg: Any, dtype: str, device: str) -> dict[str, Any]:
+    return {"sequences": cfg.self_sequences, "length": cfg.self_length, "temperature": cfg.self_temperature,
+            "top_p": cfg.self_top_p, "seed": cfg.self_seed, "batch": GENERATION_BATCH, "dtype": dtype,
+            "device_type": torch.device(device).type}
+
+
+def _check_settings(cfg: Any) -> None:
+    for flag, value in (("--self-sequences", cfg.self_sequences), ("--self-length", cfg.self_length)):
+        if isinstance(value, bool) or value < 1:
+            raise ConfigError(flag, f"must be an integer >= 1, got {value}")
+    if not cfg.self_temperature > 0:
+        raise ConfigError("--self-temperature", f"must be > 0, got {cfg.self_temperature}")
+    if not 0 < cfg.self_top_p <= 1:
+        raise ConfigError("--self-top-p", f"must be in (0, 1], got {cfg.self_top_p}")
+
+
+def _read_cache(path: Path) -> torch.Tensor | None:
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return fh.get_tensor("tokens")
+    except (OSError, ValueError, KeyError):
+        log.warning("ignoring an unreadable self-data cache file %s", path)
+        return None
+
+
+def _write_cache(path: Path, tokens: torch.Tensor, meta: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.stem}.tmp-{os.getpid()}.safetensors")
+    header = {"settings": json.dumps(meta, sort_keys=True)}
+    save_file({"tokens": tokens.contiguous()}, str(tmp), metadata=header)
+    os.replace(tmp, path)
+
+
+def _teacher_setting(cfg: Any) -> tuple[str, str]:
+    device = cfg.teacher_device or cfg.device or default_device()
+    return cfg.teacher_dtype or cfg.dtype or default_dtype(device), device
+
+
+def self_generated_tokens(cfg: Any, pruned_record: dict | None,
+                          student_tokenizer) -> tuple[torch.Tensor, dict]:
+    """Returns the (N, P + L) self-generated sequences for ``cfg`` (from the cache when present) and
+    the record of how they were made."""
+    _check_settings(cfg)
+    source, _ = resolve_teacher(cfg.teacher, pruned_record)
+    teacher_tokenizer = _teacher_tokenizer(source)
+    check_vocabulary(student_tokenizer, teacher_tokenizer, len(student_tokenizer), len(teacher_tokenizer),
+                     source.name)
+    dtype, device = _teacher_setting(cfg)
+    settings = _settings(cfg, dtype, device)
+    teacher_id = source_hash(source) or source.path
+    key = selfgen_key(teacher_id, settings)
+    path = cache_dir() / "selfgen" / f"{key}.safetensors"
+    record = {"source": SELF_DATA, "teacher": source.name, "teacher_hash": teacher_id, **settings,
+              "cache_key": key, "cache_file": str(path)}
+    tokens = _read_cache(path)
+    if tokens is not None:
+        log.info("reusing %d self-generated sequences from %s", tokens.shape[0], path)
+        return tokens, {**record, "cached": True, "tokens": tokens.numel()}
+    start = time.perf_counter()
+    teacher = load_teacher(source, None, dtype, device)
+    vocab = teacher.get_input_embeddings().weight.shape[0]
+    prompts = start_tokens(teacher_tokenizer, cfg.self_sequences, cfg.self_seed, vocab)  # (N, P)
+    tokens = sample_sequences(teacher, prompts, cfg.self_length, cfg.self_temperature, cfg.self_top_p,
+                              cfg.self_seed, teacher_tokenizer.eos_token_id)
+    del teacher
+    seconds = round(time.perf_counter() - start, 3)
+    _write_cache(path, tokens, {**record, "seconds": seconds})
+    log.info("generated %d sequences of %d tokens in %.1f s -> %s", tokens.shape[0], cfg.self_length,
+             seconds, path)
+    return tokens, {**record, "cached": False, "tokens": tokens.numel(), "generation_seconds": seconds}
+
+
+def _teacher_tokenizer(source: ModelSource):
+    try:
+        return load_tokenizer(source)
+    except (OSError, ValueError) as err:
+        reason = type(err).__name__
+        raise ConfigError("--teacher", f"cannot load the tokenizer of {source.name} ({reason})") from err
+
+
+def self_training_blocks(cfg: Any, pruned_record: dict | None,
+                         student_tokenizer) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
+    """Training and held-out blocks of self-generated text, and the data record.
+
+    The held-out part is the last ``min(--max-eval-samples, n_blocks // 10)`` blocks (none when that
+    is zero), so no external text is needed at all.
+
+    Returns:
+        (train (N, block_size), eval (E, block_size) or None, record)
+    """
+    tokens, record = self_generated_tokens(cfg, pruned_record, student_tokenizer)
+    blocks = blocks_from_sequences(tokens, cfg.block_size)
+    n_eval = min(cfg.max_eval_samples, blocks.shape[0] // 10)
+    train, held_out = (blocks[:-n_eval], blocks[-n_eval:]) if n_eval else (blocks, None)
+    train = train[: cfg.max_train_samples]
+    record = {**record, "train_blocks": int(train.shape[0]), "eval_blocks": int(n_eval),
+              "block_size": cfg.block_size}
+    return train, held_out, record
