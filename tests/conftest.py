@@ -12,6 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
+# Tiny models run fastest on one thread, and the test machine's cores are shared.
+torch.set_num_threads(1)
+
 VOCAB = 256
 WORDS = (
     "the model prunes weights and heals them while every pruned weight stays exactly zero "
@@ -50,15 +53,16 @@ def tiny_config(arch: str):
                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                            tie_word_embeddings=True, bos_token_id=0, eos_token_id=0, pad_token_id=0)
     if arch == "opt":
-        return OPTConfig(vocab_size=VOCAB, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
-                         max_position_embeddings=256, word_embed_proj_dim=64, bos_token_id=0, eos_token_id=0,
-                         pad_token_id=0)
+        return OPTConfig(vocab_size=VOCAB, hidden_size=64, ffn_dim=128, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=256, word_embed_proj_dim=64,
+                         bos_token_id=0, eos_token_id=0, pad_token_id=0)
     if arch == "gpt2":
         return GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=256, bos_token_id=0,
                           eos_token_id=0)
     if arch == "neox":
         return GPTNeoXConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                             num_attention_heads=4, max_position_embeddings=256, bos_token_id=0, eos_token_id=0)
+                             num_attention_heads=4, max_position_embeddings=256, bos_token_id=0,
+                             eos_token_id=0)
     raise ValueError(arch)
 
 
@@ -112,3 +116,26 @@ def _isolated_env(monkeypatch, tmp_path_factory, data_dir):
     monkeypatch.setenv("SPARSEHEAL_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """Returns a function ``arch -> directory`` that builds each tiny architecture once per session."""
+    made: dict[str, Path] = {}
+
+    def get(arch: str) -> Path:
+        if arch not in made:
+            made[arch] = make_model_dir(tmp_path_factory.mktemp(f"tiny-{arch}"), arch)
+        return made[arch]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def pruned_llama(tmp_path_factory, llama_dir, data_dir) -> Path:
+    """``llama_dir`` pruned with Wanda at 50% (read-only: copy it before changing anything)."""
+    import sparseheal
+
+    out = tmp_path_factory.mktemp("pruned") / "llama-wanda"
+    return sparseheal.prune(str(llama_dir), str(out), method="wanda", nsamples=4, seqlen=32,
+                            calibration_batch_size=2, data_dir=str(data_dir))

@@ -46,7 +46,7 @@ def test_unstructured_whole_matrix_prunes_exactly_floor(shape, sparsity):
 def test_unstructured_prunes_the_lowest_scores():
     scores = torch.randn(6, 20, generator=torch.Generator().manual_seed(3))
     per_row = unstructured_mask(scores, 0.5, per_row=True)
-    for row, keep in zip(scores, per_row):
+    for row, keep in zip(scores, per_row, strict=True):
         assert row[~keep].max() < row[keep].min()
     whole = unstructured_mask(scores, 0.5, per_row=False)
     assert scores[~whole].max() < scores[whole].min()
@@ -93,17 +93,22 @@ def test_ties_are_broken_stably_earlier_index_pruned_first():
 
 def test_ties_deterministic_across_calls():
     scores = torch.randint(0, 3, (32, 64), generator=torch.Generator().manual_seed(4)).float()  # many ties
-    first = [unstructured_mask(scores, 0.5, True), unstructured_mask(scores, 0.5, False), nm_mask(scores, 2, 4)]
+
+    def masks() -> list[torch.Tensor]:
+        rows, whole = unstructured_mask(scores, 0.5, True), unstructured_mask(scores, 0.5, False)
+        return [rows, whole, nm_mask(scores, 2, 4)]
+
+    first = masks()
     for _ in range(3):
-        again = [unstructured_mask(scores, 0.5, True), unstructured_mask(scores, 0.5, False), nm_mask(scores, 2, 4)]
-        assert all(torch.equal(a, b) for a, b in zip(first, again))
+        assert all(torch.equal(a, b) for a, b in zip(first, masks(), strict=True))
 
 
 def test_mask_from_scores_dispatch():
     scores = torch.randn(4, 16, generator=torch.Generator().manual_seed(5))
     assert torch.equal(mask_from_scores(scores, (2, 4), 0.5), nm_mask(scores, 2, 4))
-    assert torch.equal(mask_from_scores(scores, None, 0.5, per_row=True), unstructured_mask(scores, 0.5, True))
-    assert torch.equal(mask_from_scores(scores, None, 0.5, per_row=False), unstructured_mask(scores, 0.5, False))
+    for per_row in (True, False):
+        expected = unstructured_mask(scores, 0.5, per_row)
+        assert torch.equal(mask_from_scores(scores, None, 0.5, per_row=per_row), expected)
 
 
 @pytest.mark.parametrize("shape", [(1,), (7,), (3, 5), (13, 17), (2, 3, 5), (64, 64), (1, 9)])

@@ -25,7 +25,9 @@ def _inputs(batch: int, tokens: int, features: int, seed: int = 1, correlated: b
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, tokens, features, generator=gen)
     if correlated:  # mix features so that the Hessian is far from diagonal
-        x = x @ (torch.eye(features) + 0.8 * torch.randn(features, features, generator=gen) / math.sqrt(features))
+        noise = torch.randn(features, features, generator=gen) / math.sqrt(features)
+        mixing = torch.eye(features) + 0.8 * noise
+        x = x @ mixing
     return x * torch.logspace(-1, 1, features)[torch.randperm(features, generator=gen)]
 
 
@@ -105,7 +107,9 @@ def test_sparsegpt_reconstruction_beats_magnitude(pattern):
     assert not torch.equal(sgpt_layer.weight.data[s_mask], dense[s_mask])
 
 
-@pytest.mark.parametrize("n,m,cols", [(2, 4, 64), (4, 8, 64), (2, 4, 30), (1, 4, 52), (3, 8, 200), (3, 5, 256)])
+@pytest.mark.parametrize(
+    "n,m,cols", [(2, 4, 64), (4, 8, 64), (2, 4, 30), (1, 4, 52), (3, 8, 200), (3, 5, 256)]
+)
 def test_sparsegpt_nm_masks_valid(n, m, cols):
     x = _inputs(2, 40, cols, correlated=True)
     layer = _linear(cols, 8)

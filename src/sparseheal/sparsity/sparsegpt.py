@@ -19,7 +19,9 @@ from sparseheal.sparsity.masks import nm_mask, unstructured_mask
 __all__ = ["inverse_hessian_factor", "sparsegpt_prune", "SparseGPTPruner"]
 
 
-def inverse_hessian_factor(hessian: torch.Tensor, weight: torch.Tensor, percdamp: float = 0.01) -> torch.Tensor:
+def inverse_hessian_factor(
+    hessian: torch.Tensor, weight: torch.Tensor, percdamp: float = 0.01
+) -> torch.Tensor:
     """Upper Cholesky factor of the dampened inverse Hessian; zeroes weights of dead inputs in place.
 
     Args:
@@ -76,7 +78,10 @@ def sparsegpt_prune(
         w1 = w[:, i1:i2].clone()  # (out, b)
         err1 = torch.zeros_like(w1)
         h1 = hinv[i1:i2, i1:i2]  # (b, b)
-        p1 = _block_mask(w1, torch.diag(h1), sparsity) if nm is None else torch.zeros_like(w1, dtype=torch.bool)
+        if nm is None:
+            p1 = _block_mask(w1, torch.diag(h1), sparsity)  # (out, b) True = pruned
+        else:
+            p1 = torch.zeros_like(w1, dtype=torch.bool)
         for i in range(i2 - i1):
             if nm is not None and i % nm[1] == 0:
                 sal = w1[:, i : i + nm[1]].pow(2) / torch.diag(h1)[i : i + nm[1]].reshape(1, -1).pow(2)
