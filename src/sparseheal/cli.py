@@ -78,21 +78,29 @@ def _typer_param(name: str, param: inspect.Parameter, hint: Any, help_text: str,
     return param.replace(annotation=Annotated[hint, info], default=default, kind=inspect.Parameter.KEYWORD_ONLY)
 
 
-def command(func: Callable, printer: Callable[[Any], int | None], name: str | None = None) -> Callable:
-    """Registers ``func`` as a subcommand; ``printer`` shows its result and may return an exit code."""
+def command(func: Callable, printer: Callable[[Any], int | None], name: str | None = None,
+            positional: bool = True) -> Callable:
+    """Registers ``func`` as a subcommand; ``printer`` shows its result and may return an exit code.
+
+    With ``positional=False`` every parameter is a flag. A function with its own ``config`` parameter
+    (``run``, whose recipe has sections) reads it itself instead of through the flat ``--config``.
+    """
     hints = typing.get_type_hints(func)
     helps = _arg_help(func)
     params = [
-        _typer_param(n, p, hints[n], helps.get(n, ""), i == 0)
+        _typer_param(n, p, hints[n], helps.get(n, ""), positional and i == 0)
         for i, (n, p) in enumerate(inspect.signature(func).parameters.items())
     ]
-    config_info = typer.Option("--config", help="YAML file of flag values (same names).", is_eager=True,
-                               callback=_config_callback)
-    params.append(inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=None,
-                                    annotation=Annotated[str | None, config_info]))
+    own_config = "config" in inspect.signature(func).parameters
+    if not own_config:
+        config_info = typer.Option("--config", help="YAML file of flag values (same names).", is_eager=True,
+                                   callback=_config_callback)
+        params.append(inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=None,
+                                        annotation=Annotated[str | None, config_info]))
 
     def run(**kwargs: Any) -> int:
-        kwargs.pop("config", None)
+        if not own_config:
+            kwargs.pop("config", None)
         return printer(func(**kwargs)) or 0
 
     run.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
@@ -117,6 +125,21 @@ def _print_evaluate(report: dict) -> None:
         for task, row in report["zeroshot"].items():
             norm = f"{row['acc_norm']:>8.4f}" if "acc_norm" in row else f"{'-':>8}"
             print(f"{task:<32} {row['n']:>6} {row['acc']:>8.4f} {norm}")
+
+
+def _print_run(record: dict) -> None:
+    stages = record.get("stages", {})
+    ran = [n for n, s in stages.items() if not s.get("skipped")]
+    skipped = [n for n, s in stages.items() if s.get("skipped")]
+    print(f"stages run: {', '.join(ran) or 'none'}; skipped (finished): {', '.join(skipped) or 'none'}")
+    _print_report(record["report"])
+
+
+def _print_report(report: dict) -> None:
+    from sparseheal.report import results_table
+
+    print(results_table(report))
+    print(f"report: {report['path']}")
 
 
 def _print_inspect(report: dict) -> int:
@@ -160,6 +183,8 @@ command(api.heal, _print_heal)
 command(api.merge, _print_merge)
 command(api.evaluate, _print_evaluate)
 command(api.inspect, _print_inspect)
+command(api.run, _print_run, positional=False)
+command(api.report, _print_report)
 
 
 def main(argv: list[str] | None = None) -> None:

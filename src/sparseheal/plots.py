@@ -1,0 +1,149 @@
+"""PNG plots of a run (matplotlib, Agg backend): training loss, per-layer sparsity, perplexity bars."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+__all__ = ["loss_curves", "plot_loss", "plot_sparsity", "plot_perplexity", "plot_zeroshot"]
+
+_COLORS = {"dense": "#4c72b0", "pruned": "#c44e52", "healed": "#55a868", "merged": "#8172b2"}
+_LAYER_RE = re.compile(r"\.(\d+)\.")
+
+
+def loss_curves(log_lines: list[dict]) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
+    """(step, loss) and (step, eval_loss) points from train_log.jsonl entries.
+
+    A resumed run logs the steps between its last checkpoint and the interruption twice; the
+    later entry of a step wins.
+    """
+    train: dict[int, float] = {}
+    evals: dict[int, float] = {}
+    for entry in log_lines:
+        step = entry.get("step")
+        if step is None:
+            continue
+        if isinstance(entry.get("loss"), (int, float)):
+            train[int(step)] = float(entry["loss"])
+        if isinstance(entry.get("eval_loss"), (int, float)):
+            evals[int(step)] = float(entry["eval_loss"])
+    return sorted(train.items()), sorted(evals.items())
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_loss(log_lines: list[dict], path: Path, title: str) -> Path | None:
+    """Training and held-out loss (nats per token) against the optimizer step."""
+    train, evals = loss_curves(log_lines)
+    if not train and not evals:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train, strict=True), marker="o", markersize=3, label="training loss", color="#4c72b0")
+    if evals:
+        ax.plot(*zip(*evals, strict=True), marker="s", markersize=6, linestyle="--", label="held-out loss",
+                color="#dd8452")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy loss (nats / token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save(fig, path)
+
+
+def _layer_index(name: str) -> int | None:
+    match = _LAYER_RE.search(name)
+    return int(match.group(1)) if match else None
+
+
+def plot_sparsity(layers: dict[str, float], target: float | None, path: Path, title: str) -> Path | None:
+    """Sparsity of every pruned linear, by decoder layer and module kind."""
+    if not layers:
+        return None
+    kinds: dict[str, list[tuple[int, float]]] = {}
+    for position, (name, value) in enumerate(layers.items()):
+        index = _layer_index(name)
+        x = position if index is None else index
+        kinds.setdefault(name.rsplit(".", 1)[-1], []).append((x, 100 * value))
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.6 / max(len(kinds), 1)  # module kinds side by side within a layer
+    for i, (kind, points) in enumerate(kinds.items()):
+        xs = [x + (i - (len(kinds) - 1) / 2) * width for x, _ in points]
+        ys = [y for _, y in points]
+        ax.plot(xs, ys, marker="o", markersize=4, linestyle="none", alpha=0.85, label=kind)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if target is not None:
+        ax.axhline(100 * target, color="black", linestyle=":", linewidth=1, label=f"target {100 * target:g}%")
+    values = [100 * v for v in layers.values()]
+    low, high = min(values), max(values)
+    pad = max(1.0, (high - low) * 0.2)
+    ax.set_ylim(max(0.0, low - pad), min(100.0, high + pad))
+    ax.set_xlabel("decoder layer")
+    ax.set_ylabel("weights pruned (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="module")
+    return _save(fig, path)
+
+
+def _grouped_bars(ax, groups: list[str], series: dict[str, list[float | None]], fmt: str) -> None:
+    width = 0.8 / max(len(series), 1)
+    for i, (label, values) in enumerate(series.items()):
+        for j, value in enumerate(values):
+            if value is None:
+                continue
+            x = j + (i - (len(series) - 1) / 2) * width
+            ax.bar(x, value, width, color=_COLORS.get(label, None), label=label if j == 0 else None)
+            ax.annotate(fmt.format(value), (x, value), ha="center", va="bottom", fontsize=8,
+                        xytext=(0, 2), textcoords="offset points")
+    ax.set_xticks(range(len(groups)), groups)
+
+
+def plot_perplexity(table: dict[str, dict[str, float]], path: Path, title: str) -> Path | None:
+    """Perplexity per data set for dense / pruned / healed (/ merged); log scale when they differ a lot."""
+    if not table:
+        return None
+    models = [m for m in ("dense", "pruned", "healed", "merged") if any(m in row for row in table.values())]
+    series = {m: [table[d].get(m) for d in table] for m in models}
+    fig, ax = plt.subplots(figsize=(max(6, 2.5 * len(table) + 3), 4))
+    _grouped_bars(ax, list(table), series, "{:.2f}")
+    values = [v for vs in series.values() for v in vs if v]
+    if values and max(values) / min(values) > 20:
+        ax.set_yscale("log")
+        ax.set_ylabel("perplexity, log scale (lower is better)")
+    else:
+        ax.set_ylim(0, 1.12 * max(values))
+        ax.set_ylabel("perplexity (lower is better)")
+    ax.set_xlabel("evaluation data set")
+    ax.set_title(title)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.grid(axis="y", alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_zeroshot(table: dict[str, dict[str, float]], path: Path, title: str) -> Path | None:
+    """Zero-shot accuracy per task for each evaluated model."""
+    if not table:
+        return None
+    models = [m for m in ("dense", "pruned", "healed", "merged") if any(m in row for row in table.values())]
+    series = {m: [None if table[t].get(m) is None else 100 * table[t][m] for t in table] for m in models}
+    fig, ax = plt.subplots(figsize=(max(6, 2.5 * len(table) + 3), 4))
+    _grouped_bars(ax, list(table), series, "{:.1f}")
+    ax.set_ylim(0, 110)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_xlabel("zero-shot task")
+    ax.set_title(title)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.grid(axis="y", alpha=0.3)
+    return _save(fig, path)

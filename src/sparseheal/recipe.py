@@ -1,0 +1,241 @@
+"""Recipes for ``sparseheal run``: one YAML mapping with a section per stage, checked before any work.
+
+```yaml
+model: smollm2-135m
+prune: {method: wanda, sparsity: 0.5, nsamples: 128, seqlen: 2048}
+heal: {method: lora, max-steps: 1000, block-size: 1024, data: c4, merge: masked}
+evaluate: {dataset: wikitext2, seqlen: 2048, tasks: [boolq, piqa]}
+output: runs/smollm2-wanda-lora
+```
+
+Keys are the flags of ``sparseheal prune``, ``heal`` and ``evaluate`` (dashed or underscored). The keys
+that place a stage's output (``output``, ``overwrite``, ``resume``, the input model of a later stage)
+belong to ``run`` and are refused in a recipe, so nothing a recipe says is written outside the run
+directory. ``heal: {merge: masked|dense}`` adds the ``merged/`` stage. Flags override the file:
+``--prune sparsity=0.6 --heal max-steps=50``.
+
+YAML is read with YAML 1.2 number rules, so ``2:4`` stays a string and ``1e-4`` is a float.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import re
+import tempfile
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sparseheal.config import ConfigError
+
+__all__ = ["SECTIONS", "Recipe", "load_recipe", "parse_yaml", "section_defaults", "validate_recipe"]
+
+SECTIONS = ("prune", "heal", "evaluate")
+_TOP = ("model", "output", *SECTIONS)
+# keys that run sets itself (where a stage writes, and what it reads from the stage before)
+_RUN_KEYS = {
+    "prune": {"model", "output", "overwrite"},
+    "heal": {"pruned_dir", "output", "overwrite", "resume"},
+    "evaluate": {"model", "adapter", "output"},
+}
+_INT = "tag:yaml.org,2002:int"
+_FLOAT = "tag:yaml.org,2002:float"
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader with YAML 1.2 numbers: no sexagesimal ``2:4`` ints, and ``1e-4`` is a float."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag not in (_INT, _FLOAT)]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(_INT, re.compile(r"^[-+]?(?:0|[1-9][0-9_]*)$"), list("-+0123456789"))
+_Loader.add_implicit_resolver(
+    _FLOAT,
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*|\.[0-9_]+)(?:[eE][-+]?[0-9]+)?$"
+               r"|^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str, flag: str, what: str = "the text") -> Any:
+    """Parses YAML text with the recipe number rules; a syntax error names ``flag`` and ``what``."""
+    try:
+        return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+    except yaml.YAMLError as err:
+        raise ConfigError(flag, f"{what} is not valid YAML ({err.__class__.__name__})") from err
+
+
+def _api_function(section: str) -> Callable:
+    from sparseheal import api
+
+    return getattr(api, section)
+
+
+def _stage_keys(section: str) -> dict[str, inspect.Parameter]:
+    params = inspect.signature(_api_function(section)).parameters
+    return {name: p for name, p in params.items() if name not in _RUN_KEYS[section]}
+
+
+def section_defaults(section: str) -> dict[str, Any]:
+    """Every recipe key of ``section`` with its default (None where the flag has no default)."""
+    return {name: None if p.default is inspect.Parameter.empty else p.default
+            for name, p in _stage_keys(section).items()}
+
+
+def _closest(name: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(name, valid, n=1, cutoff=0.6)
+    return f"; did you mean {close[0].replace('_', '-')!r}?" if close else ""
+
+
+def _coerce(section: str, key: str, value: Any, where: str) -> Any:
+    """Fits a YAML value to the flag's type: numbers from strings, lists joined with commas."""
+    hint = typing.get_type_hints(_api_function(section))[key]
+    types = set(typing.get_args(hint)) or {hint}
+    if isinstance(value, list) and str in types:
+        return ",".join(map(str, value))
+    if isinstance(value, str) and (float in types or int in types) and str not in types:
+        try:
+            return int(value) if int in types and float not in types else float(value)
+        except ValueError as err:
+            raise ConfigError(where, f"expected a number, got {value!r}") from err
+    if isinstance(value, int) and not isinstance(value, bool) and float in types:
+        return float(value)
+    return value
+
+
+def _section(section: str, data: Any, where: str) -> dict[str, Any]:
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: {section}", "must be a mapping of flag names to values")
+    keys = _stage_keys(section)
+    valid = sorted(keys)
+    out = {}
+    for raw, value in data.items():
+        key = str(raw).replace("-", "_")
+        flag = f"{where}: {section}.{raw}"
+        if key in _RUN_KEYS[section]:
+            raise ConfigError(flag, "set by run (stages write to RUN_DIR/pruned, healed, merged, eval); "
+                                    "remove it from the recipe")
+        if key not in keys:
+            listing = ", ".join(k.replace("_", "-") for k in valid)
+            raise ConfigError(flag, f"unknown key{_closest(key, valid)} (valid: {listing})")
+        out[key] = _coerce(section, key, value, flag)
+    return out
+
+
+@dataclass
+class Recipe:
+    """A validated recipe: the dense model, the run directory and one settings dict per stage."""
+
+    model: str
+    output: Path
+    prune: dict[str, Any] = field(default_factory=dict)
+    heal: dict[str, Any] = field(default_factory=dict)
+    evaluate: dict[str, Any] = field(default_factory=dict)
+    source: str | None = None  # the recipe file, when one was given
+
+    @property
+    def merge_mode(self) -> str:
+        return self.heal.get("merge") or "none"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The effective recipe (dashed keys, as a user writes it)."""
+        dashed = {s: {k.replace("_", "-"): v for k, v in getattr(self, s).items()} for s in SECTIONS}
+        return {"model": self.model, **dashed, "output": str(self.output)}
+
+
+def _overrides(section: str, items: list[str] | None) -> dict[str, Any]:
+    pairs = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--{section}", f"expected KEY=VALUE (e.g. --{section} seed=1), got {item!r}")
+        key = key.strip()
+        pairs[key] = parse_yaml(value, f"--{section}", f"the value of {key}") if value.strip() else None
+    return _section(section, pairs, f"--{section}") if pairs else {}
+
+
+def _read_file(config: str) -> dict[str, Any]:
+    path = Path(config).expanduser()
+    if not path.is_file():
+        raise ConfigError("--config", f"{config} is not a file")
+    data = parse_yaml(path.read_text(), "--config", config)
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError("--config", f"{config} must hold a mapping with sections {', '.join(_TOP)}")
+    for key in data:
+        if key not in _TOP:
+            raise ConfigError(f"{config}: {key}",
+                              f"unknown section{_closest(str(key), list(_TOP))} (valid: {', '.join(_TOP)})")
+    return data
+
+
+def load_recipe(
+    config: str | None,
+    output: str | None,
+    model: str | None,
+    overrides: dict[str, list[str] | None],
+) -> Recipe:
+    """Reads the recipe file (if any), applies flag overrides, and checks every key's name and type."""
+    data = _read_file(config) if config else {}
+    where = config or "recipe"
+    sections = {s: {**_section(s, data.get(s), where), **_overrides(s, overrides.get(s))} for s in SECTIONS}
+    model = model or data.get("model")
+    if not model or not isinstance(model, str):
+        raise ConfigError("--model", "give the dense model in the recipe (model: ...) or with --model")
+    output = output or data.get("output")
+    if not output or not isinstance(output, str):
+        raise ConfigError("--output", "give the run directory in the recipe (output: ...) or with --output")
+    run_dir = Path(output).expanduser()
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError("--output", f"{run_dir} exists and is not a directory")
+    return Recipe(model=model, output=run_dir, source=config, **sections)
+
+
+def _as_recipe_error(section: str, err: ConfigError) -> ConfigError:
+    key = err.flag.lstrip("-").replace("_", "-")
+    return ConfigError(f"{section}.{key}", err.message)
+
+
+def validate_recipe(recipe: Recipe) -> None:
+    """Checks every stage's values with its config dataclass before any model is loaded.
+
+    Errors name the recipe key (``heal.lr``) rather than the flag.
+    """
+    from sparseheal.config import EvaluateConfig, HealConfig, PruneConfig
+
+    with tempfile.TemporaryDirectory(prefix="sparseheal-recipe-") as tmp:
+        probe_model = Path(tmp) / "model"  # stands in for pruned/, which does not exist yet
+        probe_model.mkdir()
+        (probe_model / "config.json").write_text("{}")
+        checks = [
+            ("prune", lambda: PruneConfig(model=recipe.model, output=f"{tmp}/p", **recipe.prune)),
+            ("heal", lambda: HealConfig(pruned_dir=str(probe_model), output=f"{tmp}/h", **recipe.heal)),
+            ("evaluate", lambda: EvaluateConfig(model=recipe.model, **recipe.evaluate)),
+        ]
+        for section, check in checks:
+            try:
+                cfg = check()
+            except ConfigError as err:
+                raise _as_recipe_error(section, err) from err
+            if section == "heal" and cfg.merge != "none" and cfg.method != "lora":
+                raise ConfigError("heal.merge", f"merging applies to LoRA adapters; method {cfg.method} "
+                                                "writes a model directly (use merge: none)")
+    tasks = recipe.evaluate.get("tasks")
+    if tasks:
+        from sparseheal.evaluate.zeroshot import prepare_tasks
+
+        try:
+            with prepare_tasks(tasks, recipe.evaluate.get("data_dir")):
+                pass
+        except ConfigError as err:
+            raise _as_recipe_error("evaluate", err) from err

@@ -1,0 +1,333 @@
+"""Run records -> report.md, report.json and PNG plots, all regenerated from the files of a run.
+
+Sources: the run record (``RUN_DIR/sparseheal.json``: recipe, per-stage settings, time, memory), the
+stage records (``pruned/``, ``healed/``, ``merged/`` ``sparseheal.json``), ``healed/train_log.jsonl``
+and the evaluation files ``eval/*.json``. The share of the pruning gap that healing closed, per data
+set, is
+
+    gap_closed = (ppl_pruned - ppl_healed) / (ppl_pruned - ppl_dense)
+
+(1 = back to dense, 0 = no better than pruned, < 0 = worse than pruned).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shlex
+import statistics
+from pathlib import Path
+from typing import Any
+
+from sparseheal import plots
+from sparseheal.config import ConfigError
+from sparseheal.records import read_record
+
+__all__ = ["gap_closed", "build_report", "write_report", "render_markdown", "results_table", "commands"]
+
+log = logging.getLogger(__name__)
+
+MODELS = ("dense", "pruned", "healed", "merged")
+
+
+def gap_closed(dense: float | None, pruned: float | None, healed: float | None) -> float | None:
+    """(pruned - healed) / (pruned - dense); None when a value is missing or pruning cost nothing."""
+    if dense is None or pruned is None or healed is None or abs(pruned - dense) < 1e-12:
+        return None
+    return (pruned - healed) / (pruned - dense)
+
+
+def _read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _read_log(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _evaluations(run_dir: Path, stages: dict) -> dict[str, dict]:
+    found = {}
+    for model in MODELS:
+        if f"eval-{model}" in stages and (data := _read_json(run_dir / "eval" / f"{model}.json")):
+            found[model] = data
+    return found
+
+
+def _perplexity(evals: dict[str, dict]) -> dict[str, dict]:
+    table: dict[str, dict] = {}
+    for model, data in evals.items():
+        for r in data.get("results", []):
+            row = table.setdefault(r["dataset"], {"protocol": r["protocol"], "seqlen": r["seqlen"],
+                                                  "windows": r["windows"], "tokens": r["tokens"]})
+            row[model] = r["ppl"]
+    for row in table.values():
+        row["gap_closed"] = gap_closed(row.get("dense"), row.get("pruned"), row.get("healed"))
+        if "merged" in row:
+            row["gap_closed_merged"] = gap_closed(row.get("dense"), row.get("pruned"), row.get("merged"))
+    return table
+
+
+def _zeroshot(evals: dict[str, dict]) -> dict[str, dict]:
+    table: dict[str, dict] = {}
+    for model, data in evals.items():
+        for task, row in (data.get("zeroshot") or {}).items():
+            table.setdefault(task, {})[model] = {k: row.get(k) for k in ("acc", "acc_norm", "n")}
+    return table
+
+
+def _sparsity(pruned: dict, healed: dict, merged: dict) -> dict:
+    layers = pruned.get("layers") or {}
+    values = list(layers.values())
+    summary = {"min": min(values), "mean": statistics.fmean(values), "max": max(values),
+               "count": len(values)} if values else {}
+    return {
+        "method": pruned.get("method"), "pattern": pruned.get("pattern"), "target": pruned.get("sparsity"),
+        "achieved": pruned.get("sparsity_achieved"), "pruned_parameters": pruned.get("pruned_parameters"),
+        "prunable_parameters": pruned.get("prunable_parameters"), "layers": summary,
+        "healed_mask_check": (healed.get("mask_verification") or {}).get("ok"),
+        "merged": (merged.get("merge") or {}).get("sparsity_after") if merged else None,
+    }
+
+
+def _healing(healed: dict) -> dict:
+    keys = ("method", "trainable_parameters", "total_parameters", "steps", "tokens_seen", "train_loss",
+            "first_loss", "final_loss", "eval_loss", "tokens_per_second", "train_seconds", "data")
+    found = {k: healed.get(k) for k in keys}
+    if found["trainable_parameters"] is None and healed.get("parameter_tensors"):
+        found["trainable_tensors"] = healed["parameter_tensors"]
+    return found
+
+
+def _stages(run_record: dict) -> list[dict]:
+    rows = []
+    for name, entry in run_record.get("stages", {}).items():
+        rows.append({"name": name, "status": entry.get("status"), "seconds": entry.get("seconds"),
+                     "peak_rss_mb": entry.get("peak_rss_mb"), "peak_gpu_mb": entry.get("peak_gpu_mb"),
+                     "skipped_last_run": entry.get("skipped", False),
+                     "finished_at": entry.get("finished_at")})
+    return rows
+
+
+def _flags(settings: dict, defaults: dict, skip: tuple[str, ...] = ()) -> list[str]:
+    out = []
+    for key, value in settings.items():
+        if key in skip or value is None or value == defaults.get(key):
+            continue
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            out.append(flag if value else f"--no-{flag[2:]}")
+        else:
+            out += [flag, str(value)]
+    return out
+
+
+def commands(run_dir: Path, run_record: dict) -> list[str]:
+    """Shell commands that reproduce the run: the one ``run`` command, then the stage-by-stage ones."""
+    from sparseheal.recipe import section_defaults
+
+    stages = run_record.get("stages", {})
+    run = str(run_dir)
+    lines = [["sparseheal", "run", "--config", f"{run}/recipe.yaml", "--output", run]]
+    data_dir = (run_record.get("environment") or {}).get("SPARSEHEAL_DATA_DIR")
+    if data_dir:
+        lines.insert(0, ["export", f"SPARSEHEAL_DATA_DIR={data_dir}"])
+    if "prune" in stages:
+        s = stages["prune"]["settings"]
+        lines.append(["sparseheal", "prune", s["model"], "--output", f"{run}/pruned",
+                      *_flags(s, section_defaults("prune"), ("model",))])
+    if "heal" in stages:
+        lines.append(["sparseheal", "heal", f"{run}/pruned", "--output", f"{run}/healed",
+                      *_flags(stages["heal"]["settings"], section_defaults("heal"))])
+    if "merge" in stages:
+        lines.append(["sparseheal", "merge", f"{run}/healed", "--output", f"{run}/merged", "--mode",
+                      stages["merge"]["settings"]["mode"]])
+    for model in MODELS:
+        if (entry := stages.get(f"eval-{model}")) is None:
+            continue
+        s = entry["settings"]
+        target = [s["target"]] if model == "dense" else [f"{run}/{model}"]
+        if model == "healed" and (run_dir / "healed" / "adapter_config.json").is_file():
+            target = [f"{run}/pruned", "--adapter", f"{run}/healed"]
+        flags = _flags(s, section_defaults("evaluate"), ("target",))
+        lines.append(["sparseheal", "evaluate", *target, *flags, "--output", f"{run}/eval/{model}.json"])
+    return [shlex.join(line) for line in lines]
+
+
+def build_report(run_dir: str | Path) -> dict[str, Any]:
+    """Collects everything the report shows from the records of ``run_dir``."""
+    run_dir = Path(run_dir)
+    run_record = read_record(run_dir) if run_dir.is_dir() else None
+    if not run_record or run_record.get("stage") != "run":
+        raise ConfigError("RUN_DIR", f"{run_dir} holds no run record (the sparseheal.json of sparseheal run)")
+    stages = run_record.get("stages", {})
+    pruned = read_record(run_dir / "pruned") or {}
+    healed = read_record(run_dir / "healed") or {}
+    merged = (read_record(run_dir / "merged") or {}) if "merge" in stages else {}
+    evals = _evaluations(run_dir, stages)
+    return {
+        "run_dir": str(run_dir),
+        "model": run_record.get("recipe", {}).get("model"),
+        "recipe": run_record.get("recipe"),
+        "perplexity": _perplexity(evals),
+        "zeroshot": _zeroshot(evals),
+        "sparsity": _sparsity(pruned, healed, merged),
+        "healing": _healing(healed),
+        "merge": merged.get("merge") if merged else None,
+        "stages": _stages(run_record),
+        "versions": run_record.get("versions", {}),
+        "commands": commands(run_dir, run_record),
+        "train_log": _read_log(run_dir / "healed" / "train_log.jsonl"),
+        "layers": pruned.get("layers") or {},
+    }
+
+
+def _num(value: Any, spec: str = ".2f", suffix: str = "") -> str:
+    return "–" if value is None else f"{value:{spec}}{suffix}"
+
+
+def _pct(value: float | None, digits: int = 1) -> str:
+    return "–" if value is None else f"{100 * value:.{digits}f}%"
+
+
+def _ppl_table(ppl: dict) -> list[str]:
+    models = [m for m in MODELS if any(m in row for row in ppl.values())]
+    merged = "merged" in models
+    head = ["data set", "protocol", "seqlen × windows", *models, "gap closed (healed)"]
+    head += ["gap closed (merged)"] if merged else []
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, row in ppl.items():
+        cells = [name, row["protocol"], f"{row['seqlen']} × {row['windows']}"]
+        cells += [_num(row.get(m), ".3f") for m in models] + [_pct(row.get("gap_closed"))]
+        cells += [_pct(row.get("gap_closed_merged"))] if merged else []
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _zeroshot_table(zs: dict) -> list[str]:
+    models = [m for m in MODELS if any(m in row for row in zs.values())]
+    head = ["task", "n", "metric", *models]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for task, row in zs.items():
+        n = next((r.get("n") for r in row.values() if r.get("n") is not None), None)
+        for metric in ("acc", "acc_norm"):
+            cells = [task if metric == "acc" else "", str(n) if metric == "acc" else "", metric]
+            cells += [_pct((row.get(m) or {}).get(metric)) for m in models]
+            lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def results_table(report: dict) -> str:
+    """The perplexity table (and the zero-shot table when tasks ran), as markdown."""
+    lines = _ppl_table(report["perplexity"]) if report["perplexity"] else ["(not evaluated)"]
+    if report["zeroshot"]:
+        lines += [""] + _zeroshot_table(report["zeroshot"])
+    return "\n".join(lines)
+
+
+def _sparsity_lines(s: dict) -> list[str]:
+    lines = [f"- method **{s['method']}**, pattern {s['pattern']}, target sparsity {_pct(s['target'], 2)}",
+             f"- achieved: {_pct(s['achieved'], 2)} of the prunable weights "
+             f"({_num(s['pruned_parameters'], ',d')} of {_num(s['prunable_parameters'], ',d')})"]
+    if s["layers"]:
+        layer = s["layers"]
+        lines.append(f"- per layer ({layer['count']} linears): min {_pct(layer['min'], 2)}, "
+                     f"mean {_pct(layer['mean'], 2)}, max {_pct(layer['max'], 2)}")
+    if s["healed_mask_check"] is not None:
+        verdict = "yes" if s["healed_mask_check"] else "NO"
+        lines.append(f"- healed model: every pruned weight is +0.0: {verdict}")
+    if s["merged"] is not None:
+        lines.append(f"- merged model: sparsity of the pruned layers {_pct(s['merged'], 2)}")
+    return lines
+
+
+def _healing_lines(h: dict) -> list[str]:
+    trainable, total = h.get("trainable_parameters"), h.get("total_parameters")
+    shown = _num(trainable, ",d")
+    if trainable and total:
+        shown += f" ({100 * trainable / total:.3f}% of {total:,d})"
+    elif h.get("trainable_tensors"):
+        shown = "tensors: " + ", ".join(f"{k} {v}" for k, v in h["trainable_tensors"].items())
+    data = h.get("data") or {}
+    cells = [h.get("method") or "–", shown, _num(h.get("steps"), "d"), _num(h.get("tokens_seen"), ",d"),
+             f"{_num(h.get('first_loss'), '.3f')} → {_num(h.get('final_loss'), '.3f')}",
+             _num(h.get("eval_loss"), ".3f"), _num(h.get("tokens_per_second"), ",.0f")]
+    return [
+        "| method | trainable parameters | steps | tokens seen | loss first → last | held-out loss "
+        "| tokens/s |",
+        "|---|---|---|---|---|---|---|",
+        "| " + " | ".join(cells) + " |",
+        "",
+        f"Training text: {data.get('source', '–')}, {data.get('train_blocks', '–')} blocks of "
+        f"{data.get('block_size', '–')} tokens ({data.get('eval_blocks', '–')} held out).",
+    ]
+
+
+def _stage_lines(stages: list[dict]) -> list[str]:
+    lines = ["| stage | wall time (s) | peak RSS (MiB) | peak GPU (MiB) | status |", "|---|---|---|---|---|"]
+    for s in stages:
+        status = (s["status"] or "–") + (" (skipped in the last run)" if s["skipped_last_run"] else "")
+        lines.append(f"| {s['name']} | {_num(s['seconds'], '.1f')} | {_num(s['peak_rss_mb'], ',.0f')} "
+                     f"| {_num(s['peak_gpu_mb'], ',.0f')} | {status} |")
+    total = sum(s["seconds"] or 0 for s in stages)
+    lines.append(f"\nTotal wall time of the stages: {total:.1f} s. Peak RSS is the resident memory of the "
+                 "process while the stage ran (sampled every 50 ms).")
+    return lines
+
+
+def render_markdown(report: dict, images: dict[str, str]) -> str:
+    """The report as markdown; ``images`` maps a plot's caption to its file name."""
+    s, h = report["sparsity"], report["healing"]
+    lines = [f"# sparseheal report: {report['model']}", "",
+             f"Run directory `{report['run_dir']}`: {s['method']} {s['pattern']} at {_pct(s['target'], 0)}, "
+             f"healed with {h.get('method') or '–'}.", "", "## Perplexity", "",
+             *(_ppl_table(report["perplexity"]) if report["perplexity"] else ["(not evaluated)"]), "",
+             "Gap closed = (ppl_pruned − ppl_healed) / (ppl_pruned − ppl_dense); every model is evaluated "
+             "with the same protocol, windows and dtype."]
+    if report["zeroshot"]:
+        lines += ["", "## Zero-shot accuracy (lm-evaluation-harness)", "",
+                  *_zeroshot_table(report["zeroshot"])]
+    lines += ["", "## Sparsity", "", *_sparsity_lines(s), "", "## Healing", "", *_healing_lines(h)]
+    lines += ["", "## Stages: time and memory", "", *_stage_lines(report["stages"])]
+    if images:
+        lines += ["", "## Plots", ""] + [f"![{caption}]({name})" for caption, name in images.items()]
+    versions = ", ".join(f"{k} {v}" for k, v in report["versions"].items())
+    lines += ["", "## Versions", "", versions, "", "## Reproduce", "", "```sh", *report["commands"], "```",
+              ""]
+    return "\n".join(lines)
+
+
+def _plots(report: dict, run_dir: Path) -> dict[str, str]:
+    s, model = report["sparsity"], Path(str(report["model"])).name
+    made = {
+        "training and held-out loss": plots.plot_loss(
+            report["train_log"], run_dir / "loss.png",
+            f"Healing ({report['healing'].get('method')}) of {model}"),
+        "per-layer sparsity": plots.plot_sparsity(
+            report["layers"], s["target"], run_dir / "sparsity.png",
+            f"Per-layer sparsity of {model}: {s['method']} {s['pattern']}, {_pct(s['achieved'], 2)} overall"),
+        "perplexity": plots.plot_perplexity(
+            {d: {m: row[m] for m in MODELS if m in row} for d, row in report["perplexity"].items()},
+            run_dir / "perplexity.png", f"Perplexity of {model}"),
+        "zero-shot accuracy": plots.plot_zeroshot(
+            {t: {m: r.get("acc") for m, r in row.items()} for t, row in report["zeroshot"].items()},
+            run_dir / "zeroshot.png", f"Zero-shot accuracy of {model}"),
+    }
+    return {caption: path.name for caption, path in made.items() if path is not None}
+
+
+def write_report(run_dir: str | Path) -> dict[str, Any]:
+    """Writes report.md, report.json and the PNG plots into ``run_dir``; returns the report."""
+    run_dir = Path(run_dir)
+    report = build_report(run_dir)
+    images = _plots(report, run_dir)
+    curves = plots.loss_curves(report.pop("train_log"))
+    data = {**report, "loss_curve": {"train": curves[0], "eval": curves[1]}, "plots": images}
+    for name, text in (("report.json", json.dumps(data, indent=2) + "\n"),
+                       ("report.md", render_markdown(report, images))):
+        tmp = run_dir / f".{name}.partial"
+        tmp.write_text(text)
+        tmp.replace(run_dir / name)
+    log.info("report: %s", run_dir / "report.md")
+    return {**data, "path": str(run_dir / "report.md")}
