@@ -43,8 +43,8 @@ def _calibration_tokens(cfg: PruneConfig, lm, tokenizer) -> torch.Tensor:
 def _prune_record(cfg: PruneConfig, source, lm, masks: dict, watch: Stopwatch) -> dict:
     modules = dict(lm.named_modules())
     layers = {name: round(sparsity_of(modules[name].weight), 6) for name in masks}
-    pruned = sum(int((~m).sum()) for m in masks.values())
     total = sum(m.numel() for m in masks.values())
+    pruned = total - sum(m.kept() for m in masks.values())
     return {
         "stage": "prune",
         "base_model": cfg.model,
@@ -348,7 +348,8 @@ def heal(
     cfg = HealConfig(**{k: v for k, v in locals().items() if k in HealConfig.__dataclass_fields__})
     watch = Stopwatch()
     source = resolve_source(cfg.pruned_dir)
-    _check_block_size(source.path, cfg.block_size)
+    healer = HEALERS.get(cfg.method)()
+    _check_model_fits(source.path, cfg, healer)
     pruned_record = read_record(source.path)
     if cfg.distill:  # an unresolvable teacher fails here, before data and weights load
         from sparseheal.heal.distill import resolve_teacher
@@ -369,7 +370,6 @@ def heal(
     with watch("load"):
         lm, tokenizer, _ = load_model(cfg.pruned_dir, cfg.dtype, cfg.device)
     masks, mask_source = model_masks(lm, source.path)
-    healer = HEALERS.get(cfg.method)()
     student = healer.prepare(lm, masks, cfg)
     distiller = None
     if cfg.distill:
@@ -399,12 +399,18 @@ def heal(
     return Path(cfg.output)
 
 
-def _check_block_size(model_path: str, block_size: int) -> None:
-    from transformers import AutoConfig
+def _check_model_fits(model_path: str, cfg, healer) -> None:
+    """Checks the recipe against the model's structure (a weightless skeleton) before any heavy work."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    positions = max_positions(AutoConfig.from_pretrained(model_path))
-    if positions is not None and block_size > positions:
-        raise ConfigError("--block-size", f"{block_size} exceeds the model's {positions} positions")
+    config = AutoConfig.from_pretrained(model_path)
+    positions = max_positions(config)
+    if positions is not None and cfg.block_size > positions:
+        raise ConfigError("--block-size", f"{cfg.block_size} exceeds the model's {positions} positions")
+    if hasattr(healer, "validate"):
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config)
+        healer.validate(skeleton, cfg)
 
 
 def merge(

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from sparseheal.models import decoder_layers, prunable_linears
 from sparseheal.sparsity.base import LinearPruner
+from sparseheal.sparsity.masks import PackedMask
 
 __all__ = ["capture_layer_inputs", "prune_model"]
 
@@ -89,7 +90,7 @@ def prune_model(
     sparsity: float,
     batch_size: int = 8,
     device: torch.device | str | None = None,
-) -> dict[str, torch.Tensor]:
+) -> dict[str, PackedMask]:
     """Prunes every linear of every decoder layer in place.
 
     Args:
@@ -102,11 +103,11 @@ def prune_model(
         device: compute device for the current layer (default: the model's).
 
     Returns:
-        Keep-masks by qualified module name, each shaped like the module's weight parameter.
+        Bit-packed keep-masks by qualified module name, each shaped like the module's weight parameter.
     """
     stack_name, layers = decoder_layers(model)
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    masks: dict[str, torch.Tensor] = {}
+    masks: dict[str, PackedMask] = {}
     batches = None
     if pruner_cls.needs_calibration:
         if tokens is None:
@@ -118,7 +119,7 @@ def prune_model(
         if batches is not None:
             _collect_statistics(layer, pruners, batches)
         for name, pruner in pruners.items():
-            masks[f"{stack_name}.{index}.{name}"] = pruner.prune(nm, sparsity).cpu()
+            masks[f"{stack_name}.{index}.{name}"] = PackedMask.pack(pruner.prune(nm, sparsity))
         del pruners
         if batches is not None:
             _run_layer(layer, batches, in_place=True)

@@ -7,9 +7,12 @@ run along the input dimension (the hardware convention, where N of every M weigh
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 __all__ = [
+    "PackedMask",
     "unstructured_mask",
     "nm_mask",
     "mask_from_scores",
@@ -145,3 +148,30 @@ def detect_nm(weight: torch.Tensor, sizes: tuple[int, ...] = (4, 8, 16)) -> tupl
 def sparsity_of(weight: torch.Tensor) -> float:
     """Fraction of exactly-zero entries."""
     return float((weight == 0).sum()) / max(weight.numel(), 1)
+
+
+class PackedMask(NamedTuple):
+    """A keep-mask stored eight positions per byte (1/8 of a bool tensor's memory)."""
+
+    bits: torch.Tensor  # (ceil(numel / 8),) uint8
+    shape: tuple[int, ...]
+
+    @classmethod
+    def pack(cls, mask: torch.Tensor) -> PackedMask:
+        return cls(pack_mask(mask.cpu()), tuple(mask.shape))
+
+    def unpack(self) -> torch.Tensor:
+        return unpack_mask(self.bits, self.shape)
+
+    def numel(self) -> int:
+        numel = 1
+        for size in self.shape:
+            numel *= size
+        return numel
+
+    def kept(self) -> int:
+        """Number of kept positions (set bits; padding bits are zero)."""
+        return int(_POPCOUNT[self.bits.long()].sum())
+
+
+_POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int32)

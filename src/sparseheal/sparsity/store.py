@@ -13,16 +13,18 @@ from torch import nn
 
 from sparseheal.config import ConfigError
 from sparseheal.models import prunable_linears
-from sparseheal.sparsity.masks import pack_mask, unpack_mask
+from sparseheal.sparsity.masks import PackedMask, pack_mask, unpack_mask
 
 __all__ = ["save_masks", "load_masks", "masks_from_zeros", "check_masks_match"]
 
 _FORMAT = "packbits-msb-v1"
 
 
-def save_masks(masks: dict[str, torch.Tensor], path: str | os.PathLike, meta: dict | None = None) -> None:
-    """Saves keep-masks bit-packed; shapes and ``meta`` go into the safetensors metadata."""
-    tensors = {name: pack_mask(mask.cpu()) for name, mask in masks.items()}
+def save_masks(
+    masks: dict[str, torch.Tensor | PackedMask], path: str | os.PathLike, meta: dict | None = None
+) -> None:
+    """Saves keep-masks (bool tensors or PackedMask) bit-packed; shapes and ``meta`` go into the metadata."""
+    tensors = {name: m.bits if isinstance(m, PackedMask) else pack_mask(m.cpu()) for name, m in masks.items()}
     header = {
         "format": _FORMAT,
         "shapes": json.dumps({name: list(mask.shape) for name, mask in masks.items()}),
