@@ -62,14 +62,15 @@ def apply_adapter(model: nn.Module, adapter: str, base: str) -> nn.Module:
     record = check_adapter_base(adapter, base)
     if not (Path(adapter) / "adapter_config.json").is_file():
         raise ConfigError("--adapter", f"{adapter} is not a PEFT adapter directory (no adapter_config.json)")
+    mask_aware = bool((record.get("recipe") or {}).get("mask_aware"))
+    masks = model_masks(model, resolve_source(base).path)[0] if mask_aware else {}
     try:
         wrapped = PeftModel.from_pretrained(model, adapter)
     except (ValueError, OSError, KeyError) as err:
         reason = f"{type(err).__name__}: {err}"
         raise ConfigError("--adapter", f"{adapter} does not fit {base} ({reason})") from err
-    if (record.get("recipe") or {}).get("mask_aware"):
+    if mask_aware:
         from sparseheal.heal.merge import install_mask_aware
 
-        masks, _ = model_masks(wrapped.get_base_model(), resolve_source(base).path)
         install_mask_aware(wrapped, masks)
     return wrapped.eval()

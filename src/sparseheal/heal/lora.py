@@ -74,6 +74,10 @@ class LoraHealer:
         self.mask_hooks: list = []
         self.adapted: list[str] = []
 
+    def validate(self, model: nn.Module, cfg: HealConfig) -> None:
+        """Checks ``--targets`` against the model's linears (works on a weightless meta-device skeleton)."""
+        check_targets(model, cfg.target_modules)
+
     def prepare(self, model: nn.Module, masks: dict[str, torch.Tensor], cfg: HealConfig) -> nn.Module:
         """Wraps ``model`` in a PeftModel with fresh adapters (seeded); base weights stay frozen."""
         from peft import get_peft_model
