@@ -17,7 +17,14 @@ from sparseheal.config import ConfigError, EvaluateConfig, InspectConfig, PruneC
 from sparseheal.data import calibration_samples, eval_tokens, load_documents
 from sparseheal.evaluate.perplexity import perplexity
 from sparseheal.evaluate.zeroshot import prepare_tasks, run_zeroshot
-from sparseheal.models import load_model, max_positions, save_model, source_hash
+from sparseheal.models import (
+    load_model,
+    load_tokenizer,
+    max_positions,
+    resolve_source,
+    save_model,
+    source_hash,
+)
 from sparseheal.records import MASKS_FILE, Stopwatch, atomic_dir, peak_rss_mb, read_record, write_record
 
 read_record = read_record
@@ -32,10 +39,9 @@ __all__ = ["prune", "evaluate", "inspect", "heal", "merge", "run", "report"]
 log = logging.getLogger(__name__)
 
 
-def _calibration_tokens(cfg: PruneConfig, lm, tokenizer) -> torch.Tensor:
-    limit = max_positions(lm.config)
-    if limit is not None and cfg.seqlen > limit:
-        raise ConfigError("--seqlen", f"{cfg.seqlen} exceeds the model's {limit} positions")
+def _calibration_tokens(cfg: PruneConfig) -> torch.Tensor:
+    """Draws the calibration windows with the tokenizer alone, before any weights load."""
+    tokenizer = load_tokenizer(resolve_source(cfg.model))
     docs = load_documents(cfg.calibration_data, "train", cfg.data_dir, "--calibration-data")
     return calibration_samples(docs, tokenizer, cfg.nsamples, cfg.seqlen, cfg.seed)
 
@@ -110,13 +116,13 @@ def prune(
     """
     cfg = PruneConfig(**{k: v for k, v in locals().items()})
     watch = Stopwatch()
-    with watch("load"):
-        lm, tokenizer, source = load_model(cfg.model, cfg.dtype, cfg.device)
     pruner_cls = PRUNERS.get(cfg.method)
     tokens = None
-    if pruner_cls.needs_calibration:
+    if pruner_cls.needs_calibration:  # first, so that data that cannot serve fails before the weights load
         with watch("calibration_data"):
-            tokens = _calibration_tokens(cfg, lm, tokenizer)
+            tokens = _calibration_tokens(cfg)
+    with watch("load"):
+        lm, tokenizer, source = load_model(cfg.model, cfg.dtype, cfg.device)
     with watch("prune"):
         masks = prune_model(lm, pruner_cls, tokens, cfg.nm, cfg.sparsity, cfg.calibration_batch_size, cfg.device)
     record = _prune_record(cfg, source, lm, masks, watch)

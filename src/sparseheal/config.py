@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +25,9 @@ __all__ = [
     "checkpoint_dir_for",
     "parse_pattern",
     "resolve_sparsity",
+    "check_device",
+    "check_dtype",
+    "check_output",
 ]
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -84,6 +88,26 @@ def check_dtype(dtype: str | None) -> None:
         raise ConfigError("--dtype", f"choose from {', '.join(DTYPES)}; got {dtype!r}")
 
 
+def check_device(device: str | None, flag: str = "--device") -> None:
+    """Refuses a device string torch cannot parse, or an accelerator this machine does not have."""
+    if device is None:
+        return
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as err:
+        raise ConfigError(flag, f"unknown device {device!r}; use cpu, cuda, cuda:N or mps") from err
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (dev.index is not None and dev.index >= count):
+            raise ConfigError(flag, f"{device} is not available here ({count} CUDA devices); use cpu")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(flag, f"{device} is not available here; use cpu")
+    elif dev.type not in ("cpu", "cuda", "mps", "xpu"):
+        raise ConfigError(flag, f"unsupported device {device!r}; use cpu, cuda, cuda:N or mps")
+
+
 def check_output(output: str | os.PathLike, overwrite: bool, flag: str = "--output") -> Path:
     """Refuses an existing output (unless overwrite) and an unwritable parent, before any work."""
     path = Path(output).expanduser()
@@ -98,6 +122,11 @@ def check_output(output: str | os.PathLike, overwrite: bool, flag: str = "--outp
         parent = parent.parent
     if not os.access(parent, os.W_OK):
         raise ConfigError(flag, f"cannot write under {parent} (permission denied)")
+    try:  # a real write: read-only mounts and special file systems pass os.access
+        os.rmdir(tempfile.mkdtemp(prefix=".sparseheal-write-test-", dir=parent))
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+        raise ConfigError(flag, f"cannot write under {parent} ({reason})") from err
     return path
 
 
@@ -132,7 +161,14 @@ class PruneConfig:
         _check_positive("--seqlen", self.seqlen)
         _check_positive("--calibration-batch-size", self.calibration_batch_size)
         check_dtype(self.dtype)
+        check_device(self.device)
         check_output(self.output, self.overwrite)
+        if PRUNERS.get(self.method).needs_calibration:
+            from sparseheal.data import check_source
+            from sparseheal.models import check_seqlen
+
+            check_seqlen(self.model, self.seqlen)
+            check_source(self.calibration_data, "--calibration-data")
 
 
 @dataclass
@@ -169,6 +205,14 @@ class EvaluateConfig:
             if out.is_dir():
                 raise ConfigError("--output", f"{out} is a directory; give a .json file path")
             check_output(out.parent if str(out.parent) else ".", overwrite=True)
+        check_device(self.device)
+        from sparseheal.data import check_source
+        from sparseheal.models import check_seqlen
+
+        for name in [d.strip() for d in self.dataset.split(",") if d.strip() and d.strip() != "none"]:
+            check_source(name, "--dataset")
+        if self.seqlen is not None:
+            check_seqlen(self.model, self.seqlen)
 
 
 @dataclass
@@ -181,6 +225,10 @@ class InspectConfig:
     def __post_init__(self) -> None:
         if self.masks is not None and not Path(self.masks).is_file():
             raise ConfigError("--masks", f"{self.masks} is not a file")
+        if self.masks is not None:
+            from sparseheal.sparsity.store import check_masks_file
+
+            check_masks_file(self.masks, self.model)
 
 
 

@@ -22,6 +22,7 @@ __all__ = [
     "NAMED_SETS",
     "data_root",
     "load_documents",
+    "check_source",
     "calibration_samples",
     "eval_tokens",
     "training_blocks",
@@ -121,6 +122,16 @@ def load_documents(source: str, split: str, data_dir: str | None = None, flag: s
             return [doc for f in files for doc in _read_file(f, flag)]
         log.warning("%s/%s not found under %s; trying the Hub", source, split, root)
     return _hub_documents(source, split, flag)
+
+
+def check_source(source: str, flag: str = "--data") -> None:
+    """Fails fast when ``source`` cannot give text: an unknown name, a missing path, files without text.
+
+    Named sets are only checked by name (they are read when used); local files are read now.
+    """
+    if source in NAMED_SETS and not Path(source).expanduser().exists():
+        return
+    load_documents(source, "test", None, flag)
 
 
 def calibration_samples(

@@ -25,6 +25,9 @@ __all__ = [
     "ModelSource",
     "resolve_source",
     "load_model",
+    "load_config",
+    "check_seqlen",
+    "model_skeleton",
     "load_tokenizer",
     "save_model",
     "decoder_layers",
@@ -161,6 +164,36 @@ def _check_weights_safe(source: ModelSource, allow_pickle: bool) -> None:
         raise ConfigError("--allow-pickle", f"{root} holds only pickle (.bin) weights; pass --allow-pickle")
 
 
+def load_config(model: str | ModelSource, trust_remote_code: bool = False):
+    """The model's transformers config, read without loading any weights (a bad source fails fast)."""
+    from transformers import AutoConfig
+
+    source = model if isinstance(model, ModelSource) else resolve_source(model)
+    try:
+        return AutoConfig.from_pretrained(source.path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        where = "the Hugging Face Hub" if source.kind == "hub" else source.path
+        raise ConfigError(
+            "MODEL", f"cannot read the model config of {source.name} from {where} ({type(err).__name__})"
+        ) from err
+
+
+def check_seqlen(model: str | ModelSource, seqlen: int, flag: str = "--seqlen") -> None:
+    """Refuses a sequence length beyond the model's positions (read from its config only)."""
+    limit = max_positions(load_config(model))
+    if limit is not None and seqlen > limit:
+        raise ConfigError(flag, f"{seqlen} exceeds the model's {limit} positions; use at most {limit}")
+
+
+def model_skeleton(model: str | ModelSource) -> nn.Module:
+    """The model's module tree on the meta device: names and shapes without weights or memory."""
+    from transformers import AutoModelForCausalLM
+
+    config = load_config(model)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
 def load_tokenizer(source: ModelSource, trust_remote_code: bool = False):
     """Loads the tokenizer that belongs to ``source``."""
     from transformers import AutoTokenizer
@@ -191,6 +224,7 @@ def load_model(
 
     source = resolve_source(model)
     _check_weights_safe(source, allow_pickle)
+    load_config(source, trust_remote_code)  # an unreachable or broken source fails here, before the weights
     device = device or default_device()
     torch_dtype = _DTYPES[dtype or default_dtype(device)]
     lm = AutoModelForCausalLM.from_pretrained(

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -15,7 +15,7 @@ from sparseheal.config import ConfigError
 from sparseheal.models import prunable_linears
 from sparseheal.sparsity.masks import PackedMask, pack_mask, unpack_mask
 
-__all__ = ["save_masks", "load_masks", "masks_from_zeros", "check_masks_match"]
+__all__ = ["save_masks", "load_masks", "masks_from_zeros", "check_masks_match", "check_masks_file"]
 
 _FORMAT = "packbits-msb-v1"
 
@@ -42,7 +42,7 @@ def load_masks(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[s
                 raise ConfigError("--masks", f"{path} is not a sparseheal masks file")
             shapes = json.loads(meta["shapes"])
             masks = {name: unpack_mask(fh.get_tensor(name), shapes[name]) for name in fh.keys()}
-    except (OSError, ValueError, KeyError) as err:
+    except (OSError, ValueError, KeyError, SafetensorError) as err:
         if isinstance(err, ConfigError):
             raise
         raise ConfigError("--masks", f"{path} is not a readable masks file ({type(err).__name__})") from err
@@ -64,6 +64,14 @@ def check_masks_match(model: nn.Module, masks: dict[str, torch.Tensor], source: 
         if tuple(linears[name].weight.shape) != tuple(mask.shape):
             shape = tuple(linears[name].weight.shape)
             raise ConfigError("--masks", f"{source}: {name} has shape {tuple(mask.shape)}, the model's weight {shape}")
+
+
+def check_masks_file(path: str | os.PathLike, model: str) -> None:
+    """Refuses an unreadable masks file, or one that does not fit ``model``, before any weights load."""
+    from sparseheal.models import model_skeleton
+
+    masks, _ = load_masks(path)
+    check_masks_match(model_skeleton(model), masks, str(path))
 
 
 def masks_path(model_dir: str | os.PathLike) -> Path:
