@@ -122,6 +122,8 @@ def test_bad_input_is_refused_and_nothing_is_written(pruned, tmp_path, capsys):
     _cli_refuses(["heal", str(pruned), *common, "--resume"], capsys, "--resume", "no checkpoint")
     _cli_refuses(["heal", str(pruned), *common, "--merge", "sparse"], capsys, "--merge", "masked")
     _cli_refuses(["heal", str(pruned), *common, "--scheduler", "sawtooth"], capsys, "--scheduler", "cosine")
+    _cli_refuses(["heal", str(pruned), *common, "--method", "full", "--merge", "masked"], capsys, "--merge",
+                 "lora only")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.txt"]
 
 

@@ -83,7 +83,9 @@ def test_resume_ends_with_the_uninterrupted_weights(pruned, tmp_path, monkeypatc
     assert max(logged) == 3  # step 3 was logged, then lost: the resume repeats it
     with pytest.raises(ConfigError, match="--resume"):  # checkpoints present: must say resume or overwrite
         sparseheal.heal(str(pruned), str(out), save_steps=2, **FAST)
-    sparseheal.heal(str(pruned), str(out), save_steps=2, resume=True, **FAST)
+    with pytest.raises(ConfigError, match=r"--resume: .*--lr \(0.005 -> 0.001\)"):
+        sparseheal.heal(str(pruned), str(out), save_steps=2, resume=True, **{**FAST, "lr": 1e-3})
+    sparseheal.heal(str(pruned), str(out), save_steps=2, resume=True, **{**FAST, "logging_steps": 1})
     resumed, reference = _adapter(out), _adapter(full)
     assert resumed.keys() == reference.keys()
     for name in reference:

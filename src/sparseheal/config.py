@@ -23,6 +23,7 @@ __all__ = [
     "MERGE_MODES",
     "DISTILL_LOSSES",
     "checkpoint_dir_for",
+    "RECIPE_FILE",
     "parse_pattern",
     "resolve_sparsity",
     "check_device",
@@ -234,6 +235,10 @@ class InspectConfig:
 
 MERGE_MODES = ("none", "masked", "dense")
 DISTILL_LOSSES = ("kl", "squarehead")
+RECIPE_FILE = "heal_recipe.json"
+# HealConfig fields that may change when a run is resumed (they do not change what is trained)
+RESUMABLE_CHANGES = frozenset({"resume", "overwrite", "device", "teacher_device", "data_dir", "logging_steps",
+                               "eval_steps", "save_steps", "save_total_limit", "merge", "max_bad_steps"})
 
 
 def checkpoint_dir_for(output: str | os.PathLike) -> Path:
@@ -368,6 +373,8 @@ class HealConfig:
         if self.merge not in MERGE_MODES:
             raise ConfigError("--merge", f"choose from {', '.join(MERGE_MODES)}; got {self.merge!r}")
         check_dtype(self.dtype)
+        check_device(self.device)
+        check_device(self.teacher_device, "--teacher-device")
         if self.teacher_dtype is not None and self.teacher_dtype not in DTYPES:
             allowed = ", ".join(DTYPES)
             raise ConfigError("--teacher-dtype", f"choose from {allowed}; got {self.teacher_dtype!r}")
@@ -381,6 +388,10 @@ class HealConfig:
         if not self.target_modules:
             raise ConfigError("--targets", "give module names separated by commas (q_proj,v_proj), "
                                            "or all-linear")
+        if self.method != "lora" and (self.merge != "none" or self.mask_aware):
+            flag = "--merge" if self.merge != "none" else "--mask-aware"
+            raise ConfigError(flag, f"applies to --method lora only (--method {self.method} writes the "
+                                    "healed weights themselves)")
 
     def _check_checkpoints(self) -> None:
         from transformers.trainer_utils import get_last_checkpoint
@@ -393,6 +404,23 @@ class HealConfig:
         if not self.resume and last is not None and not self.overwrite:
             raise ConfigError("--resume", f"{ckpt} holds checkpoints of an earlier run; pass --resume to "
                                           "continue it or --overwrite to start over")
+        if self.resume:
+            self._check_same_recipe(ckpt / RECIPE_FILE)
+
+    def _check_same_recipe(self, path: Path) -> None:
+        """A resumed run must train what the interrupted one trained (output-only settings may differ)."""
+        import json
+        from dataclasses import asdict
+
+        if not path.is_file():
+            return
+        before = json.loads(path.read_text())
+        now = asdict(self)
+        changed = sorted(k for k in now if k in before and k not in RESUMABLE_CHANGES and before[k] != now[k])
+        if changed:
+            listed = ", ".join(f"--{k.replace('_', '-')} ({before[k]!r} -> {now[k]!r})" for k in changed)
+            raise ConfigError("--resume", f"the interrupted run used other settings: {listed}; resume with "
+                                          "the same ones or pass --overwrite to start over")
 
     @property
     def target_modules(self) -> list[str] | str:
@@ -439,4 +467,5 @@ class MergeConfig:
         _check_positive("--eval-seqlen", self.eval_seqlen)
         _check_nonnegative("--eval-windows", self.eval_windows, "an integer (0 skips the comparison)")
         check_dtype(self.dtype)
+        check_device(self.device)
         check_output(self.output, self.overwrite)

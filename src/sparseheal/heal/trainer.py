@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -261,7 +262,15 @@ def train(
         "tokens_per_second", "peak_rss_mb", "log_history", ...}
     """
     checkpoint_dir = Path(checkpoint_dir)
+    if not cfg.resume:  # a fresh start (--overwrite): no checkpoint or log of an earlier run may remain
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    if not cfg.resume:  # what a later --resume is checked against
+        from dataclasses import asdict
+
+        from sparseheal.config import RECIPE_FILE
+
+        (checkpoint_dir / RECIPE_FILE).write_text(json.dumps(asdict(cfg), indent=2) + "\n")
     has_eval = eval_blocks is not None and len(eval_blocks) > 0
     trainer = HealTrainer(
         model=model,
