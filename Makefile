@@ -23,10 +23,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/sparseheal prune smollm2-135m -o $(DEMO_OUT)/pruned --method wanda --sparsity 0.5 \
-		--nsamples 64 --seqlen 1024 --overwrite
-	$(BIN)/sparseheal evaluate smollm2-135m --seqlen 1024 --max-windows 16 -o $(DEMO_OUT)/dense.json
-	$(BIN)/sparseheal evaluate $(DEMO_OUT)/pruned --seqlen 1024 --max-windows 16 -o $(DEMO_OUT)/pruned.json
+	$(BIN)/sparseheal run --config recipes/demo-cpu.yaml --output $(DEMO_OUT)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

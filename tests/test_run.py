@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 from runs import snapshot, tiny_run, write_recipe
@@ -152,5 +153,32 @@ def test_output_that_is_not_a_run_directory_is_refused(llama_dir, tmp_path):
     (tmp_path / "pruned").mkdir()
     (tmp_path / "pruned" / "mine.txt").write_text("keep me")
     with pytest.raises(ConfigError, match="no run record"):
-        sparseheal.run(model=str(llama_dir), output=str(tmp_path))
+        sparseheal.run(model=str(llama_dir), output=str(tmp_path), prune=["seqlen=32"], heal=["block-size=32"],
+                       evaluate=["seqlen=32"])
     assert (tmp_path / "pruned" / "mine.txt").read_text() == "keep me"
+
+
+RECIPE_DIR = Path(__file__).parent.parent / "recipes"
+RECIPES = sorted(RECIPE_DIR.glob("*.yaml"))
+
+
+def test_recipes_load_and_state_hardware_and_time():
+    names = {p.name for p in RECIPES}
+    assert {"wanda-lora-llama2-7b.yaml", "full-ft.yaml", "distill-2of4.yaml", "demo-cpu.yaml"} <= names
+    for path in RECIPES:
+        text = path.read_text()
+        assert "# Hardware:" in text and "# Time" in text, path.name
+        recipe = load_recipe(str(path), None, None, {})
+        assert recipe.prune and recipe.heal and recipe.evaluate, path.name
+    demo = load_recipe(str(RECIPE_DIR / "demo-cpu.yaml"), None, None, {})
+    assert demo.model == "smollm2-135m" and demo.prune["nsamples"] == 64
+    assert demo.evaluate == {"dataset": "wikitext2", "seqlen": 1024, "max_windows": 16}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["demo-cpu.yaml", "full-ft.yaml", "distill-2of4.yaml"])
+def test_builtin_model_recipes_validate(name, monkeypatch):
+    from sparseheal.recipe import validate_recipe
+
+    monkeypatch.setenv("SPARSEHEAL_DATA_DIR", str(Path(__file__).parent.parent.parent / "shared" / "data"))
+    validate_recipe(load_recipe(str(RECIPE_DIR / name), None, None, {}))

@@ -202,6 +202,8 @@ def load_recipe(
 
 
 def _as_recipe_error(section: str, err: ConfigError) -> ConfigError:
+    if err.flag.isupper():  # a positional argument: MODEL is the recipe's model
+        return ConfigError("model", err.message)
     key = err.flag.lstrip("-").replace("_", "-")
     return ConfigError(f"{section}.{key}", err.message)
 
