@@ -18,6 +18,9 @@ from sparseheal.data import calibration_samples, eval_tokens, load_documents
 from sparseheal.evaluate.perplexity import perplexity
 from sparseheal.evaluate.zeroshot import prepare_tasks, run_zeroshot
 from sparseheal.models import (
+    default_device,
+    default_dtype,
+    load_config,
     load_model,
     load_tokenizer,
     max_positions,
@@ -92,6 +95,7 @@ def prune(
     device: str | None = None,
     overwrite: bool = False,
     data_dir: str | None = None,
+    offload: bool = False,
 ) -> Path:
     """Prunes a causal LM and writes a model directory with masks and a record.
 
@@ -110,6 +114,7 @@ def prune(
         device: compute device (default cuda when available, else cpu).
         overwrite: replace an existing output directory.
         data_dir: local mirror of the named data sets (default $SPARSEHEAL_DATA_DIR).
+        offload: keep the model in host memory and move one decoder layer at a time to the device.
 
     Returns:
         The output directory.
@@ -122,9 +127,12 @@ def prune(
         with watch("calibration_data"):
             tokens = _calibration_tokens(cfg)
     with watch("load"):
-        lm, tokenizer, source = load_model(cfg.model, cfg.dtype, cfg.device)
+        device = cfg.device or default_device()
+        lm, tokenizer, source = load_model(cfg.model, cfg.dtype or default_dtype(device),
+                                           "cpu" if cfg.offload else device)
     with watch("prune"):
-        masks = prune_model(lm, pruner_cls, tokens, cfg.nm, cfg.sparsity, cfg.calibration_batch_size, cfg.device)
+        masks = prune_model(lm, pruner_cls, tokens, cfg.nm, cfg.sparsity, cfg.calibration_batch_size,
+                            device, offload=cfg.offload)
     record = _prune_record(cfg, source, lm, masks, watch)
     with atomic_dir(cfg.output, cfg.overwrite) as tmp:
         save_model(lm, tokenizer, tmp)
@@ -133,6 +141,22 @@ def prune(
     log.info("pruned %s with %s (%s) -> %s: %.2f%% of prunable weights are zero", cfg.model, cfg.method,
              cfg.pattern, cfg.output, 100 * record["sparsity_achieved"])
     return Path(cfg.output)
+
+
+def _eval_streams(cfg: EvaluateConfig) -> tuple[int, dict[str, torch.Tensor]]:
+    """The window length and each data set's (1, N) token stream, from the config and tokenizer alone."""
+    positions = max_positions(load_config(cfg.model))
+    seqlen = cfg.seqlen or min(2048, positions or 2048)
+    if positions is not None and seqlen > positions:
+        raise ConfigError("--seqlen", f"{seqlen} exceeds the model's {positions} positions")
+    tokenizer = load_tokenizer(resolve_source(cfg.model))
+    streams = {}
+    for name in [d.strip() for d in cfg.dataset.split(",") if d.strip() and d.strip() != "none"]:
+        streams[name] = eval_tokens(name, tokenizer, seqlen, cfg.data_dir)  # (1, N)
+        if streams[name].shape[1] < seqlen:
+            n_tokens = streams[name].shape[1]
+            raise ConfigError("--seqlen", f"{seqlen} is longer than the {name} stream ({n_tokens} tokens)")
+    return seqlen, streams
 
 
 def evaluate(
@@ -172,20 +196,16 @@ def evaluate(
     watch = Stopwatch()
     with contextlib.ExitStack() as stack:
         zs_tasks = stack.enter_context(prepare_tasks(cfg.tasks, cfg.data_dir)) if cfg.tasks else None
+        seqlen, streams = _eval_streams(cfg)  # tokenized before the weights load: bad data fails fast
         with watch("load"):
             lm, tokenizer, _ = load_model(cfg.model, cfg.dtype, cfg.device)
         if cfg.adapter:
             from sparseheal.heal.adapters import apply_adapter
 
             lm = apply_adapter(lm, cfg.adapter, cfg.model)
-        positions = max_positions(lm.config)
-        seqlen = cfg.seqlen or min(2048, positions or 2048)
-        if positions is not None and seqlen > positions:
-            raise ConfigError("--seqlen", f"{seqlen} exceeds the model's {positions} positions")
         results = []
         with watch("perplexity"):
-            for name in [d.strip() for d in cfg.dataset.split(",") if d.strip() and d.strip() != "none"]:
-                tokens = eval_tokens(name, tokenizer, seqlen, cfg.data_dir)
+            for name, tokens in streams.items():
                 result = perplexity(lm, tokens, name, seqlen, cfg.max_windows, cfg.batch_size)
                 results.append(result.to_dict())
         report = {"model": cfg.model, "adapter": cfg.adapter, "results": results}

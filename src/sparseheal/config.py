@@ -149,6 +149,7 @@ class PruneConfig:
     device: str | None = None
     overwrite: bool = False
     data_dir: str | None = None
+    offload: bool = False
     nm: tuple[int, int] | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:

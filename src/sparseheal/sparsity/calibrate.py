@@ -81,6 +81,22 @@ def _collect_statistics(layer: nn.Module, pruners: dict[str, LinearPruner], batc
             handle.remove()
 
 
+def _stack_parent(model: nn.Module, stack_name: str) -> tuple[nn.Module, str]:
+    parent_name, _, attr = stack_name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), attr
+
+
+def _move_all_but_layers(model: nn.Module, stack_name: str, device: torch.device) -> None:
+    """Moves embeddings, norms, rotary tables and the head to ``device``; the decoder layers stay put."""
+    parent, attr = _stack_parent(model, stack_name)
+    layers = getattr(parent, attr)
+    setattr(parent, attr, nn.ModuleList())
+    try:
+        model.to(device)
+    finally:
+        setattr(parent, attr, layers)
+
+
 @torch.no_grad()
 def prune_model(
     model: nn.Module,
@@ -90,6 +106,7 @@ def prune_model(
     sparsity: float,
     batch_size: int = 8,
     device: torch.device | str | None = None,
+    offload: bool = False,
 ) -> dict[str, PackedMask]:
     """Prunes every linear of every decoder layer in place.
 
@@ -101,6 +118,8 @@ def prune_model(
         sparsity: fraction pruned (unstructured).
         batch_size: calibration samples per forward pass.
         device: compute device for the current layer (default: the model's).
+        offload: the model stays in host memory and each decoder layer visits ``device`` only while it
+            is pruned; device memory then holds one layer plus the calibration activations.
 
     Returns:
         Bit-packed keep-masks by qualified module name, each shaped like the module's weight parameter.
@@ -112,7 +131,10 @@ def prune_model(
     if pruner_cls.needs_calibration:
         if tokens is None:
             raise ValueError("this method needs calibration tokens")
+        if offload:
+            _move_all_but_layers(model, stack_name, device)
         batches = capture_layer_inputs(model, layers[0], tokens, batch_size, device)
+    home = next(layers[0].parameters()).device
     for index, layer in enumerate(tqdm(layers, desc="pruning layers", unit="layer")):
         layer.to(device)
         pruners = {name: pruner_cls(mod) for name, mod in prunable_linears(layer).items()}
@@ -123,4 +145,8 @@ def prune_model(
         del pruners
         if batches is not None:
             _run_layer(layer, batches, in_place=True)
+        if offload:
+            layer.to(home)
+    if offload:
+        model.to(home)
     return masks
