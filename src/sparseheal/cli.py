@@ -47,7 +47,9 @@ def _config_callback(ctx: typer.Context, _param: typer.CallbackParam, value: str
     if not path.is_file():
         raise ConfigError("--config", f"{value} is not a file")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as err:
+        raise ConfigError("--config", f"{value} is not UTF-8 text; give a YAML file") from err
     except yaml.YAMLError as err:
         raise ConfigError("--config", f"{value} is not valid YAML ({err.__class__.__name__})") from err
     if not isinstance(data, dict):
