@@ -112,10 +112,11 @@ def test_negative_zero_canonicalised(pruned_dir):
     assert runs[False] > 0 and runs[True] == 0
 
 
-@pytest.mark.parametrize("extra", [{}, {"bf16": True}], ids=["fp32", "bf16-autocast"])
+@pytest.mark.parametrize("extra", [{}, {"bf16": True}, {"gradient_checkpointing": True, "method": "dense"}],
+                         ids=["fp32", "bf16-autocast", "checkpointing-dense-alias"])
 def test_heal_full_keeps_mask_with_trainer(pruned_dir, tmp_path, extra):
     out = heal(str(pruned_dir), str(tmp_path / "out"), max_steps=3, lr=1e-2, weight_decay=0.1,
-               gradient_accumulation=2, max_grad_norm=0.1, **FAST, **extra)
+               gradient_accumulation=2, max_grad_norm=0.1, **{**FAST, **extra})
     record = json.loads((out / "sparseheal.json").read_text())
     assert record["method"] == "full" and record["masks_from"] == "file" and record["steps"] == 3
     verification = record["mask_verification"]

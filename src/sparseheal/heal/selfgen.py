@@ -226,17 +226,17 @@ def self_training_blocks(cfg: Any, pruned_record: dict | None,
                          student_tokenizer) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
     """Training and held-out blocks of self-generated text, and the data record.
 
-    The held-out part is the last ``min(--max-eval-samples, n_blocks // 10)`` blocks (none when that
-    is zero), so no external text is needed at all.
+    The held-out tail follows the same rule as for any other text (``trainer.split_blocks``), so no
+    external text is needed at all.
 
     Returns:
         (train (N, block_size), eval (E, block_size) or None, record)
     """
+    from sparseheal.heal.trainer import split_blocks
+
     tokens, record = self_generated_tokens(cfg, pruned_record, student_tokenizer)
     blocks = blocks_from_sequences(tokens, cfg.block_size)
-    n_eval = min(cfg.max_eval_samples, blocks.shape[0] // 10)
-    train, held_out = (blocks[:-n_eval], blocks[-n_eval:]) if n_eval else (blocks, None)
-    train = train[: cfg.max_train_samples]
-    record = {**record, "train_blocks": int(train.shape[0]), "eval_blocks": int(n_eval),
-              "block_size": cfg.block_size}
+    train, held_out = split_blocks(blocks, cfg.max_train_samples, cfg.max_eval_samples)
+    record = {**record, "train_blocks": int(train.shape[0]),
+              "eval_blocks": 0 if held_out is None else int(held_out.shape[0]), "block_size": cfg.block_size}
     return train, held_out, record
