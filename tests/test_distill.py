@@ -205,3 +205,16 @@ def test_squarehead_refuses_teacher_of_other_shape(pruned_dir, tmp_path):
     with pytest.raises(ConfigError) as err:
         build_distiller(_cfg(pruned_dir, distill="squarehead", teacher=str(deeper)), student, record)
     assert err.value.flag == "--distill" and "num_hidden_layers" in err.value.message
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_heal_distills_for_both_healers(pruned_dir, tmp_path, method):
+    out = sparseheal.heal(str(pruned_dir), str(tmp_path / "out"), method=method, distill="kl,squarehead",
+                          block_size=32, max_steps=2, max_eval_samples=2, logging_steps=1, distill_alpha=0.7)
+    record = json.loads((out / "sparseheal.json").read_text())
+    assert record["recipe"]["distill"] == "kl,squarehead" and record["steps"] == 2
+    logged = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    parts = next(line for line in logged if "kl_loss" in line)
+    assert parts["squarehead_loss"] > 0 and parts["lm_loss"] > 0
+    expected = 0.3 * parts["lm_loss"] + 0.7 * (parts["kl_loss"] + parts["squarehead_loss"])
+    assert parts["loss"] == pytest.approx(expected, rel=1e-3)
