@@ -149,3 +149,25 @@ def test_training_blocks_concatenate_and_chunk(tokenizer):
     with pytest.raises(ConfigError) as err:
         training_blocks(docs, tokenizer, len(stream) + 1, flag="--data")
     assert err.value.flag == "--data" and "fewer than one block" in err.value.message
+
+
+def test_mirror_miss_falls_back_to_hub_or_says_both(data_dir, monkeypatch, caplog):
+    import sparseheal.data as data_module
+
+    def unreachable(name, split, flag):
+        try:
+            raise ConnectionError("offline")
+        except ConnectionError as err:
+            raise ConfigError(flag, f"cannot load {name}/{split} from the Hub (ConnectionError)") from err
+
+    monkeypatch.setattr(data_module, "_hub_documents", unreachable)
+    with pytest.raises(ConfigError) as err:  # the tiny mirror has no wikitext2 train split
+        load_documents("wikitext2", "train", str(data_dir), flag="--calibration-data")
+    assert err.value.flag == "--calibration-data"
+    assert str(data_dir) in err.value.message and "wiki.train.raw" in err.value.message
+    assert "ConnectionError" in err.value.message
+
+    monkeypatch.setattr(data_module, "_hub_documents", lambda name, split, flag: ["from the hub"])
+    with caplog.at_level("WARNING", logger="sparseheal.data"):
+        assert load_documents("wikitext2", "train", str(data_dir)) == ["from the hub"]
+    assert "not in the mirror" in caplog.text

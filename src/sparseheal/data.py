@@ -68,7 +68,8 @@ def _read_file(path: Path, flag: str) -> list[str]:
             return [str(t) for t in pq.read_table(path, columns=["text"]).column("text").to_pylist()]
     except (UnicodeDecodeError, json.JSONDecodeError, KeyError, OSError, ValueError) as err:
         reason = type(err).__name__
-        raise ConfigError(flag, f"{path} is not readable text ({reason}); expected UTF-8 with a 'text' field") from err
+        message = f"{path} is not readable text ({reason}); expected UTF-8 with a 'text' field"
+        raise ConfigError(flag, message) from err
     raise ConfigError(flag, f"{path}: unsupported file type; use {', '.join(_LOCAL_SUFFIXES)}")
 
 
@@ -90,11 +91,15 @@ def _hub_documents(name: str, split: str, flag: str) -> list[str]:
             return list(load_dataset("wikitext", "wikitext-2-raw-v1", split=split)["text"])
         if name == "ptb":
             return list(load_dataset("ptb_text_only", "penn_treebank", split=split)["sentence"])
-        shard = "en/c4-train.00000-of-01024.json.gz" if split == "train" else "en/c4-validation.00000-of-00008.json.gz"
+        shard = "en/c4-train.00000-of-01024.json.gz"
+        if split != "train":
+            shard = "en/c4-validation.00000-of-00008.json.gz"
         return list(load_dataset("allenai/c4", data_files={split: shard}, split=split)["text"])
     except Exception as err:  # the Hub is unreachable or the set is missing
         raise ConfigError(
-            flag, f"cannot load {name}/{split} from the Hub ({type(err).__name__}); set SPARSEHEAL_DATA_DIR to a local mirror"
+            flag,
+            f"cannot load {name}/{split} from the Hub ({type(err).__name__}); "
+            "set SPARSEHEAL_DATA_DIR to a local mirror",
         ) from err
 
 
@@ -113,15 +118,24 @@ def load_documents(source: str, split: str, data_dir: str | None = None, flag: s
             raise ConfigError(flag, f"{source} does not exist")
         return _local_documents(path, flag)
     if source not in NAMED_SETS:
-        raise ConfigError(flag, f"unknown data set {source!r}; choose from {', '.join(NAMED_SETS)} or a file path")
+        choices = ", ".join(NAMED_SETS)
+        raise ConfigError(flag, f"unknown data set {source!r}; choose from {choices} or a file path")
     root = data_root(data_dir)
     pattern = _MIRROR.get((source, split))
     if root is not None and pattern is not None:
         files = sorted(root.glob(pattern))
         if files:
             return [doc for f in files for doc in _read_file(f, flag)]
-        log.warning("%s/%s not found under %s; trying the Hub", source, split, root)
-    return _hub_documents(source, split, flag)
+    if root is None:
+        return _hub_documents(source, split, flag)
+    try:  # the mirror lacks this split: the Hub may still have it
+        docs = _hub_documents(source, split, flag)
+    except ConfigError as err:
+        cause = type(err.__cause__).__name__
+        raise ConfigError(flag, f"{source}/{split} is not in the mirror {root} ({pattern}) and the Hub "
+                                f"cannot serve it ({cause}); add it to the mirror or go online") from err
+    log.warning("%s/%s is not in the mirror %s; loaded it from the Hub", source, split, root)
+    return docs
 
 
 def check_source(source: str, flag: str = "--data") -> None:
@@ -162,7 +176,9 @@ def calibration_samples(
                 break
             if len(lengths) == len(docs) and all(t.numel() <= seqlen for t in lengths.values()):
                 longest = max(t.numel() for t in lengths.values())
-                raise ConfigError(flag, f"{seqlen} is longer than every calibration document (longest: {longest} tokens)")
+                raise ConfigError(
+                    flag, f"{seqlen} is longer than every calibration document (longest: {longest} tokens)"
+                )
         start = rng.randint(0, ids.numel() - seqlen - 1)
         samples.append(ids[start : start + seqlen])
     return torch.stack(samples)  # (nsamples, seqlen)
@@ -183,9 +199,11 @@ def eval_tokens(dataset: str, tokenizer, seqlen: int, data_dir: str | None = Non
         docs = load_documents("c4", "validation", data_dir, flag)[:1100]
         return tokenizer(" ".join(docs), return_tensors="pt").input_ids[:, : 256 * seqlen]
     if dataset == "ptb":
-        return tokenizer(" ".join(load_documents("ptb", "test", data_dir, flag)), return_tensors="pt").input_ids
+        sentences = load_documents("ptb", "test", data_dir, flag)
+        return tokenizer(" ".join(sentences), return_tensors="pt").input_ids
     split = "test" if dataset == "wikitext2" else "train"
-    return tokenizer("\n\n".join(load_documents(dataset, split, data_dir, flag)), return_tensors="pt").input_ids
+    docs = load_documents(dataset, split, data_dir, flag)
+    return tokenizer("\n\n".join(docs), return_tensors="pt").input_ids
 
 
 def training_blocks(

@@ -31,7 +31,9 @@ log = logging.getLogger(__name__)
 
 RECORD_FILE = "sparseheal.json"
 MASKS_FILE = "sparsity_masks.safetensors"
-_PACKAGES = ("sparseheal", "torch", "transformers", "peft", "accelerate", "datasets", "safetensors", "lm_eval")
+_PACKAGES = (
+    "sparseheal", "torch", "transformers", "peft", "accelerate", "datasets", "safetensors", "lm_eval",
+)
 
 
 def versions() -> dict[str, str]:

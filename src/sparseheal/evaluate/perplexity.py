@@ -86,7 +86,8 @@ def perplexity(
     if tokens.shape[1] < seqlen:
         from sparseheal.config import ConfigError
 
-        raise ConfigError("--seqlen", f"{seqlen} is longer than the {dataset} stream ({tokens.shape[1]} tokens)")
+        n_tokens = tokens.shape[1]
+        raise ConfigError("--seqlen", f"{seqlen} is longer than the {dataset} stream ({n_tokens} tokens)")
     was_training = model.training
     model.eval()
     start = time.perf_counter()

@@ -51,7 +51,9 @@ def inspect_model(model: nn.Module, record: dict | None, masks_file: str | os.Pa
     if masks_file is not None:
         masks, _ = load_masks(masks_file)
         check_masks_match(model, masks, str(masks_file))
-    rows = [_layer_row(name, mod, nm, None if masks is None else masks.get(name)) for name, mod in linears.items()]
+    rows = [
+        _layer_row(name, mod, nm, None if masks is None else masks.get(name)) for name, mod in linears.items()
+    ]
     zeros, numel = sum(r["zeros"] for r in rows), sum(r["numel"] for r in rows)
     nm_bad = sum(r.get("nm_violations", 0) for r in rows)
     mask_bad = sum(r.get("mask_violations", 0) for r in rows)
@@ -59,7 +61,8 @@ def inspect_model(model: nn.Module, record: dict | None, masks_file: str | os.Pa
     return {
         "layers": rows,
         "total_sparsity": round(zeros / max(numel, 1), 6),
-        "pattern": pattern or (detected.pop() if len(detected) == 1 and None not in detected else "unstructured"),
+        "pattern": pattern or (detected.pop() if len(detected) == 1 and None not in detected
+                               else "unstructured"),
         "nm_violations": nm_bad if nm is not None else None,
         "mask_violations": mask_bad if masks is not None else None,
         "masks_file": str(masks_file) if masks_file is not None else None,

@@ -63,7 +63,9 @@ def check_masks_match(model: nn.Module, masks: dict[str, torch.Tensor], source: 
             raise ConfigError("--masks", f"{source} names {name}, which is not a linear layer of the model")
         if tuple(linears[name].weight.shape) != tuple(mask.shape):
             shape = tuple(linears[name].weight.shape)
-            raise ConfigError("--masks", f"{source}: {name} has shape {tuple(mask.shape)}, the model's weight {shape}")
+            raise ConfigError(
+                "--masks", f"{source}: {name} has shape {tuple(mask.shape)}, the model's weight {shape}"
+            )
 
 
 def check_masks_file(path: str | os.PathLike, model: str) -> None:
