@@ -410,10 +410,10 @@ def heal(
         extra = {"masks_from": mask_source, **healer.save(student, tokenizer, tmp, masks, cfg)}
         shutil.copyfile(cfg.checkpoint_dir / LOG_FILE, tmp / LOG_FILE)
         if cfg.merge != "none":
-            from sparseheal.heal.merge import save_merged
+            from sparseheal.heal.merge import MERGE_EVAL_WINDOWS, save_merged
 
-            merged = save_merged(student, tokenizer, masks, cfg.merge, tmp / "merged", eval_blocks,
-                                 "held-out")
+            windows = None if eval_blocks is None else eval_blocks[:MERGE_EVAL_WINDOWS]
+            merged = save_merged(student, tokenizer, masks, cfg.merge, tmp / "merged", windows, "held-out")
             extra["merged"] = {"path": "merged", **merged}
             write_record(tmp / "merged", _merge_record(pruned_record, merged, source, base_hash, cfg.output,
                                                        mask_source))

@@ -35,11 +35,13 @@ __all__ = [
     "merge_lora",
     "mean_window_loss",
     "save_merged",
+    "MERGE_EVAL_WINDOWS",
 ]
 
 log = logging.getLogger(__name__)
 
 _PRUNED_BUFFER = "sparseheal_pruned"
+MERGE_EVAL_WINDOWS = 16  # held-out blocks on which ``heal --merge`` compares adapter and merged model
 
 
 def masked_delta(weight_b: torch.Tensor, weight_a: torch.Tensor, pruned: torch.Tensor) -> torch.Tensor:

@@ -222,7 +222,8 @@ def _peak_device_mb() -> float | None:
     return round(torch.cuda.max_memory_allocated() / 2**20, 1)
 
 
-def _summary(trainer: HealTrainer, output, eval_metrics: dict, seconds: float, start_tokens: int) -> dict:
+def _summary(trainer: HealTrainer, output, eval_metrics: dict, seconds: tuple[float, float],
+             start_tokens: int) -> dict:
     history = trainer.state.log_history
     logged = [h["loss"] for h in history if "loss" in h]
     tokens = int(trainer.state.num_input_tokens_seen)
@@ -234,8 +235,9 @@ def _summary(trainer: HealTrainer, output, eval_metrics: dict, seconds: float, s
         "eval_ppl": math.exp(eval_metrics["eval_loss"]) if "eval_loss" in eval_metrics else None,
         "steps": int(trainer.state.global_step),
         "tokens_seen": tokens,
-        "train_seconds": round(seconds, 3),
-        "tokens_per_second": round((tokens - start_tokens) / seconds, 1) if seconds > 0 else 0.0,
+        "train_seconds": round(seconds[0], 3),
+        "train_cpu_seconds": round(seconds[1], 3),
+        "tokens_per_second": round((tokens - start_tokens) / seconds[0], 1) if seconds[0] > 0 else 0.0,
         "bad_steps": trainer.bad_steps,
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "peak_device_mb": _peak_device_mb(),
@@ -289,9 +291,9 @@ def train(
         last = get_last_checkpoint(str(checkpoint_dir))
         log.info("resuming from %s", last)
         start_tokens = _tokens_at(Path(last))
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     output = trainer.train(resume_from_checkpoint=True if cfg.resume else None)
-    seconds = time.perf_counter() - start
+    seconds = (time.perf_counter() - start, time.process_time() - start_cpu)  # wall, CPU of all threads
     eval_metrics = trainer.evaluate() if has_eval else {}
     summary = _summary(trainer, output, eval_metrics, seconds, start_tokens)
     log.info("trained %d steps (%d tokens, %.1f tokens/s): loss %.4f -> %.4f%s", summary["steps"],
