@@ -11,9 +11,16 @@ from pathlib import Path
 
 __all__ = ["run_measured", "print_table", "write_json", "machine"]
 
+_SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+if "SPARSEHEAL_DATA_DIR" not in os.environ and _SHARED_DATA.is_dir():
+    os.environ["SPARSEHEAL_DATA_DIR"] = str(_SHARED_DATA)  # the mirror beside the checkout, as `make` sets it
+
 
 def run_measured(cmd: list[str], env: dict | None = None, log: Path | None = None) -> dict:
-    """Runs ``cmd`` and returns its wall time and the peak RSS of that process alone (MiB)."""
+    """Runs ``cmd``; returns its wall time, CPU time (user + system) and peak RSS (MiB) of that process alone.
+
+    CPU time is the fairer speed measure on a shared machine: it barely moves when other work competes.
+    """
     start = time.perf_counter()
     out = open(log, "w") if log else subprocess.DEVNULL
     proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=out, stderr=subprocess.STDOUT)
@@ -24,7 +31,8 @@ def run_measured(cmd: list[str], env: dict | None = None, log: Path | None = Non
     if proc.returncode != 0:
         tail = Path(log).read_text()[-2000:] if log else ""
         raise RuntimeError(f"{' '.join(cmd)} failed with {proc.returncode}\n{tail}")
-    return {"wall_s": round(time.perf_counter() - start, 2), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1)}
+    return {"wall_s": round(time.perf_counter() - start, 2), "cpu_s": round(usage.ru_utime + usage.ru_stime, 2),
+            "peak_rss_mb": round(usage.ru_maxrss / 1024, 1)}
 
 
 def print_table(rows: list[dict], columns: list[str]) -> str:
