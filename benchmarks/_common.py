@@ -31,8 +31,11 @@ def run_measured(cmd: list[str], env: dict | None = None, log: Path | None = Non
     if proc.returncode != 0:
         tail = Path(log).read_text()[-2000:] if log else ""
         raise RuntimeError(f"{' '.join(cmd)} failed with {proc.returncode}\n{tail}")
-    return {"wall_s": round(time.perf_counter() - start, 2), "cpu_s": round(usage.ru_utime + usage.ru_stime, 2),
-            "peak_rss_mb": round(usage.ru_maxrss / 1024, 1)}
+    return {
+        "wall_s": round(time.perf_counter() - start, 2),
+        "cpu_s": round(usage.ru_utime + usage.ru_stime, 2),
+        "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
+    }
 
 
 def print_table(rows: list[dict], columns: list[str]) -> str:
@@ -60,5 +63,10 @@ def machine() -> dict:
 
     import torch
 
-    return {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": sys.version.split()[0],
-            "platform": platform.platform(), "torch": torch.__version__}
+    return {
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+    }

@@ -29,8 +29,6 @@ from sparseheal.models import (
     source_hash,
 )
 from sparseheal.records import MASKS_FILE, Stopwatch, atomic_dir, peak_rss_mb, read_record, write_record
-
-read_record = read_record
 from sparseheal.registry import PRUNERS
 from sparseheal.sparsity import prune_model
 from sparseheal.sparsity.inspection import inspect_model

@@ -23,6 +23,7 @@ from typer.exceptions import TyperException
 
 from sparseheal import api
 from sparseheal.config import ConfigError
+from sparseheal.records import read_record
 
 __all__ = ["app", "main"]
 
@@ -66,7 +67,9 @@ def _config_callback(ctx: typer.Context, _param: typer.CallbackParam, value: str
     ctx.default_map = {**(ctx.default_map or {}), **defaults}
 
 
-def _typer_param(name: str, param: inspect.Parameter, hint: Any, help_text: str, first: bool) -> inspect.Parameter:
+def _typer_param(
+    name: str, param: inspect.Parameter, hint: Any, help_text: str, first: bool
+) -> inspect.Parameter:
     """The first parameter is positional; every other one is a flag (required when it has no default)."""
     if first:
         return param.replace(annotation=Annotated[hint, typer.Argument(help=help_text, show_default=False)])
@@ -77,7 +80,8 @@ def _typer_param(name: str, param: inspect.Parameter, hint: Any, help_text: str,
         decls = [f"{d}/--no-{d[2:]}" if d.startswith("--") and i == 0 else d for i, d in enumerate(decls)]
     info = typer.Option(*decls, help=help_text)
     default = ... if param.default is inspect.Parameter.empty else param.default
-    return param.replace(annotation=Annotated[hint, info], default=default, kind=inspect.Parameter.KEYWORD_ONLY)
+    keyword = inspect.Parameter.KEYWORD_ONLY
+    return param.replace(annotation=Annotated[hint, info], default=default, kind=keyword)
 
 
 def command(func: Callable, printer: Callable[[Any], int | None], name: str | None = None,
@@ -112,13 +116,14 @@ def command(func: Callable, printer: Callable[[Any], int | None], name: str | No
 
 
 def _print_prune(output: Path) -> None:
-    record = api.read_record(output) or {}
+    record = read_record(output) or {}
     print(f"pruned {record.get('base_model')} with {record.get('method')} ({record.get('pattern')}): "
           f"{100 * record.get('sparsity_achieved', 0):.2f}% of prunable weights are zero -> {output}")
 
 
 def _print_evaluate(report: dict) -> None:
-    print(f"{'dataset':<12} {'protocol':<9} {'seqlen':>6} {'windows':>7} {'tokens':>9} {'dtype':<9} {'ppl':>10}")
+    print(f"{'dataset':<12} {'protocol':<9} {'seqlen':>6} {'windows':>7} {'tokens':>9} {'dtype':<9} "
+          f"{'ppl':>10}")
     for r in report["results"]:
         print(f"{r['dataset']:<12} {r['protocol']:<9} {r['seqlen']:>6} {r['windows']:>7} {r['tokens']:>9} "
               f"{r['dtype']:<9} {r['ppl']:>10.3f}")
@@ -157,7 +162,7 @@ def _print_inspect(report: dict) -> int:
 
 
 def _print_heal(output: Path) -> None:
-    r = api.read_record(output) or {}
+    r = read_record(output) or {}
     losses = f"loss {r.get('first_loss') or float('nan'):.4f} -> {r.get('final_loss') or float('nan'):.4f}"
     if r.get("eval_loss") is not None:
         losses += f", eval loss {r['eval_loss']:.4f}"
@@ -170,7 +175,7 @@ def _print_heal(output: Path) -> None:
 
 
 def _print_merge(output: Path) -> None:
-    r = api.read_record(output) or {}
+    r = read_record(output) or {}
     stats = r.get("merge", {})
     line = (f"merged {r.get('adapter')} ({stats.get('mode')}): sparsity of the pruned layers "
             f"{stats.get('sparsity_before', 0):.4f} -> {stats.get('sparsity_after', 0):.4f}")

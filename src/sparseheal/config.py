@@ -74,7 +74,8 @@ def resolve_sparsity(pattern: tuple[int, int] | None, sparsity: float | None) ->
     if sparsity is not None and abs(sparsity - implied) > 1e-9:
         raise ConfigError(
             "--sparsity",
-            f"pattern {pattern[0]}:{pattern[1]} implies sparsity {implied:g}; omit --sparsity or pass {implied:g}",
+            f"pattern {pattern[0]}:{pattern[1]} implies sparsity {implied:g}; "
+            f"omit --sparsity or pass {implied:g}",
         )
     return implied
 

@@ -43,7 +43,8 @@ class Registry(Generic[T]):
         """Returns the canonical name for ``name`` (resolving aliases) or raises ConfigError."""
         key = self._aliases.get(name, name)
         if key not in self._entries:
-            raise ConfigError(self.flag, f"unknown {self.kind} {name!r}; choose from: {', '.join(self.names())}")
+            valid = ", ".join(self.names())
+            raise ConfigError(self.flag, f"unknown {self.kind} {name!r}; choose from: {valid}")
         return key
 
     def get(self, name: str) -> T:
