@@ -118,6 +118,82 @@ def model_fp32_mb(model: str) -> float:
     return round(sum(unique.values()) * 4 / 2**20, 1)
 
 
+def plan(args) -> list[tuple]:
+    """Jobs in priority order, so a run cut short still holds the most informative rows."""
+    methods, patterns = args.methods.split(","), args.patterns.split(",")
+    grid = [("prune", m, p, args.batch) for p in patterns for m in methods]
+    cheap = [job for job in grid if job[1] == "magnitude"]
+    first = [job for job in grid if job[2] == "unstructured" and job[1] != "magnitude"]
+    rest = [job for job in grid if job not in cheap and job not in first]
+    single = [("single", m, "unstructured", 1) for m in filter(None, args.sequential.split(","))]
+    memory = [
+        ("memory", "wanda", "unstructured", int(b)) for b in filter(None, args.memory_batches.split(","))
+    ]
+    return (
+        first[:1] + cheap + first[1:] + single[:1] + rest + memory + [("overhead",), ("dense",)] + single[1:]
+    )
+
+
+def run_job(job: tuple, args, work: Path) -> dict:
+    """Runs one job, or reuses its saved result from an earlier (interrupted) run in the same workdir."""
+    saved = work / ("-".join(map(str, job)).replace(":", "of") + ".result.json")
+    if saved.is_file():
+        return json.loads(saved.read_text())
+    kind = job[0]
+    if kind in ("prune", "single", "memory"):
+        row = {"job": kind, **prune_and_eval(args.model, job[1], job[2], args, work, job[3], kind == "prune")}
+    elif kind == "overhead":
+        row = {"job": kind, **eval_overhead(args.model, args.overhead_windows)}
+    else:
+        row = {"job": kind, "method": "dense", "pattern": "-", **evaluate_ppl(args.model, args, work)}
+    saved.write_text(json.dumps(row))
+    return row
+
+
+def summarize(rows: list[dict], args, fp32_mb: float) -> dict:
+    table = [r for r in rows if r["job"] in ("dense", "prune")]
+    speed = []
+    for single in (r for r in rows if r["job"] == "single"):
+        batched = next(
+            (r for r in table if r["method"] == single["method"] and r["pattern"] == "unstructured"), None
+        )
+        if batched:
+            speed.append(
+                {
+                    "method": single["method"],
+                    "batched_s": batched["prune_s"],
+                    "one_at_a_time_s": single["prune_s"],
+                    "speedup": round(single["prune_s"] / batched["prune_s"], 2),
+                    "batched_cpu_s": batched["cpu_s"],
+                    "one_at_a_time_cpu_s": single["cpu_s"],
+                    "cpu_speedup": round(single["cpu_s"] / batched["cpu_s"], 2),
+                }
+            )
+    memory = [
+        {
+            "batch": r["batch"],
+            "prune_s": r["prune_s"],
+            "cpu_s": r["cpu_s"],
+            "peak_rss_mb": r["peak_rss_mb"],
+            "x_fp32_size": round(r["peak_rss_mb"] / fp32_mb, 2),
+        }
+        for r in rows
+        if r["job"] in ("prune", "memory", "single")
+        and r["method"] == "wanda"
+        and r["pattern"] == "unstructured"
+    ]
+    overhead = [r for r in rows if r["job"] == "overhead"]
+    return {
+        "settings": vars(args),
+        "machine": machine(),
+        "model_fp32_mb": fp32_mb,
+        "rows": table,
+        "batched_vs_one_at_a_time": speed,
+        "memory_by_batch": memory,
+        "eval_overhead": overhead,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -129,52 +205,24 @@ def main() -> None:
     parser.add_argument(
         "--sequential", default="wanda,sparsegpt", help="methods also run one sample at a time"
     )
-    parser.add_argument(
-        "--memory-batches", default="4", help="extra wanda batch sizes (prune only, for peak RSS)"
-    )
+    parser.add_argument("--memory-batches", default="4,2", help="extra wanda batch sizes (prune only)")
     parser.add_argument("--eval-windows", type=int, default=32)
     parser.add_argument("--overhead-windows", type=int, default=8)
-    parser.add_argument("--output", default="bench_results/prune.json")
-    parser.add_argument("--workdir", default=None)
+    parser.add_argument("--output", default="benchmarks/results/prune.json")
+    parser.add_argument("--workdir", default=None, help="reuse it to resume an interrupted run")
     args = parser.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="sparseheal-bench-"))
     work.mkdir(parents=True, exist_ok=True)
-
-    rows = [{"method": "dense", "pattern": "-", **evaluate_ppl(args.model, args, work)}]
-    for method in args.methods.split(","):
-        for pattern in args.patterns.split(","):
-            rows.append(prune_and_eval(args.model, method, pattern, args, work, args.batch, evaluate=True))
-            print(rows[-1], flush=True)
-    speed = []
-    for method in filter(None, args.sequential.split(",")):
-        batched = next(r for r in rows if r["method"] == method and r["pattern"] == "unstructured")
-        single = prune_and_eval(args.model, method, "unstructured", args, work, 1, evaluate=False)
-        speed.append(
-            {
-                "method": method,
-                "batched_s": batched["prune_s"],
-                "one_at_a_time_s": single["prune_s"],
-                "speedup": round(single["prune_s"] / batched["prune_s"], 2),
-                "batched_cpu_s": batched["cpu_s"],
-                "one_at_a_time_cpu_s": single["cpu_s"],
-                "cpu_speedup": round(single["cpu_s"] / batched["cpu_s"], 2),
-                "batched_rss_mb": batched["peak_rss_mb"],
-                "one_at_a_time_rss_mb": single["peak_rss_mb"],
-            }
-        )
-    for batch in [int(b) for b in filter(None, args.memory_batches.split(","))]:
-        row = prune_and_eval(args.model, "wanda", "unstructured", args, work, batch, evaluate=False)
-        speed.append(
-            {
-                "method": f"wanda (batch {batch})",
-                "batched_s": row["prune_s"],
-                "batched_rss_mb": row["peak_rss_mb"],
-            }
-        )
-    overhead = eval_overhead(args.model, args.overhead_windows)
-    print_table(rows, ["method", "pattern", "prune_s", "peak_rss_mb", "sparsity", "ppl", "eval_tok_s"])
+    fp32_mb = model_fp32_mb(args.model)
+    rows = []
+    for job in plan(args):
+        rows.append(run_job(job, args, work))
+        print(rows[-1], flush=True)
+        write_json(Path(args.output), summarize(rows, args, fp32_mb))
+    result = summarize(rows, args, fp32_mb)
+    print_table(result["rows"], ["method", "pattern", "prune_s", "cpu_s", "peak_rss_mb", "sparsity", "ppl"])
     print_table(
-        speed,
+        result["batched_vs_one_at_a_time"],
         [
             "method",
             "batched_s",
@@ -183,24 +231,13 @@ def main() -> None:
             "batched_cpu_s",
             "one_at_a_time_cpu_s",
             "cpu_speedup",
-            "batched_rss_mb",
-            "one_at_a_time_rss_mb",
         ],
     )
-    print_table([overhead], list(overhead))
-    fp32_mb = model_fp32_mb(args.model)
-    print(f"model fp32 size: {fp32_mb:.0f} MiB; target peak RSS < {2 * fp32_mb:.0f} MiB")
-    write_json(
-        Path(args.output),
-        {
-            "settings": vars(args),
-            "machine": machine(),
-            "model_fp32_mb": fp32_mb,
-            "rows": rows,
-            "batched_vs_one_at_a_time": speed,
-            "eval_overhead": overhead,
-        },
+    print_table(result["memory_by_batch"], ["batch", "prune_s", "cpu_s", "peak_rss_mb", "x_fp32_size"])
+    print_table(
+        result["eval_overhead"], ["windows", "bare_forward_tok_s", "perplexity_tok_s", "overhead_pct"]
     )
+    print(f"model fp32 size: {fp32_mb:.0f} MiB; peak RSS target < {2 * fp32_mb:.0f} MiB")
 
 
 if __name__ == "__main__":
