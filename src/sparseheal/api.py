@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -404,6 +405,8 @@ def heal(
     with watch("train"):
         summary = train(student, train_blocks, eval_blocks, cfg, cfg.checkpoint_dir, distiller=distiller,
                         callbacks=callbacks)
+    if not _is_main_process(student):  # data-parallel ranks train together; rank 0 alone writes
+        return Path(cfg.output)
     with atomic_dir(cfg.output, cfg.overwrite) as tmp, watch("save"):
         extra = {"masks_from": mask_source, **healer.save(student, tokenizer, tmp, masks, cfg)}
         shutil.copyfile(cfg.checkpoint_dir / LOG_FILE, tmp / LOG_FILE)
@@ -421,6 +424,21 @@ def heal(
         shutil.rmtree(cfg.checkpoint_dir, ignore_errors=True)
     log.info("healed %s with %s -> %s", cfg.pruned_dir, cfg.method, cfg.output)
     return Path(cfg.output)
+
+
+def _is_main_process(model: torch.nn.Module) -> bool:
+    """True on rank 0 (or without torch.distributed); every rank logs a digest of its trained weights,
+    so a data-parallel run can show that all ranks ended identical."""
+    import hashlib
+
+    rank = int(os.environ.get("RANK", "0"))
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        digest = hashlib.sha256()
+        for name, param in sorted(model.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(param.detach().float().cpu().numpy().tobytes())
+        log.info("rank %d: trained weights sha256 %s", rank, digest.hexdigest()[:16])
+    return rank == 0
 
 
 def _check_model_fits(model_path: str, cfg, healer) -> None:
