@@ -38,7 +38,8 @@ def test_ddp_full_healing_matches_single_process(pruned, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                 "--master_port", str(_free_port())]
-    heal = ["-m", "sparseheal", "heal", str(pruned), "-o", str(tmp_path / "ddp"), "--batch-size", "1", *HEAL_FLAGS]
+    heal = ["-m", "sparseheal", "heal", str(pruned), "-o", str(tmp_path / "ddp"), "--batch-size", "1",
+            *HEAL_FLAGS]
     ddp = subprocess.run(launcher + heal, env=env, capture_output=True, text=True, timeout=300)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     digests = re.findall(r"rank (\d): trained weights sha256 (\w+)", ddp.stderr)
