@@ -12,6 +12,23 @@ Mask-aware training (:func:`install_mask_aware`) computes the adapter branch as 
 during training, so the masked merge is the trained model itself. It works through forward hooks on
 the adapter's ``lora_A`` / ``lora_B`` submodules and a non-persistent buffer, so PEFT saves and loads
 the adapter in its usual format.
+
+Its cost: the low-rank product can no longer be applied as two thin matmuls; every adapted layer forms
+the dense (out, in) update and multiplies the input by it, so an adapted layer costs about as much as
+its base weight again, and autograd keeps that (out, in) update for the backward pass. Measured on
+smollm2-135m (Wanda 50%), one 1024-token block, float32, forward + backward
+(``python benchmarks/heal_lora.py --mask-aware-cost --pruned DIR --block-size 1024 [--cost-targets]``):
+
+============  ==========  ===============  ========================  ==============
+targets       mode        GFLOPs per step  kept for backward (MiB)   mask buffers
+============  ==========  ===============  ========================  ==============
+q_proj,v_proj plain       552.5            1316.2                    -
+q_proj,v_proj mask-aware  631.9 (+14%)     1376.8 (+61 MiB, +5%)     12.7 MiB
+all-linear    plain       564.7            2218.6                    -
+all-linear    mask-aware  1211.0 (+114%)   2717.0 (+498 MiB, +22%)   101.3 MiB
+============  ==========  ===============  ========================  ==============
+
+Seconds per step followed the FLOPs (+22% and +89% on a shared 2-core CPU, where timings are noisy).
 """
 
 from __future__ import annotations
