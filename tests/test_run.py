@@ -45,7 +45,9 @@ def test_run_writes_every_stage_and_the_report(finished_run, capsys):
     assert record["stage"] == "run" and record["report"] == "report.md"
     assert {s["status"] for s in record["stages"].values()} == {"done"}
     assert record["stages"]["heal"]["settings"]["max_steps"] == 6
-    assert all(s["seconds"] > 0 and s["peak_rss_mb"] > 0 for s in record["stages"].values())
+    assert all(s["seconds"] > 0 and s["peak_rss_mb"] > 0 and s["cpu_seconds"] >= 0
+               for s in record["stages"].values())
+    assert record["stages"]["heal"]["cpu_seconds"] > 0
 
 
 def test_rerun_skips_finished_stages(run_copy):
@@ -153,8 +155,8 @@ def test_output_that_is_not_a_run_directory_is_refused(llama_dir, tmp_path):
     (tmp_path / "pruned").mkdir()
     (tmp_path / "pruned" / "mine.txt").write_text("keep me")
     with pytest.raises(ConfigError, match="no run record"):
-        sparseheal.run(model=str(llama_dir), output=str(tmp_path), prune=["seqlen=32"], heal=["block-size=32"],
-                       evaluate=["seqlen=32"])
+        sparseheal.run(model=str(llama_dir), output=str(tmp_path), prune=["seqlen=32"],
+                       heal=["block-size=32"], evaluate=["seqlen=32"])
     assert (tmp_path / "pruned" / "mine.txt").read_text() == "keep me"
 
 
@@ -171,7 +173,7 @@ def test_recipes_load_and_state_hardware_and_time():
         recipe = load_recipe(str(path), None, None, {})
         assert recipe.prune and recipe.heal and recipe.evaluate, path.name
     demo = load_recipe(str(RECIPE_DIR / "demo-cpu.yaml"), None, None, {})
-    assert demo.model == "smollm2-135m" and demo.prune["nsamples"] == 64
+    assert demo.model == "smollm2-135m" and demo.heal["method"] == "lora" and demo.heal["max_steps"] <= 60
     assert demo.evaluate == {"dataset": "wikitext2", "seqlen": 1024, "max_windows": 16}
 
 

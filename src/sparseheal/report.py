@@ -104,7 +104,8 @@ def _stages(run_record: dict) -> list[dict]:
     rows = []
     for name, entry in run_record.get("stages", {}).items():
         rows.append({"name": name, "status": entry.get("status"), "seconds": entry.get("seconds"),
-                     "peak_rss_mb": entry.get("peak_rss_mb"), "peak_gpu_mb": entry.get("peak_gpu_mb"),
+                     "cpu_seconds": entry.get("cpu_seconds"), "peak_rss_mb": entry.get("peak_rss_mb"),
+                     "peak_gpu_mb": entry.get("peak_gpu_mb"),
                      "skipped_last_run": entry.get("skipped", False),
                      "finished_at": entry.get("finished_at")})
     return rows
@@ -265,11 +266,12 @@ def _healing_lines(h: dict) -> list[str]:
 
 
 def _stage_lines(stages: list[dict]) -> list[str]:
-    lines = ["| stage | wall time (s) | peak RSS (MiB) | peak GPU (MiB) | status |", "|---|---|---|---|---|"]
+    lines = ["| stage | wall time (s) | CPU time (s) | peak RSS (MiB) | peak GPU (MiB) | status |",
+             "|---|---|---|---|---|---|"]
     for s in stages:
         status = (s["status"] or "–") + (" (skipped in the last run)" if s["skipped_last_run"] else "")
-        lines.append(f"| {s['name']} | {_num(s['seconds'], '.1f')} | {_num(s['peak_rss_mb'], ',.0f')} "
-                     f"| {_num(s['peak_gpu_mb'], ',.0f')} | {status} |")
+        lines.append(f"| {s['name']} | {_num(s['seconds'], '.1f')} | {_num(s.get('cpu_seconds'), '.1f')} "
+                     f"| {_num(s['peak_rss_mb'], ',.0f')} | {_num(s['peak_gpu_mb'], ',.0f')} | {status} |")
     total = sum(s["seconds"] or 0 for s in stages)
     lines.append(f"\nTotal wall time of the stages: {total:.1f} s. Peak RSS is the resident memory of the "
                  "process while the stage ran (sampled every 50 ms).")

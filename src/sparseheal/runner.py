@@ -61,7 +61,7 @@ class Unit:
 
 class MemorySampler:
     """Peak resident memory (MiB) of this process while a block runs, sampled every 50 ms (psutil),
-    and the peak CUDA memory allocated in that block when CUDA is in use."""
+    the peak CUDA memory allocated in that block when CUDA is in use, and the CPU seconds it used."""
 
     def __init__(self, interval: float = 0.05) -> None:
         import psutil
@@ -71,6 +71,11 @@ class MemorySampler:
         self._stop = threading.Event()
         self.peak_mb = 0.0
         self.peak_gpu_mb: float | None = None
+        self.cpu_seconds = 0.0
+
+    def _cpu(self) -> float:
+        times = self._process.cpu_times()
+        return times.user + times.system
 
     def _sample(self) -> None:
         while not self._stop.is_set():
@@ -82,6 +87,7 @@ class MemorySampler:
 
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             torch.cuda.reset_peak_memory_stats()
+        self._cpu_start = self._cpu()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
         return self
@@ -92,6 +98,7 @@ class MemorySampler:
         self._stop.set()
         self._thread.join()
         self.peak_mb = round(max(self.peak_mb, self._process.memory_info().rss / 2**20), 1)
+        self.cpu_seconds = round(self._cpu() - self._cpu_start, 1)
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             self.peak_gpu_mb = round(torch.cuda.max_memory_allocated() / 2**20, 1)
 
@@ -248,9 +255,10 @@ def _execute(unit: Unit, recipe: Recipe) -> None:
                  **unit.settings, merge="none")
     elif unit.name == "merge":
         heal = recipe.heal
+        # eval-merged measures the merged model with the evaluation protocol, so merge's own
+        # adapter-vs-merged comparison is skipped (eval_windows=0)
         api.merge(str(run / "healed"), str(unit.path), mode=unit.settings["mode"], overwrite=exists,
-                  eval_seqlen=recipe.evaluate.get("seqlen"), dtype=heal.get("dtype"),
-                  device=heal.get("device"), data_dir=recipe.evaluate.get("data_dir"))
+                  eval_windows=0, dtype=heal.get("dtype"), device=heal.get("device"))
     else:
         _evaluate(unit, run)
 
@@ -275,8 +283,9 @@ def _run_unit(unit: Unit, recipe: Recipe, record: RunRecord) -> None:
     start = time.perf_counter()
     with MemorySampler() as memory:
         _execute(unit, recipe)
-    unit.stats = {"seconds": round(time.perf_counter() - start, 3), "peak_rss_mb": memory.peak_mb,
-                  "peak_gpu_mb": memory.peak_gpu_mb, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    unit.stats = {"seconds": round(time.perf_counter() - start, 3), "cpu_seconds": memory.cpu_seconds,
+                  "peak_rss_mb": memory.peak_mb, "peak_gpu_mb": memory.peak_gpu_mb,
+                  "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
     record.update(unit, status="done", settings=unit.settings, skipped=False, **unit.stats)
 
 
