@@ -40,3 +40,23 @@ def test_offload_gives_the_same_masks_and_weights(llama_dir, tmp_path):
     b, _ = load_masks(offloaded / "sparsity_masks.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert (plain / "model.safetensors").read_bytes() == (offloaded / "model.safetensors").read_bytes()
+
+
+def test_pickle_weights_are_refused_unless_allowed(llama_dir, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from sparseheal.cli import main
+
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    model = AutoModelForCausalLM.from_pretrained(llama_dir)
+    torch.save(model.state_dict(), pickled / "pytorch_model.bin")
+    for f in [*llama_dir.glob("tokenizer*"), llama_dir / "config.json"]:
+        (pickled / f.name).write_bytes(f.read_bytes())
+    assert not list(pickled.glob("*.safetensors"))
+    with pytest.raises(SystemExit) as exc:
+        main(["evaluate", str(pickled), "--seqlen", "32", "--max-windows", "1"])
+    assert exc.value.code == 2
+    assert "--allow-pickle" in capsys.readouterr().err
+    result = sparseheal.evaluate(str(pickled), seqlen=32, max_windows=1, allow_pickle=True)
+    assert result["results"][0]["windows"] == 1

@@ -95,6 +95,8 @@ def prune(
     overwrite: bool = False,
     data_dir: str | None = None,
     offload: bool = False,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
 ) -> Path:
     """Prunes a causal LM and writes a model directory with masks and a record.
 
@@ -114,6 +116,8 @@ def prune(
         overwrite: replace an existing output directory.
         data_dir: local mirror of the named data sets (default $SPARSEHEAL_DATA_DIR).
         offload: keep the model in host memory and move one decoder layer at a time to the device.
+        allow_pickle: allow pickle-based .bin weights (they can run code when loaded).
+        trust_remote_code: allow code shipped with the model to run.
 
     Returns:
         The output directory.
@@ -128,7 +132,8 @@ def prune(
     with watch("load"):
         device = cfg.device or default_device()
         lm, tokenizer, source = load_model(cfg.model, cfg.dtype or default_dtype(device),
-                                           "cpu" if cfg.offload else device)
+                                           "cpu" if cfg.offload else device, cfg.trust_remote_code,
+                                           cfg.allow_pickle)
     with watch("prune"):
         masks = prune_model(lm, pruner_cls, tokens, cfg.nm, cfg.sparsity, cfg.calibration_batch_size,
                             device, offload=cfg.offload)
@@ -171,6 +176,8 @@ def evaluate(
     dtype: str | None = None,
     device: str | None = None,
     data_dir: str | None = None,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
 ) -> dict:
     """Measures perplexity with the Wanda protocol, and zero-shot accuracy with lm-eval when asked.
 
@@ -187,6 +194,8 @@ def evaluate(
         dtype: float32, bfloat16 or float16.
         device: compute device.
         data_dir: local mirror of the named data sets.
+        allow_pickle: allow pickle-based .bin weights (they can run code when loaded).
+        trust_remote_code: allow code shipped with the model to run.
 
     Returns:
         {"model", "adapter", "results": [one dict per data set], "zeroshot": {task: {"acc", "acc_norm", "n"}}}
@@ -197,7 +206,8 @@ def evaluate(
         zs_tasks = stack.enter_context(prepare_tasks(cfg.tasks, cfg.data_dir)) if cfg.tasks else None
         seqlen, streams = _eval_streams(cfg)  # tokenized before the weights load: bad data fails fast
         with watch("load"):
-            lm, tokenizer, _ = load_model(cfg.model, cfg.dtype, cfg.device)
+            lm, tokenizer, _ = load_model(cfg.model, cfg.dtype, cfg.device, cfg.trust_remote_code,
+                                          cfg.allow_pickle)
         if cfg.adapter:
             from sparseheal.heal.adapters import apply_adapter
 

@@ -151,6 +151,8 @@ class PruneConfig:
     overwrite: bool = False
     data_dir: str | None = None
     offload: bool = False
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
     nm: tuple[int, int] | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
@@ -190,6 +192,8 @@ class EvaluateConfig:
     dtype: str | None = None
     device: str | None = None
     data_dir: str | None = None
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
 
     def __post_init__(self) -> None:
         _check_positive("--seqlen", self.seqlen)
