@@ -71,6 +71,20 @@ def test_force_redoes_the_stage_and_what_uses_it(run_copy):
     assert after["eval/healed.json"][0] != before["eval/healed.json"][0]
 
 
+def test_a_flag_added_after_a_stage_ran_keeps_it_finished(run_copy):
+    """A run record written before a flag existed (the flag absent from its settings) still resumes."""
+    run_dir, recipe = run_copy
+    record = json.loads((run_dir / "sparseheal.json").read_text())
+    del record["stages"]["prune"]["settings"]["data_dir"]
+    (run_dir / "sparseheal.json").write_text(json.dumps(record))
+    before = snapshot(run_dir)
+    assert sparseheal.run(config=recipe)["stages"]["prune"]["skipped"]
+    assert snapshot(run_dir) == before
+    with pytest.raises(ConfigError) as info:  # given a value other than its default, it is a change
+        sparseheal.run(config=recipe, prune=["data-dir=/elsewhere"])
+    assert info.value.flag == "prune.data-dir" and "--force prune" in info.value.message
+
+
 @pytest.mark.parametrize(
     "flags, key",
     [({"prune": ["sparsity=0.6"]}, "prune.sparsity"), ({"heal": ["lr=2e-3"]}, "heal.lr"),

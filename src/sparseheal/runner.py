@@ -151,15 +151,20 @@ def _recorded_settings(unit: Unit, run_record: dict) -> dict | None:
     return entry.get("settings")
 
 
-def _difference(wanted: dict, recorded: dict) -> tuple[str, Any, Any] | None:
-    for key in sorted(set(wanted) | set(recorded)):
-        if wanted.get(key) != recorded.get(key):
-            return key, recorded.get(key), wanted.get(key)
+def _difference(wanted: dict, recorded: dict, defaults: dict) -> tuple[str, Any, Any] | None:
+    """The first setting that differs. A flag added since the stage ran counts as unchanged while it
+    keeps its default; a flag that no longer exists is ignored."""
+    for key in sorted(wanted):
+        if key not in recorded and key in defaults and wanted[key] == defaults[key]:
+            continue
+        if wanted[key] != recorded.get(key):
+            return key, recorded.get(key), wanted[key]
     return None
 
 
 def _check_unchanged(unit: Unit, recorded: dict) -> None:
-    diff = _difference(unit.settings, recorded)
+    defaults = section_defaults(unit.stage) if unit.stage != "merge" else {}
+    diff = _difference(unit.settings, recorded, defaults)
     if diff is None:
         return
     key, old, new = diff
