@@ -130,7 +130,14 @@ def plan(args) -> list[tuple]:
         ("memory", "wanda", "unstructured", int(b)) for b in filter(None, args.memory_batches.split(","))
     ]
     return (
-        first[:1] + cheap[:1] + single[:1] + cheap[1:] + first[1:] + rest + memory + [("overhead",), ("dense",)]
+        first[:1]
+        + cheap[:1]
+        + single[:1]
+        + cheap[1:]
+        + first[1:]
+        + rest
+        + memory
+        + [("overhead",), ("dense",)]
         + single[1:]
     )
 
