@@ -43,10 +43,11 @@ class PerplexityResult:
 
 def _window_loss(logits: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy per window. logits (B, T, V), inputs (B, T) -> (B,)."""
-    shift_logits = logits[:, :-1].float()  # (B, T-1, V)
-    shift_labels = inputs[:, 1:]  # (B, T-1)
-    loss = F.cross_entropy(shift_logits.transpose(1, 2), shift_labels, reduction="none")  # (B, T-1)
-    return loss.mean(dim=1)
+    batch, length, vocab = logits.shape
+    shift_logits = logits[:, :-1].float().reshape(-1, vocab)  # (B*(T-1), V), softmax over contiguous rows
+    shift_labels = inputs[:, 1:].reshape(-1)  # (B*(T-1),)
+    loss = F.cross_entropy(shift_logits, shift_labels, reduction="none")  # (B*(T-1),)
+    return loss.view(batch, length - 1).mean(dim=1)
 
 
 @torch.no_grad()
