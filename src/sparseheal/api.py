@@ -89,7 +89,7 @@ def prune(
     nsamples: int = 128,
     seqlen: int = 2048,
     seed: int = 0,
-    calibration_batch_size: int = 8,
+    calibration_batch_size: int = 2,
     dtype: str | None = None,
     device: str | None = None,
     overwrite: bool = False,

@@ -145,7 +145,7 @@ class PruneConfig:
     nsamples: int = 128
     seqlen: int = 2048
     seed: int = 0
-    calibration_batch_size: int = 8
+    calibration_batch_size: int = 2
     dtype: str | None = None
     device: str | None = None
     overwrite: bool = False

@@ -104,7 +104,7 @@ def prune_model(
     tokens: torch.Tensor | None,
     nm: tuple[int, int] | None,
     sparsity: float,
-    batch_size: int = 8,
+    batch_size: int = 2,
     device: torch.device | str | None = None,
     offload: bool = False,
 ) -> dict[str, PackedMask]:
