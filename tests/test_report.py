@@ -9,7 +9,7 @@ from runs import tiny_run
 
 from sparseheal.cli import main
 from sparseheal.config import ConfigError
-from sparseheal.plots import loss_curves
+from sparseheal.plots import loss_curves, moving_average
 from sparseheal.report import build_report, gap_closed, write_report
 
 PLOTS = ("loss.png", "sparsity.png", "perplexity.png", "zeroshot.png")
@@ -35,6 +35,11 @@ def test_loss_curves_keep_the_last_entry_of_a_step():
     train, evals = loss_curves(lines)
     assert train == [(1, 5.0), (2, 4.8), (3, 4.6)]
     assert evals == [(2, 4.9)]
+
+
+def test_moving_average_is_trailing():
+    assert moving_average([4.0, 2.0, 6.0, 0.0], 2) == [4.0, 3.0, 4.0, 3.0]
+    assert moving_average([1.0, 2.0, 3.0], 5) == [1.0, 1.5, 2.0]
 
 
 def test_report_numbers_come_from_the_records(finished_run):

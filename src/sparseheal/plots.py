@@ -11,7 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-__all__ = ["loss_curves", "plot_loss", "plot_sparsity", "plot_perplexity", "plot_zeroshot"]
+__all__ = ["loss_curves", "moving_average", "plot_loss", "plot_sparsity", "plot_perplexity", "plot_zeroshot"]
 
 _COLORS = {"dense": "#4c72b0", "pruned": "#c44e52", "healed": "#55a868", "merged": "#8172b2"}
 _LAYER_RE = re.compile(r"\.(\d+)\.")
@@ -36,6 +36,15 @@ def loss_curves(log_lines: list[dict]) -> tuple[list[tuple[int, float]], list[tu
     return sorted(train.items()), sorted(evals.items())
 
 
+def moving_average(values: list[float], window: int) -> list[float]:
+    """Trailing mean over up to ``window`` values: out[i] = mean(values[max(0, i - window + 1) : i + 1])."""
+    out = []
+    for i in range(len(values)):
+        part = values[max(0, i - window + 1) : i + 1]
+        out.append(sum(part) / len(part))
+    return out
+
+
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -49,7 +58,14 @@ def plot_loss(log_lines: list[dict], path: Path, title: str) -> Path | None:
     if not train and not evals:
         return None
     fig, ax = plt.subplots(figsize=(7, 4))
-    if train:
+    if len(train) >= 8:  # per-step losses are noisy; a trailing mean shows the trend
+        steps, losses = zip(*train, strict=True)
+        window = max(3, len(train) // 5)
+        ax.plot(steps, losses, marker="o", markersize=2, linewidth=0.8, alpha=0.35, color="#4c72b0",
+                label="training loss")
+        ax.plot(steps, moving_average(list(losses), window), linewidth=2.2, color="#4c72b0",
+                label=f"training loss, mean of last {window} logs")
+    elif train:
         ax.plot(*zip(*train, strict=True), marker="o", markersize=3, label="training loss", color="#4c72b0")
     if evals:
         ax.plot(*zip(*evals, strict=True), marker="s", markersize=6, linestyle="--", label="held-out loss",
