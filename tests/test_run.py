@@ -125,6 +125,16 @@ def test_interrupted_heal_resumes_from_its_checkpoint(llama_dir, tmp_path, monke
     assert healed["steps"] == 6
 
 
+def test_force_names_a_stage_of_the_recipe(run_copy, llama_dir, tmp_path):
+    run_dir, recipe = run_copy
+    with pytest.raises(ConfigError, match="choose a stage from prune, heal, merge, evaluate"):
+        sparseheal.run(config=recipe, force="healing")
+    no_merge = write_recipe(tmp_path / "no-merge.yaml", llama_dir, tmp_path / "other", merge="none")
+    with pytest.raises(ConfigError, match="no merge stage"):
+        sparseheal.run(config=str(no_merge), force="merge")
+    assert not (tmp_path / "other").exists()
+
+
 def test_cli_error_for_a_misspelled_key(llama_dir, tmp_path, capsys):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"model: {llama_dir}\nheal: {{max-step: 5}}\noutput: {tmp_path / 'run'}\n")

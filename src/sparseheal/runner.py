@@ -181,6 +181,9 @@ def decide(units: list[Unit], run_record: dict, force: str | None) -> None:
     """Marks each unit todo or skipped; raises before any work when a finished stage's settings changed."""
     if force is not None and force not in STAGES:
         raise ConfigError("--force", f"choose a stage from {', '.join(STAGES)}; got {force!r}")
+    if force is not None and not any(u.stage == force for u in units):
+        raise ConfigError("--force", f"this recipe has no {force} stage (merge runs when heal.merge is "
+                                     "masked or dense)")
     todo = set()
     for unit in units:
         recorded = _recorded_settings(unit, run_record)
