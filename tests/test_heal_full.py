@@ -125,6 +125,11 @@ def test_heal_full_keeps_mask_with_trainer(pruned_dir, tmp_path, extra):
     assert verification["pruned_parameters"] == sum(int((~m).sum()) for m in masks.values())
     healed = AutoModelForCausalLM.from_pretrained(out)  # a normal HF directory
     pruned = AutoModelForCausalLM.from_pretrained(pruned_dir)
+    linears = sum(m.numel() for m in masks.values())
+    norms = sum(p.numel() for n, p in healed.named_parameters() if "norm" in n)
+    assert record["trainable_parameters"] == linears + norms  # embeddings and lm_head frozen
+    assert record["trainable_surviving_parameters"] == linears + norms - verification["pruned_parameters"]
+    assert record["total_parameters"] == sum(p.numel() for p in healed.parameters())
     assert _violations(healed, masks) == 0
     report = sparseheal.inspect(str(out))  # inspect agrees with the record
     assert report["ok"] and report["mask_violations"] == verification["mask_violations"] == 0

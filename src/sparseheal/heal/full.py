@@ -243,6 +243,8 @@ class FullHealer:
         """Writes a normal HF directory plus the masks, verifies them bit for bit, returns record fields."""
         if self.keeper is not None:
             self.keeper.remove()
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in model.parameters())
         for param in model.parameters():
             param.requires_grad_(False)
         save_model(model, tokenizer, out_dir)
@@ -253,7 +255,9 @@ class FullHealer:
             raise RuntimeError(f"{report['mask_violations']} pruned weights are not +0.0 after training; "
                                "nothing was written")
         log.info("verified: all %d pruned weights are +0.0 in the saved model", report["pruned_parameters"])
-        trainable = {role: len(names) for role, names in self.roles.items()}
-        return {"mask_verification": report, "parameter_tensors": trainable,
+        tensors = {role: len(names) for role, names in self.roles.items()}
+        pruned = report["pruned_parameters"]
+        return {"mask_verification": report, "parameter_tensors": tensors, "trainable_parameters": trainable,
+                "trainable_surviving_parameters": trainable - pruned, "total_parameters": total,
                 "train_embeddings": cfg.train_embeddings, "train_norms": cfg.train_norms}
 
