@@ -23,6 +23,7 @@ __all__ = [
     "MERGE_MODES",
     "DISTILL_LOSSES",
     "checkpoint_dir_for",
+    "last_checkpoint",
     "RECIPE_FILE",
     "parse_pattern",
     "resolve_sparsity",
@@ -253,6 +254,32 @@ def checkpoint_dir_for(output: str | os.PathLike) -> Path:
     return path.with_name(path.name + ".ckpt")
 
 
+def last_checkpoint(checkpoint_dir: str | os.PathLike) -> Path | None:
+    """The newest complete ``checkpoint-N`` in ``checkpoint_dir`` (None when there is none).
+
+    The Trainer writes a checkpoint's files one after another and ``trainer_state.json`` last, so a
+    run killed while saving leaves a directory without a readable state; resuming from it would
+    restart at step 0 from half-saved weights. Such directories are skipped here.
+    """
+    import json
+
+    root = Path(checkpoint_dir)
+    if not root.is_dir():
+        return None
+    found = []
+    for path in root.iterdir():
+        match = re.fullmatch(r"checkpoint-(\d+)", path.name)
+        if match and path.is_dir():
+            found.append((int(match.group(1)), path))
+    for _, path in sorted(found, reverse=True):
+        try:
+            json.loads((path / "trainer_state.json").read_text())
+        except (OSError, ValueError):
+            continue
+        return path
+    return None
+
+
 def _check_nonnegative(flag: str, value: float, what: str = "a number") -> None:
     if isinstance(value, bool) or value < 0:
         raise ConfigError(flag, f"must be {what} >= 0, got {value}")
@@ -400,10 +427,8 @@ class HealConfig:
                                     "healed weights themselves)")
 
     def _check_checkpoints(self) -> None:
-        from transformers.trainer_utils import get_last_checkpoint
-
         ckpt = checkpoint_dir_for(self.output)
-        last = get_last_checkpoint(str(ckpt)) if ckpt.is_dir() else None
+        last = last_checkpoint(ckpt)
         if self.resume and last is None:
             raise ConfigError("--resume", f"no checkpoint to resume from in {ckpt}; run without --resume "
                                           "(and with --save-steps N to write checkpoints)")

@@ -33,7 +33,7 @@ from typing import Any
 
 import yaml
 
-from sparseheal.config import ConfigError, checkpoint_dir_for
+from sparseheal.config import ConfigError, checkpoint_dir_for, last_checkpoint
 from sparseheal.recipe import Recipe, section_defaults
 from sparseheal.records import RECORD_FILE, read_record, versions
 
@@ -202,12 +202,9 @@ def decide(units: list[Unit], run_record: dict, force: str | None) -> None:
 
 def _plan_resume(units: list[Unit], run_record: dict) -> None:
     """An unfinished heal with checkpoints, started with the same settings on the same input, resumes."""
-    from transformers.trainer_utils import get_last_checkpoint
-
     by_name = {u.name: u for u in units}
     heal = by_name["heal"]
-    ckpt = checkpoint_dir_for(heal.path)
-    last = get_last_checkpoint(str(ckpt)) if ckpt.is_dir() else None
+    last = last_checkpoint(checkpoint_dir_for(heal.path))
     entry = run_record.get("stages", {}).get("heal", {})
     heal.resume = bool(
         heal.todo and last and heal.reason == "not finished" and not by_name["prune"].todo

@@ -110,13 +110,21 @@ class JsonlLogCallback(TrainerCallback):
         if not self.path.is_file():
             return
         kept = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= state.global_step]
+                if _logged_step(line) is not None and _logged_step(line) <= state.global_step]
         self.path.write_text("".join(line + "\n" for line in kept))
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         entry = {"step": state.global_step, "epoch": state.epoch, **(logs or {})}
         with open(self.path, "a") as fh:
             fh.write(json.dumps(entry) + "\n")
+
+
+def _logged_step(line: str) -> int | None:
+    """The step of a log line; None for a blank line or one cut short by a kill."""
+    try:
+        return int(json.loads(line).get("step", 0))
+    except (ValueError, AttributeError):
+        return None
 
 
 class HealTrainer(Trainer):
@@ -284,15 +292,12 @@ def train(
         distiller=distiller,
         max_bad_steps=cfg.max_bad_steps,
     )
-    start_tokens = 0
+    start_tokens, last = 0, None
     if cfg.resume:
-        from transformers.trainer_utils import get_last_checkpoint
-
-        last = get_last_checkpoint(str(checkpoint_dir))
-        log.info("resuming from %s", last)
-        start_tokens = _tokens_at(Path(last))
+        last = _resume_point(checkpoint_dir)
+        start_tokens = _tokens_at(last)
     start, start_cpu = time.perf_counter(), time.process_time()
-    output = trainer.train(resume_from_checkpoint=True if cfg.resume else None)
+    output = trainer.train(resume_from_checkpoint=str(last) if last is not None else None)
     seconds = (time.perf_counter() - start, time.process_time() - start_cpu)  # wall, CPU of all threads
     eval_metrics = trainer.evaluate() if has_eval else {}
     summary = _summary(trainer, output, eval_metrics, seconds, start_tokens)
@@ -301,6 +306,23 @@ def train(
              summary["final_loss"] or float("nan"),
              f", eval loss {summary['eval_loss']:.4f}" if summary["eval_loss"] is not None else "")
     return summary
+
+
+def _resume_point(checkpoint_dir: Path) -> Path:
+    """The last complete checkpoint; newer ones cut short by a kill while saving are removed."""
+    from sparseheal.config import last_checkpoint
+
+    last = last_checkpoint(checkpoint_dir)
+    if last is None:
+        raise FileNotFoundError(f"no complete checkpoint in {checkpoint_dir}")
+    step = int(last.name.split("-")[1])
+    for partial in checkpoint_dir.glob("checkpoint-*"):
+        number = partial.name.split("-", 1)[1]
+        if partial.is_dir() and number.isdigit() and int(number) > step:
+            log.warning("removing %s: it was cut short while being saved", partial)
+            shutil.rmtree(partial, ignore_errors=True)  # every data-parallel rank may try
+    log.info("resuming from %s", last)
+    return last
 
 
 def _tokens_at(checkpoint: Path) -> int:

@@ -1,0 +1,153 @@
+"""Kill -9 during healing, then the same command with ``--resume``: the final weights are bit-identical to
+an uninterrupted run's (CPU, fixed seed). The killed run is a real ``python -m sparseheal`` process."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import Trainer
+
+import sparseheal
+from sparseheal import cli
+from sparseheal.config import HealConfig, last_checkpoint
+
+STEPS = 120
+SAVE = 5
+# long enough (about 2 s of training on one thread) that a kill soon after the first checkpoint lands
+# mid-run; checkpoints often enough that it also lands mid-save now and then
+HEAL = ("--max-steps", str(STEPS), "--save-steps", str(SAVE), "--block-size", "32", "--max-eval-samples", "2",
+        "--logging-steps", "5", "--lr", "1e-3", "--seed", "3", "--device", "cpu")
+WEIGHTS = {"lora": "adapter_model.safetensors", "full": "model.safetensors"}
+
+
+@pytest.fixture(scope="module")
+def pruned(llama_dir, tmp_path_factory) -> Path:
+    return sparseheal.prune(str(llama_dir), str(tmp_path_factory.mktemp("p") / "pruned"), method="magnitude")
+
+
+def _heal_argv(pruned: Path, method: str, out: Path, *extra: str) -> list[str]:
+    return ["heal", str(pruned), "-o", str(out), "--method", method, *HEAL, *extra]
+
+
+def _cli(argv: list[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        cli.main(argv)
+    assert info.value.code == 0, argv
+
+
+def _kill_after_first_checkpoint(argv: list[str], out: Path, delay: float, log: Path) -> str:
+    """Starts the heal in a subprocess, waits for a checkpoint, SIGKILLs it ``delay`` seconds later.
+
+    Returns the checkpoint directories present right after the kill (for the failure message).
+    """
+    ckpt = out.with_name(out.name + ".ckpt")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with open(log, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "sparseheal", *argv], stdout=subprocess.DEVNULL,
+                                stderr=err, env=env)
+        try:
+            deadline = time.monotonic() + 240
+            while not (ckpt.is_dir() and any(ckpt.glob("checkpoint-*"))):
+                assert proc.poll() is None, f"heal ended before its first checkpoint:\n{log.read_text()}"
+                assert time.monotonic() < deadline, "no checkpoint within 240 s"
+                time.sleep(0.01)
+            time.sleep(delay)
+            proc.send_signal(signal.SIGKILL)
+            code = proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert code == -signal.SIGKILL, f"heal ended (status {code}) before the kill; lengthen the run"
+    return ", ".join(sorted(p.name for p in ckpt.glob("checkpoint-*")))
+
+
+@pytest.mark.parametrize("method,seed", [("lora", 11), ("full", 12)])
+def test_kill_9_then_resume_matches_an_uninterrupted_run(pruned, tmp_path, method, seed):
+    out = tmp_path / "killed"
+    delay = random.Random(seed).uniform(0.0, 0.6)
+    argv = _heal_argv(pruned, method, out)
+    present = _kill_after_first_checkpoint(argv, out, delay, tmp_path / "stderr.txt")
+    # the killed run left no output that looks finished: only its checkpoints and, maybe, a temp sibling
+    assert not out.exists()
+    assert {p.name for p in tmp_path.iterdir()} <= {"killed.ckpt", ".killed.partial", "stderr.txt"}
+    resumed_from = last_checkpoint(tmp_path / "killed.ckpt")
+    assert resumed_from is not None
+    print(f"{method}: killed {delay:.3f} s after the first checkpoint; on disk {present}; "
+          f"resuming from {resumed_from.name}")
+
+    _cli(_heal_argv(pruned, method, out, "--resume"))
+    _cli(_heal_argv(pruned, method, tmp_path / "whole"))
+
+    resumed = load_file(str(out / WEIGHTS[method]))
+    whole = load_file(str(tmp_path / "whole" / WEIGHTS[method]))
+    assert resumed.keys() == whole.keys()
+    for name in whole:
+        assert torch.equal(resumed[name], whole[name]), name
+    record = json.loads((out / "sparseheal.json").read_text())
+    assert record["steps"] == STEPS and record["tokens_seen"] == STEPS * 32
+    if method == "lora":  # it trained: the zero-initialised B matrices moved
+        assert any(bool(t.abs().sum() > 0) for n, t in whole.items() if "lora_B" in n)
+    else:
+        assert record["mask_verification"]["ok"]
+        base = load_file(str(pruned / "model.safetensors"))
+        assert any(not torch.equal(base[n], whole[n]) for n in whole if n in base)
+
+
+class _SaveCut(Exception):
+    pass
+
+
+def test_resume_skips_a_checkpoint_cut_short_while_saving(pruned, tmp_path, monkeypatch):
+    """A kill between the weights and the trainer state of checkpoint-8 leaves a directory holding weights
+    only; resuming must go back to checkpoint-4 (the Trainer alone would restart at step 0 from it)."""
+    settings = dict(method="full", max_steps=10, save_steps=4, block_size=32, max_eval_samples=2,
+                    logging_steps=1, lr=1e-3, seed=3, device="cpu")
+    whole = sparseheal.heal(str(pruned), str(tmp_path / "whole"), **settings)
+    original = Trainer._save_optimizer_and_scheduler
+
+    def cut(self, output_dir):
+        if self.state.global_step == 8:
+            raise _SaveCut(output_dir)
+        return original(self, output_dir)
+
+    monkeypatch.setattr(Trainer, "_save_optimizer_and_scheduler", cut)
+    out = tmp_path / "cut"
+    with pytest.raises(_SaveCut):
+        sparseheal.heal(str(pruned), str(out), **settings)
+    monkeypatch.setattr(Trainer, "_save_optimizer_and_scheduler", original)
+    ckpt = tmp_path / "cut.ckpt"
+    assert (ckpt / "checkpoint-8" / "model.safetensors").is_file()
+    assert not (ckpt / "checkpoint-8" / "trainer_state.json").exists()
+    with open(ckpt / "train_log.jsonl", "a") as fh:  # a log line cut short by the kill
+        fh.write('{"step": 8, "lo')
+    assert last_checkpoint(ckpt) == ckpt / "checkpoint-4"
+
+    resumed = sparseheal.heal(str(pruned), str(out), resume=True, **settings)
+    a, b = load_file(str(whole / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    steps = [json.loads(line)["step"] for line in (resumed / "train_log.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps) and max(steps) == 10
+
+
+def test_only_a_cut_short_checkpoint_is_no_checkpoint(pruned, tmp_path):
+    """--resume with nothing complete to resume from is refused; a plain run starts over instead."""
+    ckpt = tmp_path / "o.ckpt" / "checkpoint-4"
+    ckpt.mkdir(parents=True)
+    (ckpt / "trainer_state.json").write_text('{"global_step": 4, "log_hi')  # cut short
+    argv = _heal_argv(pruned, "lora", tmp_path / "o", "--resume")
+    with pytest.raises(SystemExit) as info:
+        cli.main(argv)
+    assert info.value.code == 2
+    assert last_checkpoint(tmp_path / "o.ckpt") is None
+    HealConfig(str(pruned), str(tmp_path / "o"), save_steps=4)  # not "checkpoints of an earlier run"
