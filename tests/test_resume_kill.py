@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -151,3 +152,22 @@ def test_only_a_cut_short_checkpoint_is_no_checkpoint(pruned, tmp_path):
     assert info.value.code == 2
     assert last_checkpoint(tmp_path / "o.ckpt") is None
     HealConfig(str(pruned), str(tmp_path / "o"), save_steps=4)  # not "checkpoints of an earlier run"
+
+
+def test_kill_while_writing_the_output_resumes_from_the_final_checkpoint(pruned, tmp_path):
+    """Killed after the last step, while the output was being written: the temp sibling is all that is
+    left; --resume restores the final checkpoint, trains no more steps and writes the same weights."""
+    settings = dict(method="lora", max_steps=8, save_steps=4, block_size=32, max_eval_samples=2,
+                    logging_steps=1, lr=1e-3, seed=3, device="cpu")
+    out = sparseheal.heal(str(pruned), str(tmp_path / "o"), **settings)
+    reference = load_file(str(out / WEIGHTS["lora"]))
+    shutil.rmtree(out)  # as if the kill came before the rename ...
+    partial = tmp_path / ".o.partial"
+    partial.mkdir()
+    (partial / WEIGHTS["lora"]).write_bytes(b"half a file")  # ... with the output half written
+    resumed = sparseheal.heal(str(pruned), str(out), resume=True, **settings)
+    assert not partial.exists()
+    weights = load_file(str(resumed / WEIGHTS["lora"]))
+    assert weights.keys() == reference.keys() and all(torch.equal(weights[k], reference[k]) for k in weights)
+    record = json.loads((resumed / "sparseheal.json").read_text())
+    assert record["steps"] == 8 and record["tokens_seen"] == 8 * 32
