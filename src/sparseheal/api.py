@@ -316,6 +316,7 @@ def heal(
     self_top_p: float = 0.95,
     self_seed: int = 0,
     max_bad_steps: int = 10,
+    fsdp: bool = False,
 ) -> Path:
     """Heals a pruned model: LoRA adapters on the frozen sparse base, or full fine-tuning under the mask.
 
@@ -368,6 +369,7 @@ def heal(
         self_top_p: --data self: nucleus sampling top-p.
         self_seed: --data self: sampling seed.
         max_bad_steps: non-finite losses in a row tolerated (their updates dropped) before stopping.
+        fsdp: shard the model over the ranks of a torchrun / accelerate launch (FSDP2; docs/distributed.md).
 
     Returns:
         The output directory.
@@ -403,8 +405,17 @@ def heal(
                    "eval_blocks": 0 if eval_blocks is None else len(eval_blocks), **self_record}
     base_hash = hash_weights(source.path)
     with watch("load"):
-        lm, tokenizer, _ = load_model(cfg.pruned_dir, cfg.dtype, cfg.device)
+        if cfg.fsdp:  # each rank loads and keeps only its shard (heal/fsdp.py)
+            from sparseheal.heal.fsdp import load_sharded
+
+            lm, tokenizer = load_sharded(cfg.pruned_dir, cfg.dtype), load_tokenizer(source)
+        else:
+            lm, tokenizer, _ = load_model(cfg.pruned_dir, cfg.dtype, cfg.device)
     masks, mask_source = model_masks(lm, source.path)
+    if cfg.fsdp:  # masks read off a sharded model's zeros (no masks file) are gathered whole
+        from sparseheal.heal.fsdp import full_masks
+
+        masks = full_masks(masks)
     student = healer.prepare(lm, masks, cfg)
     distiller = None
     if cfg.distill:
@@ -415,7 +426,13 @@ def heal(
     with watch("train"):
         summary = train(student, train_blocks, eval_blocks, cfg, cfg.checkpoint_dir, distiller=distiller,
                         callbacks=callbacks)
-    if not _is_main_process(student):  # data-parallel ranks train together; rank 0 alone writes
+    if cfg.fsdp:  # every rank takes part in gathering the shards; rank 0 gets the full model
+        from sparseheal.heal.fsdp import unshard_for_save
+
+        student = unshard_for_save(student)
+        if student is None:
+            return Path(cfg.output)
+    elif not _is_main_process(student):  # data-parallel ranks train together; rank 0 alone writes
         return Path(cfg.output)
     with atomic_dir(cfg.output, cfg.overwrite) as tmp, watch("save"):
         extra = {"masks_from": mask_source, **healer.save(student, tokenizer, tmp, masks, cfg)}

@@ -354,9 +354,11 @@ class HealConfig:
     self_top_p: float = 0.95
     self_seed: int = 0
     max_bad_steps: int = 10
+    fsdp: bool = False
 
     def __post_init__(self) -> None:
         from sparseheal.heal import load_healers
+        from sparseheal.heal.fsdp import check_fsdp
         from sparseheal.registry import HEALERS
 
         load_healers()
@@ -366,6 +368,7 @@ class HealConfig:
         self.scheduler = healer.default_scheduler if self.scheduler is None else self.scheduler
         self._check_numbers()
         self._check_names()
+        check_fsdp(self)
         _check_model_dir(self.pruned_dir, "PRUNED_DIR")
         check_output(self.output, self.overwrite)
         self._check_checkpoints()

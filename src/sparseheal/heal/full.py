@@ -11,7 +11,10 @@ kept by construction rather than recomputed from ``W == 0`` at every step:
    as a masked fill with +0.0, so that a decay factor ``1 - lr * wd < 0`` cannot leave ``-0.0``).
 
 With (1) alone AdamW already keeps zeros (``m_t = v_t = 0`` there, and ``0 * (1 - lr * wd) = 0``);
-(2) makes the invariant independent of the optimizer. At the end every pruned position of the
+(2) makes the invariant independent of the optimizer. Under ``--fsdp`` (FSDP2, :mod:`sparseheal.heal.fsdp`)
+each weight is a row shard ``W[r]`` and its mask is cut the same way, ``m[r]``; (1) becomes a
+post-accumulate-grad hook on the sharded parameter (``g[r] * m[r]`` after FSDP2's reduce-scatter, still
+before clipping and the step) and (2) writes into the local shard. At the end every pruned position of the
 saved weights is checked bit for bit and the result is recorded.
 
 Memory per trainable parameter with AdamW in float32: weight 4 B + gradient 4 B + two moments
@@ -37,6 +40,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from sparseheal.config import ConfigError
+from sparseheal.heal.fsdp import is_sharded, local, shard_like
 from sparseheal.models import decoder_layers, prunable_linears, save_model
 from sparseheal.records import MASKS_FILE, read_record
 from sparseheal.registry import HEALERS
@@ -113,7 +117,8 @@ class MaskKeeper:
         self.entries: list[tuple[str, nn.Parameter, torch.Tensor]] = []
         for name, mask in masks.items():
             weight = modules[name].weight
-            self.entries.append((name, weight, (~mask.bool()).to(weight.device)))  # pruned positions
+            # pruned positions, cut like the weight (the local shard of an FSDP2 weight, see heal/fsdp.py)
+            self.entries.append((name, weight, shard_like(~mask.bool(), weight)))
         self._grad_handles: list[Any] = []
         self._step_handles: dict[int, Any] = {}
 
@@ -121,14 +126,23 @@ class MaskKeeper:
     def apply(self) -> None:
         """Writes +0.0 into every pruned position (also turns a stored -0.0 into +0.0)."""
         for _, weight, pruned in self.entries:
-            weight.masked_fill_(pruned, 0.0)
+            local(weight).masked_fill_(pruned, 0.0)
 
     def install_grad_hooks(self) -> None:
-        """Registers a hook on each masked weight that masks its gradient before accumulation."""
+        """Registers a hook on each masked weight that masks its gradient.
+
+        A plain weight's hook masks the gradient before it is accumulated (and before DDP's all-reduce).
+        An FSDP2 weight is sharded and not itself in the autograd graph: its post-accumulate-grad hook,
+        which FSDP2 calls after the reduce-scatter, masks the local gradient shard in place.
+        """
         if self._grad_handles:
             return
         for _, weight, pruned in self.entries:
-            self._grad_handles.append(weight.register_hook(_grad_hook(pruned)))
+            if is_sharded(weight):
+                handle = weight.register_post_accumulate_grad_hook(_sharded_grad_hook(pruned))
+            else:
+                handle = weight.register_hook(_grad_hook(pruned))
+            self._grad_handles.append(handle)
 
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
         """Re-masks the weights after every step of ``optimizer`` (unwrapping accelerate's wrapper)."""
@@ -146,13 +160,21 @@ class MaskKeeper:
         self._step_handles.clear()
 
     def violations(self) -> int:
-        """Pruned positions whose stored bits are not +0.0 (counts -0.0 too)."""
-        return sum(count_violations(weight, ~pruned) for _, weight, pruned in self.entries)
+        """Pruned positions whose stored bits are not +0.0 (counts -0.0 too; this rank's shards only)."""
+        return sum(count_violations(local(weight), ~pruned) for _, weight, pruned in self.entries)
 
 
 def _grad_hook(pruned: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
     def hook(grad: torch.Tensor) -> torch.Tensor:
         return masked_gradient(grad, pruned)
+
+    return hook
+
+
+def _sharded_grad_hook(pruned: torch.Tensor) -> Callable[[nn.Parameter], None]:
+    @torch.no_grad()
+    def hook(param: nn.Parameter) -> None:
+        local(param.grad).masked_fill_(pruned, 0.0)  # (out / R, in) shard of g * m
 
     return hook
 

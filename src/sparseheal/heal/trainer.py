@@ -100,20 +100,23 @@ class JsonlLogCallback(TrainerCallback):
     """Appends every Trainer log entry (with its step) as one JSON line to ``path``.
 
     On a resumed run the lines written after the restored step (by the interrupted run) are dropped
-    first, so the file reads as one uninterrupted run.
+    first, so the file reads as one uninterrupted run. In a distributed run only the first process
+    writes (every rank logs the same averaged entries).
     """
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
 
     def on_train_begin(self, args, state, control, **kwargs):
-        if not self.path.is_file():
+        if not state.is_world_process_zero or not self.path.is_file():
             return
         kept = [line for line in self.path.read_text().splitlines()
                 if _logged_step(line) is not None and _logged_step(line) <= state.global_step]
         self.path.write_text("".join(line + "\n" for line in kept))
 
     def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero:
+            return
         entry = {"step": state.global_step, "epoch": state.epoch, **(logs or {})}
         with open(self.path, "a") as fh:
             fh.write(json.dumps(entry) + "\n")
