@@ -47,7 +47,7 @@ def _cli(argv: list[str]) -> None:
 
 
 def _kill_after_first_checkpoint(argv: list[str], out: Path, delay: float, log: Path) -> str:
-    """Starts the heal in a subprocess, waits for a checkpoint, SIGKILLs it ``delay`` seconds later.
+    """Starts the heal in a subprocess, waits for a complete checkpoint, SIGKILLs it ``delay`` s later.
 
     Returns the checkpoint directories present right after the kill (for the failure message).
     """
@@ -58,7 +58,7 @@ def _kill_after_first_checkpoint(argv: list[str], out: Path, delay: float, log: 
                                 stderr=err, env=env)
         try:
             deadline = time.monotonic() + 240
-            while not (ckpt.is_dir() and any(ckpt.glob("checkpoint-*"))):
+            while last_checkpoint(ckpt) is None:
                 assert proc.poll() is None, f"heal ended before its first checkpoint:\n{log.read_text()}"
                 assert time.monotonic() < deadline, "no checkpoint within 240 s"
                 time.sleep(0.01)
