@@ -26,10 +26,13 @@ class Case:
     argv: tuple[str, ...]
     names: str  # the flag or key the message must name
     allowed: str = ""  # a piece of what is allowed (or what is wrong), when the message can say it
+    free: int | None = None  # bytes free on every file system (shutil.disk_usage patched): a full disk
 
 
 P = ("prune", "{model}", "-o", "{out}", "--nsamples", "2", "--seqlen", "32")  # a valid prune to spoil
 E = ("evaluate", "{model}", "--max-windows", "1")
+H = ("heal", "{tmp}/pruned", "-o", "{out}", "--block-size", "32")
+M = ("merge", "{tmp}/fake-adapter", "-o", "{out}", "--base")
 CASES = [
     # --- prune: ratios and patterns
     Case("sparsity-one", P + ("--sparsity", "1.0"), "--sparsity", "[0, 1)"),
@@ -142,7 +145,46 @@ CASES = [
     Case("inspect-masks-wrong-shape", ("inspect", "{model}", "--masks", "{tmp}/wrong-shape.safetensors"),
          "--masks", "shape"),
     Case("unknown-command", ("compress", "{model}"), "compress"),
+    # --- output space and permissions, checked before any work
+    Case("output-readonly-dir", ("prune", "{model}", "-o", "{tmp}/readonly/out", "--seqlen", "32"),
+         "--output", "cannot write"),
+    Case("disk-full-prune", P, "--output", "1.0 MiB free", free=2**20),
+    Case("disk-full-heal", H, "--output", "1.0 MiB free", free=2**20),
+    Case("disk-full-heal-checkpoints", ("heal", "{tmp}/pruned", "-o", "{out}", "--method", "full",
+                                        "--block-size", "32", "--save-steps", "5"), "--output",
+         "checkpoints", free=2**20),
+    Case("disk-full-merge", M + ("{tmp}/pruned",), "--output", "1.0 MiB free", free=2**20),
+    Case("disk-full-evaluate", E + ("--output", "{out}.json"), "--output", "1.0 MiB free", free=2**20),
+    Case("disk-full-run", ("run", "--config", "{tmp}/run.yaml", "--output", "{out}"), "--output",
+         "stages still to run", free=2**20),
+    # --- pickle-only weights (they can run code when loaded) are refused unless --allow-pickle
+    Case("heal-pickle-only", ("heal", "{tmp}/pickled", "-o", "{out}", "--block-size", "32"), "--allow-pickle",
+         "pass --allow-pickle"),
+    Case("inspect-pickle-only", ("inspect", "{tmp}/pickled"), "--allow-pickle", "pass --allow-pickle"),
+    Case("evaluate-pickle-beside-masks", ("evaluate", "{tmp}/pickled-masks", "--max-windows", "1"),
+         "--allow-pickle", "pass --allow-pickle"),
+    Case("merge-pickle-only-base", M + ("{tmp}/pickled",), "--allow-pickle", "pass --allow-pickle"),
+    Case("merge-pickle-only-adapter", ("merge", "{tmp}/pickle-adapter", "-o", "{out}", "--base",
+                                       "{tmp}/pruned"), "--allow-pickle", "pass --allow-pickle"),
+    # --- masks that belong to other weights
+    Case("heal-masks-of-another-model", ("heal", "{tmp}/swapped", "-o", "{out}", "--block-size", "32"),
+         "PRUNED_DIR", "was written for weights"),
+    Case("inspect-masks-of-another-model", ("inspect", "{tmp}/swapped"), "MODEL", "was written for weights"),
+    Case("merge-masks-of-another-model", M + ("{tmp}/swapped",), "--base", "was written for weights"),
+    # --- --config reads YAML 1.2 numbers: 2:4 is a pattern (not the sexagesimal 124)
+    Case("config-nm-pattern-other-ratio", P + ("--config", "{tmp}/nm.yaml"), "--sparsity",
+         "implies sparsity 0.5"),
+    # --- recipes cannot place a stage's output (outside the run directory or anywhere)
+    Case("run-stage-output-parent", ("run", "--config", "{tmp}/escape.yaml", "--output", "{out}"),
+         "prune.output", "set by run"),
+    Case("run-stage-output-absolute", ("run", "--config", "{tmp}/escape-abs.yaml", "--output", "{out}"),
+         "heal.output", "set by run"),
+    Case("run-override-output", ("run", "--config", "{tmp}/run.yaml", "--output", "{out}", "--evaluate",
+                                 "output=../../x.json"), "evaluate.output", "set by run"),
 ]
+PARAMS = [pytest.param(c, id=c.id, marks=pytest.mark.skipif(
+    c.id == "output-readonly-dir" and os.geteuid() == 0, reason="root writes into read-only directories"))
+    for c in CASES]
 
 
 def _write(path: Path, content: str | bytes) -> None:
@@ -191,7 +233,38 @@ def bad_files(tmp_path_factory, llama_dir, tiny_model_dir) -> Path:
     llama, _, _ = load_model(str(llama_dir), device="cpu")
     save_masks({n: torch.ones_like(m.weight.t(), dtype=torch.bool) for n, m in prunable_linears(llama).items()
                 if "layers.0.mlp" in n}, tmp / "wrong-shape.safetensors")
+    _model_files(tmp, llama_dir, llama)
     return tmp
+
+
+def _model_files(tmp: Path, llama_dir: Path, llama) -> None:
+    """Pruned, pickled, masks-swapped and adapter directories, and recipes, for the later cases."""
+    import shutil
+
+    import sparseheal
+
+    (tmp / "readonly").mkdir(mode=0o555)
+    (tmp / "nm.yaml").write_text("pattern: 2:4\nsparsity: 0.6\n")
+    pruned = sparseheal.prune(str(llama_dir), str(tmp / "pruned"), method="magnitude")
+    other = sparseheal.prune(str(llama_dir), str(tmp / "pruned-2-4"), method="magnitude", pattern="2:4")
+    shutil.copytree(pruned, tmp / "swapped")
+    shutil.copyfile(other / "sparsity_masks.safetensors", tmp / "swapped" / "sparsity_masks.safetensors")
+    for name, masks in (("pickled", False), ("pickled-masks", True)):
+        shutil.copytree(pruned, tmp / name)
+        (tmp / name / "model.safetensors").unlink()
+        if not masks:
+            (tmp / name / "sparsity_masks.safetensors").unlink()
+        torch.save(llama.state_dict(), tmp / name / "pytorch_model.bin")
+    adapters = {"fake-adapter": "adapter_model.safetensors", "pickle-adapter": "adapter_model.bin"}
+    for name, weights in adapters.items():
+        (tmp / name).mkdir()
+        (tmp / name / "adapter_config.json").write_text('{"peft_type": "LORA"}')
+        (tmp / name / weights).write_bytes(b"not read: refused first")
+    run = f"model: {llama_dir}\nprune: {{method: magnitude}}\nheal: {{block-size: 32, max-steps: 1}}\n" \
+          "evaluate: {seqlen: 32, max-windows: 1}\n"
+    (tmp / "run.yaml").write_text(run)
+    (tmp / "escape.yaml").write_text(run.replace("magnitude}", "magnitude, output: ../../x}"))
+    (tmp / "escape-abs.yaml").write_text(run.replace("max-steps: 1", f"max-steps: 1, output: {tmp}/abs"))
 
 
 @pytest.fixture(autouse=True)
@@ -229,13 +302,18 @@ def _check_error(code: int, stdout: str, stderr: str, case: Case) -> None:
 def test_table_is_large_and_unique():
     assert len(CASES) >= 40
     assert len({c.id for c in CASES}) == len(CASES)
-    assert {c.argv[0] for c in CASES} >= {"prune", "evaluate", "inspect"}
+    assert {c.argv[0] for c in CASES} >= {"prune", "heal", "merge", "evaluate", "inspect", "run"}
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_bad_input(case, bad_files, llama_dir, tmp_path, capsys):
+@pytest.mark.parametrize("case", PARAMS)
+def test_bad_input(case, bad_files, llama_dir, tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
     existing = _tree_digest(bad_files / "existing")
+    if case.free is not None:
+        import shutil
+
+        full = shutil._ntuple_diskusage(2**40, 2**40 - case.free, case.free)
+        monkeypatch.setattr(shutil, "disk_usage", lambda path: full)
     with pytest.raises(SystemExit) as exit_info:
         cli.main(_fill(case.argv, llama_dir, bad_files, out))
     captured = capsys.readouterr()

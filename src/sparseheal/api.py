@@ -34,7 +34,7 @@ from sparseheal.registry import PRUNERS
 from sparseheal.sparsity import prune_model
 from sparseheal.sparsity.inspection import inspect_model
 from sparseheal.sparsity.masks import sparsity_of
-from sparseheal.sparsity.store import save_masks
+from sparseheal.sparsity.store import check_masks_belong, save_masks, stamp_masks, weights_hash
 
 __all__ = ["prune", "evaluate", "inspect", "heal", "merge", "run", "report"]
 
@@ -140,7 +140,9 @@ def prune(
     record = _prune_record(cfg, source, lm, masks, watch)
     with atomic_dir(cfg.output, cfg.overwrite) as tmp:
         save_model(lm, tokenizer, tmp)
-        save_masks(masks, tmp / MASKS_FILE, {"base_hash": record["base_hash"], "pattern": cfg.pattern})
+        record["weights_hash"] = weights_hash(tmp)  # the masks belong to these weights (checked on load)
+        save_masks(masks, tmp / MASKS_FILE, {"base_hash": record["base_hash"], "pattern": cfg.pattern,
+                                             "weights_hash": record["weights_hash"]})
         write_record(tmp, record)
     log.info("pruned %s with %s (%s) -> %s: %.2f%% of prunable weights are zero", cfg.model, cfg.method,
              cfg.pattern, cfg.output, 100 * record["sparsity_achieved"])
@@ -211,7 +213,7 @@ def evaluate(
         if cfg.adapter:
             from sparseheal.heal.adapters import apply_adapter
 
-            lm = apply_adapter(lm, cfg.adapter, cfg.model)
+            lm = apply_adapter(lm, cfg.adapter, cfg.model, cfg.allow_pickle)
         results = []
         with watch("perplexity"):
             for name, tokens in streams.items():
@@ -227,21 +229,33 @@ def evaluate(
     return report
 
 
-def inspect(model: str, masks: str | None = None) -> dict:
+def inspect(model: str, masks: str | None = None, allow_pickle: bool = False,
+            trust_remote_code: bool = False) -> dict:
     """Reports per-layer and total sparsity, the N:M pattern, and mask violations.
 
     Args:
         model: a model directory (or any model source).
         masks: a masks file to verify against (default: the model's own sparsity_masks.safetensors).
+        allow_pickle: allow pickle-based .bin weights (they can run code when loaded).
+        trust_remote_code: allow code shipped with the model to run.
 
     Returns:
         A report dict; ``report["ok"]`` is False when any check fails.
     """
-    cfg = InspectConfig(model=model, masks=masks)
-    lm, _, source = load_model(cfg.model, dtype=None, device="cpu")
+    cfg = InspectConfig(model, masks, allow_pickle, trust_remote_code)
+    if cfg.masks is None:  # the directory's own masks must belong to its weights
+        _check_own_masks(resolve_source(cfg.model).path, "MODEL")
+    lm, _, source = load_model(cfg.model, None, "cpu", cfg.trust_remote_code, cfg.allow_pickle)
     masks_file = cfg.masks or (Path(source.path) / MASKS_FILE)
     masks_file = masks_file if Path(masks_file).is_file() else None
     return inspect_model(lm, read_record(source.path), masks_file)
+
+
+def _check_own_masks(model_dir: str, flag: str) -> None:
+    """Refuses a directory whose masks file was written beside other weights (before any heavy work)."""
+    path = Path(model_dir) / MASKS_FILE
+    if path.is_file():
+        check_masks_belong(path, model_dir, flag)
 
 
 def _heal_record(cfg, source, pruned_record: dict | None, summary: dict, extra: dict, data: dict,
@@ -288,6 +302,8 @@ def heal(
     seed: int = 0,
     dtype: str | None = None,
     device: str | None = None,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
     gradient_checkpointing: bool = False,
     bf16: bool = False,
     logging_steps: int = 10,
@@ -341,6 +357,8 @@ def heal(
         seed: seed of adapter initialisation, dropout and data order.
         dtype: float32, bfloat16 or float16 for the model weights.
         device: compute device.
+        allow_pickle: allow pickle-based .bin weights (they can run code when loaded).
+        trust_remote_code: allow code shipped with the model to run.
         gradient_checkpointing: recompute activations in the backward pass to save memory.
         bf16: bfloat16 mixed precision (autocast).
         logging_steps: log the loss every N steps (to train_log.jsonl too).
@@ -379,7 +397,7 @@ def heal(
     from sparseheal.config import HealConfig
     from sparseheal.heal.adapters import model_masks
     from sparseheal.heal.trainer import LOG_FILE, heal_blocks, train
-    from sparseheal.models import hash_weights, load_tokenizer, resolve_source
+    from sparseheal.models import load_tokenizer, resolve_source
     from sparseheal.registry import HEALERS
 
     cfg = HealConfig(**{k: v for k, v in locals().items() if k in HealConfig.__dataclass_fields__})
@@ -387,6 +405,7 @@ def heal(
     source = resolve_source(cfg.pruned_dir)
     healer = HEALERS.get(cfg.method)()
     _check_model_fits(source.path, cfg, healer)
+    _check_own_masks(source.path, "PRUNED_DIR")
     pruned_record = read_record(source.path)
     if cfg.distill:  # an unresolvable teacher fails here, before data and weights load
         from sparseheal.heal.distill import resolve_teacher
@@ -397,21 +416,22 @@ def heal(
         if cfg.data == "self":  # text written by the dense teacher (heal/selfgen.py), cached
             from sparseheal.heal.selfgen import self_training_blocks
 
-            tokenizer = load_tokenizer(source)
+            tokenizer = load_tokenizer(source, cfg.trust_remote_code)
             train_blocks, eval_blocks, self_record = self_training_blocks(cfg, pruned_record, tokenizer)
         else:
-            train_blocks, eval_blocks = heal_blocks(cfg, load_tokenizer(source))
+            train_blocks, eval_blocks = heal_blocks(cfg, load_tokenizer(source, cfg.trust_remote_code))
     data_record = {"source": cfg.data, "block_size": cfg.block_size, "train_blocks": len(train_blocks),
                    "eval_blocks": 0 if eval_blocks is None else len(eval_blocks), **self_record}
-    base_hash = hash_weights(source.path)
+    base_hash = weights_hash(source.path)  # cached: the masks check hashed it
     with watch("load"):
         if cfg.fsdp:  # each rank loads and keeps only its shard (heal/fsdp.py)
             from sparseheal.heal.fsdp import load_sharded
 
             lm, tokenizer = load_sharded(cfg.pruned_dir, cfg.dtype), load_tokenizer(source)
         else:
-            lm, tokenizer, _ = load_model(cfg.pruned_dir, cfg.dtype, cfg.device)
-    masks, mask_source = model_masks(lm, source.path)
+            lm, tokenizer, _ = load_model(cfg.pruned_dir, cfg.dtype, cfg.device, cfg.trust_remote_code,
+                                          cfg.allow_pickle)
+    masks, mask_source = model_masks(lm, source.path, "PRUNED_DIR")
     if cfg.fsdp:  # masks read off a sharded model's zeros (no masks file) are gathered whole
         from sparseheal.heal.fsdp import full_masks
 
@@ -436,6 +456,9 @@ def heal(
         return Path(cfg.output)
     with atomic_dir(cfg.output, cfg.overwrite) as tmp, watch("save"):
         extra = {"masks_from": mask_source, **healer.save(student, tokenizer, tmp, masks, cfg)}
+        if (tmp / MASKS_FILE).is_file():  # masks saved beside trained weights name those weights
+            extra["weights_hash"] = weights_hash(tmp)
+            stamp_masks(tmp / MASKS_FILE, extra["weights_hash"])
         shutil.copyfile(cfg.checkpoint_dir / LOG_FILE, tmp / LOG_FILE)
         if cfg.merge != "none":
             from sparseheal.heal.merge import MERGE_EVAL_WINDOWS, save_merged
@@ -443,8 +466,8 @@ def heal(
             windows = None if eval_blocks is None else eval_blocks[:MERGE_EVAL_WINDOWS]
             merged = save_merged(student, tokenizer, masks, cfg.merge, tmp / "merged", windows, "held-out")
             extra["merged"] = {"path": "merged", **merged}
-            write_record(tmp / "merged", _merge_record(pruned_record, merged, source, base_hash, cfg.output,
-                                                       mask_source))
+            merged_record = _merge_record(pruned_record, merged, source, base_hash, cfg.output, mask_source)
+            write_record(tmp / "merged", {**merged_record, "weights_hash": weights_hash(tmp / "merged")})
         record = _heal_record(cfg, source, pruned_record, summary, extra, data_record, watch, base_hash)
         write_record(tmp, record)
     if not cfg.save_steps:
@@ -472,13 +495,13 @@ def _check_model_fits(model_path: str, cfg, healer) -> None:
     """Checks the recipe against the model's structure (a weightless skeleton) before any heavy work."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(model_path)
+    config = AutoConfig.from_pretrained(model_path, trust_remote_code=cfg.trust_remote_code)
     positions = max_positions(config)
     if positions is not None and cfg.block_size > positions:
         raise ConfigError("--block-size", f"{cfg.block_size} exceeds the model's {positions} positions")
     if hasattr(healer, "validate"):
         with torch.device("meta"):
-            skeleton = AutoModelForCausalLM.from_config(config)
+            skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)
         healer.validate(skeleton, cfg)
 
 
@@ -494,6 +517,8 @@ def merge(
     device: str | None = None,
     overwrite: bool = False,
     data_dir: str | None = None,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
 ) -> Path:
     """Merges a LoRA adapter into its sparse base and writes a normal model directory.
 
@@ -509,6 +534,8 @@ def merge(
         device: compute device.
         overwrite: replace an existing output directory.
         data_dir: local mirror of the named data sets.
+        allow_pickle: allow pickle-based .bin weights (they can run code when loaded).
+        trust_remote_code: allow code shipped with the model to run.
 
     Returns:
         The output directory.
@@ -516,7 +543,7 @@ def merge(
     from sparseheal.config import MergeConfig
     from sparseheal.heal.adapters import apply_adapter, check_adapter_base, model_masks
     from sparseheal.heal.merge import save_merged
-    from sparseheal.models import hash_weights, resolve_source
+    from sparseheal.models import resolve_source
 
     cfg = MergeConfig(**{k: v for k, v in locals().items() if k in MergeConfig.__dataclass_fields__})
     adapter_record = read_record(cfg.adapter) or {}
@@ -526,17 +553,20 @@ def merge(
                                     "pass --base DIR")
     check_adapter_base(cfg.adapter, base_dir, "--base")
     source = resolve_source(base_dir)
+    _check_own_masks(source.path, "--base")
     windows = _merge_windows(cfg, source) if cfg.eval_windows else None
     watch = Stopwatch()
     with watch("load"):
-        lm, tokenizer, _ = load_model(base_dir, cfg.dtype, cfg.device)
-    masks, mask_source = model_masks(lm, source.path)
-    peft_model = apply_adapter(lm, cfg.adapter, base_dir)
+        lm, tokenizer, _ = load_model(base_dir, cfg.dtype, cfg.device, cfg.trust_remote_code,
+                                      cfg.allow_pickle)
+    masks, mask_source = model_masks(lm, source.path, "--base")
+    peft_model = apply_adapter(lm, cfg.adapter, base_dir, cfg.allow_pickle)
     with atomic_dir(cfg.output, cfg.overwrite) as tmp, watch("merge"):
         stats = save_merged(peft_model, tokenizer, masks, cfg.mode, tmp, windows, cfg.eval_data)
-        base_hash = hash_weights(source.path)
+        base_hash = weights_hash(source.path)
         record = _merge_record(read_record(source.path), stats, source, base_hash, cfg.adapter, mask_source)
-        write_record(tmp, {**record, "timings": watch.times, "previous": adapter_record})
+        write_record(tmp, {**record, "weights_hash": weights_hash(tmp), "timings": watch.times,
+                           "previous": adapter_record})
     return Path(cfg.output)
 
 

@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-import yaml
 from typer.exceptions import TyperException
 
 from sparseheal import api
 from sparseheal.config import ConfigError
+from sparseheal.recipe import parse_yaml
 from sparseheal.records import read_record
 
 __all__ = ["app", "main"]
@@ -48,11 +48,10 @@ def _config_callback(ctx: typer.Context, _param: typer.CallbackParam, value: str
     if not path.is_file():
         raise ConfigError("--config", f"{value} is not a file")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
         raise ConfigError("--config", f"{value} is not UTF-8 text; give a YAML file") from err
-    except yaml.YAMLError as err:
-        raise ConfigError("--config", f"{value} is not valid YAML ({err.__class__.__name__})") from err
+    data = parse_yaml(text, "--config", value) or {}  # YAML 1.2 numbers: 2:4 stays a string, 1e-4 a float
     if not isinstance(data, dict):
         raise ConfigError("--config", f"{value} must hold a mapping of flag names to values")
     known = {p.name for p in ctx.command.params if p.name != "config"}

@@ -6,9 +6,12 @@ with one line that names the flag and what is allowed.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
 import re
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,7 +32,13 @@ __all__ = [
     "resolve_sparsity",
     "check_device",
     "check_dtype",
+    "check_pickle",
     "check_output",
+    "check_free_space",
+    "without_space_checks",
+    "weights_bytes",
+    "heal_bytes",
+    "MIN_FREE_BYTES",
 ]
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -86,6 +95,20 @@ def _check_positive(flag: str, value: int | None) -> None:
         raise ConfigError(flag, f"must be an integer >= 1, got {value}")
 
 
+def check_pickle(model: str | os.PathLike | None, allow_pickle: bool, stem: str = "") -> None:
+    """Refuses a local directory whose weights are pickle-only (``.bin``, which can run code when
+    loaded) unless ``--allow-pickle``; ``stem`` narrows the files looked at (``adapter_model``)."""
+    if model is None or allow_pickle:
+        return
+    root = Path(model).expanduser()
+    if not root.is_dir():
+        return
+    safe = [f for f in root.glob(f"{stem}*.safetensors") if f.name != "sparsity_masks.safetensors"]
+    if not safe and list(root.glob(f"{stem}*.bin")):
+        raise ConfigError("--allow-pickle", f"{root} holds only pickle (.bin) weights, which can run code "
+                                            "when loaded; pass --allow-pickle if you trust them")
+
+
 def check_dtype(dtype: str | None) -> None:
     if dtype is not None and dtype not in DTYPES:
         raise ConfigError("--dtype", f"choose from {', '.join(DTYPES)}; got {dtype!r}")
@@ -133,6 +156,71 @@ def check_output(output: str | os.PathLike, overwrite: bool, flag: str = "--outp
     return path
 
 
+MIN_FREE_BYTES = 32 * 2**20  # what any output needs at least (config, tokenizer, record, logs)
+_SPACE_CHECKS: contextvars.ContextVar[bool] = contextvars.ContextVar("sparseheal_space_checks", default=True)
+
+
+@contextlib.contextmanager
+def without_space_checks() -> Iterator[None]:
+    """Turns ``check_free_space`` off in this block (for configs whose outputs are placeholders)."""
+    token = _SPACE_CHECKS.set(False)
+    try:
+        yield
+    finally:
+        _SPACE_CHECKS.reset(token)
+
+
+def _size(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def weights_bytes(model: str | os.PathLike) -> int | None:
+    """Bytes of the weight files (.safetensors, .bin; masks excluded) of a local model directory or a
+    built-in name; None for a Hub id or a source that does not resolve (its loading reports that)."""
+    root = Path(model).expanduser()
+    if not root.is_dir():
+        from sparseheal.models import BUILTIN_MODELS, resolve_source
+
+        if str(model) not in BUILTIN_MODELS:
+            return None
+        try:
+            root = Path(resolve_source(str(model)).path)
+        except ConfigError:
+            return None
+    files = [f for f in root.iterdir() if f.suffix in (".safetensors", ".bin") and f.is_file()
+             and f.name != "sparsity_masks.safetensors"]
+    return sum(f.stat().st_size for f in files)
+
+
+def check_free_space(
+    output: str | os.PathLike, needed: int | None, what: str, flag: str = "--output"
+) -> None:
+    """Refuses an output whose file system has less free space than ``needed`` bytes (at least
+    ``MIN_FREE_BYTES``), before any work; ``what`` says what the estimate is."""
+    import shutil
+
+    if not _SPACE_CHECKS.get():
+        return
+    parent = Path(output).expanduser().absolute()
+    while not parent.exists():
+        parent = parent.parent
+    needed = max(needed or 0, MIN_FREE_BYTES)
+    free = shutil.disk_usage(parent).free
+    if free < needed:
+        raise ConfigError(flag, f"{parent} has {_size(free)} free, but about {_size(needed)} is needed "
+                                f"({what}); free some space or choose another {flag}")
+
+
+def heal_bytes(method: str, weights: int | None, save_steps: int | None, save_total_limit: int,
+               merge: str) -> tuple[int, str]:
+    """Estimated bytes a heal writes (output plus checkpoints) from the pruned weights' size, and how."""
+    weights = weights or 0
+    if method == "lora":  # adapters are small; a merged copy is a whole model
+        return (weights, "a merged copy of the model") if merge != "none" else (0, "the adapter")
+    kept = save_total_limit if save_steps else 0  # a checkpoint: weights + two AdamW moments
+    return weights * (1 + 3 * kept), f"the model's weights, plus {kept} checkpoints of 3x that"
+
+
 @dataclass
 class PruneConfig:
     """Settings of the prune stage (see ``sparseheal prune --help``)."""
@@ -175,6 +263,7 @@ class PruneConfig:
 
             check_seqlen(self.model, self.seqlen)
             check_source(self.calibration_data, "--calibration-data")
+        check_free_space(self.output, weights_bytes(self.model), "the size of the model's weight files")
 
 
 @dataclass
@@ -213,6 +302,7 @@ class EvaluateConfig:
             if out.is_dir():
                 raise ConfigError("--output", f"{out} is a directory; give a .json file path")
             check_output(out.parent if str(out.parent) else ".", overwrite=True)
+            check_free_space(out, None, "a results file")
         check_device(self.device)
         from sparseheal.data import check_source
         from sparseheal.models import check_seqlen
@@ -229,8 +319,11 @@ class InspectConfig:
 
     model: str
     masks: str | None = None
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
 
     def __post_init__(self) -> None:
+        check_pickle(self.model, self.allow_pickle)
         if self.masks is not None and not Path(self.masks).is_file():
             raise ConfigError("--masks", f"{self.masks} is not a file")
         if self.masks is not None:
@@ -245,7 +338,8 @@ DISTILL_LOSSES = ("kl", "squarehead")
 RECIPE_FILE = "heal_recipe.json"
 # HealConfig fields that may change when a run is resumed (they do not change what is trained)
 RESUMABLE_CHANGES = frozenset({"resume", "overwrite", "device", "teacher_device", "data_dir", "logging_steps",
-                               "eval_steps", "save_steps", "save_total_limit", "merge", "max_bad_steps"})
+                               "eval_steps", "save_steps", "save_total_limit", "merge", "max_bad_steps",
+                               "allow_pickle", "trust_remote_code"})
 
 
 def checkpoint_dir_for(output: str | os.PathLike) -> Path:
@@ -326,6 +420,8 @@ class HealConfig:
     seed: int = 0
     dtype: str | None = None
     device: str | None = None
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
     gradient_checkpointing: bool = False
     bf16: bool = False
     logging_steps: int = 10
@@ -370,8 +466,12 @@ class HealConfig:
         self._check_names()
         check_fsdp(self)
         _check_model_dir(self.pruned_dir, "PRUNED_DIR")
+        check_pickle(self.pruned_dir, self.allow_pickle)
         check_output(self.output, self.overwrite)
         self._check_checkpoints()
+        needed, what = heal_bytes(self.method, weights_bytes(self.pruned_dir), self.save_steps,
+                                  self.save_total_limit, self.merge)
+        check_free_space(self.output, needed, what)
 
     def _check_numbers(self) -> None:
         positive = {
@@ -489,6 +589,8 @@ class MergeConfig:
     device: str | None = None
     overwrite: bool = False
     data_dir: str | None = None
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
 
     def __post_init__(self) -> None:
         if not (Path(self.adapter).expanduser() / "adapter_config.json").is_file():
@@ -503,3 +605,9 @@ class MergeConfig:
         check_dtype(self.dtype)
         check_device(self.device)
         check_output(self.output, self.overwrite)
+        from sparseheal.records import read_record
+
+        base = self.base or (read_record(self.adapter) or {}).get("base_path")
+        check_pickle(base, self.allow_pickle)
+        check_pickle(self.adapter, self.allow_pickle, "adapter_model")
+        check_free_space(self.output, weights_bytes(base) if base else None, "the size of the base's weights")

@@ -160,7 +160,8 @@ def _check_weights_safe(source: ModelSource, allow_pickle: bool) -> None:
     if source.kind == "hub" or allow_pickle:
         return
     root = Path(source.path)
-    if not list(root.glob("*.safetensors")) and list(root.glob("*.bin")):
+    weights = [f for f in root.glob("*.safetensors") if f.name != "sparsity_masks.safetensors"]
+    if not weights and list(root.glob("*.bin")):  # the masks file alone is no safetensors weights
         raise ConfigError("--allow-pickle", f"{root} holds only pickle (.bin) weights; pass --allow-pickle")
 
 

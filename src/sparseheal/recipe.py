@@ -33,7 +33,15 @@ import yaml
 
 from sparseheal.config import ConfigError
 
-__all__ = ["SECTIONS", "Recipe", "load_recipe", "parse_yaml", "section_defaults", "validate_recipe"]
+__all__ = [
+    "SECTIONS",
+    "Recipe",
+    "load_recipe",
+    "parse_yaml",
+    "section_defaults",
+    "validate_recipe",
+    "check_run_links",
+]
 
 SECTIONS = ("prune", "heal", "evaluate")
 _TOP = ("model", "output", *SECTIONS)
@@ -201,6 +209,22 @@ def load_recipe(
     return Recipe(model=model, output=run_dir, source=config, **sections)
 
 
+def check_run_links(run_dir: Path) -> None:
+    """Refuses a link inside the run directory (or its eval/) that leads outside it: run writes through
+    such links, so a stage would write outside the run directory."""
+    root = run_dir.expanduser().resolve()
+    if not root.is_dir():
+        return
+    entries = list(root.iterdir())
+    if (root / "eval").is_dir():
+        entries += list((root / "eval").iterdir())
+    for entry in entries:
+        target = entry.resolve()
+        if entry.is_symlink() and target != root and root not in target.parents:
+            raise ConfigError("--output", f"{entry} links to {target}, outside the run directory {root}; "
+                                          "run writes every stage inside it: remove the link")
+
+
 def _as_recipe_error(section: str, err: ConfigError) -> ConfigError:
     if err.flag.isupper():  # a positional argument: MODEL is the recipe's model
         return ConfigError("model", err.message)
@@ -213,9 +237,10 @@ def validate_recipe(recipe: Recipe) -> None:
 
     Errors name the recipe key (``heal.lr``) rather than the flag.
     """
-    from sparseheal.config import EvaluateConfig, HealConfig, PruneConfig
+    from sparseheal.config import EvaluateConfig, HealConfig, PruneConfig, without_space_checks
 
-    with tempfile.TemporaryDirectory(prefix="sparseheal-recipe-") as tmp:
+    # the probes' outputs are placeholders: run_recipe checks the run directory's free space itself
+    with tempfile.TemporaryDirectory(prefix="sparseheal-recipe-") as tmp, without_space_checks():
         probe_model = Path(tmp) / "model"  # stands in for pruned/, which does not exist yet
         probe_model.mkdir()
         (probe_model / "config.json").write_text("{}")

@@ -34,7 +34,7 @@ from typing import Any
 import yaml
 
 from sparseheal.config import ConfigError, checkpoint_dir_for, last_checkpoint
-from sparseheal.recipe import Recipe, section_defaults
+from sparseheal.recipe import Recipe, check_run_links, section_defaults
 from sparseheal.records import RECORD_FILE, read_record, versions
 
 __all__ = ["STAGES", "Unit", "plan_units", "decide", "run_recipe", "write_json_atomic", "MemorySampler"]
@@ -294,6 +294,24 @@ def _run_unit(unit: Unit, recipe: Recipe, record: RunRecord) -> None:
     record.update(unit, status="done", settings=unit.settings, skipped=False, **unit.stats)
 
 
+def _check_space(units: list[Unit], recipe: Recipe) -> None:
+    """Refuses a run whose remaining stages would not fit on the run directory's file system."""
+    from sparseheal.config import check_free_space, heal_bytes, weights_bytes
+
+    weights = weights_bytes(recipe.model) or 0
+    needed, names = 0, []
+    for unit in (u for u in units if u.todo and u.stage != "evaluate"):
+        names.append(unit.name)
+        if unit.stage == "heal":
+            heal = _filled("heal", recipe.heal)
+            needed += heal_bytes(str(heal["method"]), weights, heal["save_steps"], heal["save_total_limit"],
+                                 "none")[0]
+        else:  # a pruned or merged model is about as large as the dense one
+            needed += weights
+    if names:
+        check_free_space(recipe.output, needed, f"the stages still to run: {', '.join(names)}")
+
+
 def run_recipe(recipe: Recipe, force: str | None, after: Callable[[Path], dict] | None = None) -> dict:
     """Runs (or resumes) every unit of ``recipe``; returns the run record.
 
@@ -305,7 +323,9 @@ def run_recipe(recipe: Recipe, force: str | None, after: Callable[[Path], dict] 
     if recipe.output.is_dir() and any(recipe.output.iterdir()) and existing.get("stage") != "run":
         raise ConfigError("--output", f"{recipe.output} is not empty and holds no run record; give a new "
                                       "directory or one an earlier sparseheal run wrote")
+    check_run_links(recipe.output)
     decide(units, existing, force)
+    _check_space(units, recipe)
     recipe.output.mkdir(parents=True, exist_ok=True)
     (recipe.output / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
     record = RunRecord(recipe)

@@ -9,19 +9,28 @@ import torch
 from torch import nn
 
 from sparseheal.config import ConfigError
-from sparseheal.models import decoder_layers, hash_weights, prunable_linears, resolve_source
+from sparseheal.models import decoder_layers, prunable_linears, resolve_source
 from sparseheal.records import MASKS_FILE, read_record
-from sparseheal.sparsity.store import check_masks_match, load_masks, masks_from_zeros
+from sparseheal.sparsity.store import (
+    check_masks_belong,
+    check_masks_match,
+    load_masks,
+    masks_from_zeros,
+    weights_hash,
+)
 
 __all__ = ["model_masks", "check_adapter_base", "apply_adapter"]
 
 log = logging.getLogger(__name__)
 
 
-def model_masks(model: nn.Module, model_dir: str | Path) -> tuple[dict[str, torch.Tensor], str]:
+def model_masks(
+    model: nn.Module, model_dir: str | Path, flag: str = "MODEL"
+) -> tuple[dict[str, torch.Tensor], str]:
     """The keep-masks of a model directory's pruned linears, and where they came from.
 
-    ``sparsity_masks.safetensors`` when present (checked against the model); otherwise ``W != 0`` for
+    ``sparsity_masks.safetensors`` when present (checked against the model, and against the hash of
+    the weights it was written with: a mismatch is refused naming ``flag``); otherwise ``W != 0`` for
     the decoder layers' linears, with a warning.
 
     Returns:
@@ -29,7 +38,8 @@ def model_masks(model: nn.Module, model_dir: str | Path) -> tuple[dict[str, torc
     """
     path = Path(model_dir) / MASKS_FILE
     if path.is_file():
-        masks, _ = load_masks(path)
+        masks, meta = load_masks(path)
+        check_masks_belong(path, model_dir, flag, meta)
         check_masks_match(model, masks, str(path))
         return masks, "file"
     prefix, layers = decoder_layers(model)
@@ -44,21 +54,25 @@ def check_adapter_base(adapter: str | Path, base: str, flag: str = "--adapter") 
     expected = record.get("base_hash")
     if expected is not None:
         source = resolve_source(base)
-        actual = hash_weights(source.path) if source.kind != "hub" else None
+        actual = weights_hash(source.path) if source.kind != "hub" else None
         if actual != expected:
             raise ConfigError(flag, f"{adapter} was trained on base weights {expected}, but {base} has "
                                     f"weights {actual}; give the base it was trained on")
     return record
 
 
-def apply_adapter(model: nn.Module, adapter: str, base: str) -> nn.Module:
+def apply_adapter(model: nn.Module, adapter: str, base: str, allow_pickle: bool = False) -> nn.Module:
     """Wraps ``model`` with the PEFT adapter in ``adapter`` after checking it was trained on ``base``.
 
     The adapter's sparseheal.json names the hash of its base weights; a mismatch is refused. A
-    mask-aware adapter gets its update masked by ``base``'s masks again, as in training.
+    mask-aware adapter gets its update masked by ``base``'s masks again, as in training. Pickle-only
+    adapter weights (``adapter_model.bin``) are refused unless ``allow_pickle``.
     """
     from peft import PeftModel
 
+    from sparseheal.config import check_pickle
+
+    check_pickle(adapter, allow_pickle, "adapter_model")
     record = check_adapter_base(adapter, base)
     if not (Path(adapter) / "adapter_config.json").is_file():
         raise ConfigError("--adapter", f"{adapter} is not a PEFT adapter directory (no adapter_config.json)")

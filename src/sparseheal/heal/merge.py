@@ -214,7 +214,7 @@ def save_merged(model: nn.Module, tokenizer, masks: dict[str, torch.Tensor], mod
     """
     from sparseheal.models import save_model
     from sparseheal.records import MASKS_FILE
-    from sparseheal.sparsity.store import save_masks
+    from sparseheal.sparsity.store import save_masks, weights_hash
 
     before = mean_window_loss(model, eval_windows) if eval_windows is not None and len(eval_windows) else None
     merged, stats = merge_lora(model, masks, mode)
@@ -228,5 +228,5 @@ def save_merged(model: nn.Module, tokenizer, masks: dict[str, torch.Tensor], mod
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     save_model(merged, tokenizer, out_dir)
     if mode == "masked":
-        save_masks(masks, Path(out_dir) / MASKS_FILE, {"merge": mode})
+        save_masks(masks, Path(out_dir) / MASKS_FILE, {"merge": mode, "weights_hash": weights_hash(out_dir)})
     return stats

@@ -15,7 +15,17 @@ from sparseheal.config import ConfigError
 from sparseheal.models import prunable_linears
 from sparseheal.sparsity.masks import PackedMask, pack_mask, unpack_mask
 
-__all__ = ["save_masks", "load_masks", "masks_from_zeros", "check_masks_match", "check_masks_file"]
+__all__ = [
+    "save_masks",
+    "load_masks",
+    "masks_meta",
+    "masks_from_zeros",
+    "check_masks_match",
+    "check_masks_file",
+    "weights_hash",
+    "stamp_masks",
+    "check_masks_belong",
+]
 
 _FORMAT = "packbits-msb-v1"
 
@@ -31,6 +41,18 @@ def save_masks(
         **{k: str(v) for k, v in (meta or {}).items()},
     }
     save_file(tensors, str(path), metadata=header)
+
+
+def masks_meta(path: str | os.PathLike) -> dict[str, str]:
+    """The metadata of a masks file (its header only; no tensor is read)."""
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+    except (OSError, ValueError, SafetensorError) as err:
+        raise ConfigError("--masks", f"{path} is not a readable masks file ({type(err).__name__})") from err
+    if meta.get("format") != _FORMAT:
+        raise ConfigError("--masks", f"{path} is not a sparseheal masks file")
+    return meta
 
 
 def load_masks(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -74,6 +96,62 @@ def check_masks_file(path: str | os.PathLike, model: str) -> None:
 
     masks, _ = load_masks(path)
     check_masks_match(model_skeleton(model), masks, str(path))
+
+
+_HASHES: dict[tuple, str] = {}
+
+
+def weights_hash(model_dir: str | os.PathLike) -> str:
+    """``models.hash_weights`` of a directory, computed once while its weight files stay unchanged."""
+    from sparseheal.models import hash_weights
+
+    root = Path(model_dir).resolve()
+    files = sorted(f for f in root.iterdir() if f.suffix in (".safetensors", ".bin") and f.is_file())
+    key = (str(root), tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+    if key not in _HASHES:
+        _HASHES[key] = hash_weights(root)
+    return _HASHES[key]
+
+
+def stamp_masks(path: str | os.PathLike, weights: str) -> None:
+    """Records in a masks file the hash of the weights it sits beside (``weights_hash``)."""
+    with safe_open(str(path), framework="pt") as fh:
+        meta = fh.metadata() or {}
+        tensors = {name: fh.get_tensor(name) for name in fh.keys()}
+    save_file(tensors, str(path), metadata={**meta, "weights_hash": weights})
+
+
+def check_masks_belong(path: str | os.PathLike, model_dir: str | os.PathLike, flag: str,
+                       meta: dict[str, str] | None = None) -> None:
+    """Refuses a model directory's masks file that was written beside other weights.
+
+    A masks file carries ``weights_hash``, the hash of the weight files written with it, and so does
+    the directory's record; they must agree (a masks file swapped in from another directory does not).
+    Weights changed after both were written are no reason to refuse: verification (``inspect``)
+    reports what changed, and a warning is logged. Without a record, the weight files themselves
+    are the reference. Masks files written before they carried the hash are not checked.
+    """
+    import logging
+
+    from sparseheal.records import read_record
+
+    expected = (meta if meta is not None else masks_meta(path)).get("weights_hash")
+    if expected is None:
+        return
+    try:
+        recorded = (read_record(model_dir) or {}).get("weights_hash")
+    except ValueError:  # an unreadable record: the weight files decide
+        recorded = None
+    actual = weights_hash(model_dir)
+    reference, where = (recorded, f"{Path(model_dir) / 'sparseheal.json'} records weights") if recorded \
+        else (actual, f"{model_dir} holds weights")
+    if reference != expected:
+        raise ConfigError(flag, f"{path} was written for weights {expected}, but {where} {reference}: the "
+                                "masks belong to another model; restore the directory's own masks, or delete "
+                                "the file to take the masks from the zero weights (W != 0)")
+    if actual != expected:
+        logging.getLogger(__name__).warning(
+            "%s: the weights (%s) changed since the masks were written (for %s)", model_dir, actual, expected)
 
 
 def masks_path(model_dir: str | os.PathLike) -> Path:
