@@ -427,7 +427,8 @@ def heal(
         if cfg.fsdp:  # each rank loads and keeps only its shard (heal/fsdp.py)
             from sparseheal.heal.fsdp import load_sharded
 
-            lm, tokenizer = load_sharded(cfg.pruned_dir, cfg.dtype), load_tokenizer(source)
+            lm = load_sharded(cfg.pruned_dir, cfg.dtype, cfg.trust_remote_code, cfg.allow_pickle)
+            tokenizer = load_tokenizer(source, cfg.trust_remote_code)
         else:
             lm, tokenizer, _ = load_model(cfg.pruned_dir, cfg.dtype, cfg.device, cfg.trust_remote_code,
                                           cfg.allow_pickle)

@@ -121,7 +121,8 @@ def full_masks(masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {name: (mask.full_tensor() if is_sharded(mask) else mask).cpu() for name, mask in masks.items()}
 
 
-def load_sharded(model_dir: str, dtype: str | None) -> nn.Module:
+def load_sharded(model_dir: str, dtype: str | None, trust_remote_code: bool = False,
+                 allow_pickle: bool = False) -> nn.Module:
     """Loads ``model_dir`` sharded over all ranks of this launch (FSDP2, one unit per decoder layer)."""
     from transformers import AutoModelForCausalLM
     from transformers.distributed import DistributedConfig
@@ -130,8 +131,8 @@ def load_sharded(model_dir: str, dtype: str | None) -> nn.Module:
 
     torch_dtype = _DTYPES[dtype or default_dtype(default_device())]
     model = AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=torch_dtype, use_safetensors=True,
-        distributed_config=DistributedConfig(fsdp_size=world_size()),
+        model_dir, dtype=torch_dtype, use_safetensors=None if allow_pickle else True,
+        trust_remote_code=trust_remote_code, distributed_config=DistributedConfig(fsdp_size=world_size()),
     )
     model.config.use_cache = False
     log.info("loaded %s sharded over %d ranks (FSDP2)", model_dir, world_size())
