@@ -43,7 +43,8 @@ def _heal_sharded(pruned, out, settings: dict, *extra: str) -> str:
             *_flags(settings), *extra]
     proc = subprocess.run(launcher + heal, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stderr.count("sharded over 2 ranks (FSDP2)") == 2  # both ranks hold shards, no DDP copy
+    # both ranks hold shards, no DDP copy
+    assert proc.stderr.count("sharded over 2 ranks (FSDP2)") == 2, proc.stderr[-3000:]
     return proc.stderr
 
 
