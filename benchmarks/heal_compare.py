@@ -56,8 +56,14 @@ def parse_configs(value: str) -> list[str]:
     return chosen
 
 
-def evaluate_ppl(model: str, args, work: Path, name: str, adapter: str | None = None) -> dict:
+def evaluate_ppl(model: str, args, work: Path, name: str, adapter: str | None = None,
+                 reuse: bool = False) -> dict:
+    """Perplexity of ``model``; with ``reuse``, a result already in ``work`` at the same windows."""
     result = work / f"eval-{name}.json"
+    if reuse and not args.fresh and result.is_file():
+        res = json.loads(result.read_text())["results"][0]
+        if res["windows"] == args.eval_windows:
+            return {"ppl": round(res["ppl"], 3), "eval_windows": res["windows"], "eval_dtype": res["dtype"]}
     cmd = PY + ["evaluate", model, "--seqlen", "1024", "--max-windows", str(args.eval_windows),
                 "-o", str(result)]
     cmd += ["--adapter", adapter] if adapter else []
@@ -91,6 +97,19 @@ def heal_args(name: str, args) -> list[str]:
 
 
 def heal_and_eval(name: str, pruned: Path, label: str, args, work: Path) -> dict:
+    """One configuration's row; a row finished earlier in the same ``--workdir`` is reused."""
+    cached = work / f"row-{label}-{name}.json"
+    if cached.is_file() and not args.fresh:
+        row = json.loads(cached.read_text())
+        if row.get("budget") == [args.steps, args.block_size, args.seed, args.eval_windows]:
+            return row
+    row = _heal_and_eval(name, pruned, label, args, work)
+    row["budget"] = [args.steps, args.block_size, args.seed, args.eval_windows]
+    cached.write_text(json.dumps(row))
+    return row
+
+
+def _heal_and_eval(name: str, pruned: Path, label: str, args, work: Path) -> dict:
     out = work / f"healed-{label}-{name}"
     run = run_measured(PY + ["heal", str(pruned), "-o", str(out), *heal_args(name, args)],
                        log=work / f"{out.name}.log")
@@ -101,6 +120,7 @@ def heal_and_eval(name: str, pruned: Path, label: str, args, work: Path) -> dict
     data = record.get("data", {})
     return {"config": name, **ppl, "tokens_per_second": record["tokens_per_second"],
             "peak_rss_mb": run["peak_rss_mb"], "train_s": record["train_seconds"],
+            "cpu_s_per_ktok": round(1000 * record["train_cpu_seconds"] / record["tokens_seen"], 3),
             "heal_wall_s": run["wall_s"], "steps": record["steps"], "tokens_seen": record["tokens_seen"],
             "final_loss": record.get("final_loss"),
             "mask_violations": verification.get("mask_violations"),
@@ -172,7 +192,7 @@ def gap_closed(pruned: float, healed: float, dense: float) -> float:
 
 def compare_pattern(label: str, pruned: Path, dense_ppl: float, configs: list[str], args, work: Path) -> dict:
     tag = label.replace(":", "of").replace("%", "")
-    base = evaluate_ppl(str(pruned), args, work, f"pruned-{tag}")
+    base = evaluate_ppl(str(pruned), args, work, f"pruned-{tag}", reuse=True)
     rows = []
     for name in configs:
         row = {"pattern": label, **heal_and_eval(name, pruned, tag, args, work)}
@@ -208,7 +228,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None)
     parser.add_argument("--output", default="bench_results/heal_compare.json")
-    parser.add_argument("--workdir", default=None)
+    parser.add_argument("--workdir", default=None, help="rows finished earlier in it are reused")
+    parser.add_argument("--fresh", action="store_true", help="ignore rows finished earlier in --workdir")
     parser.add_argument("--measure-memory", default=None, help=argparse.SUPPRESS)  # child process mode
     args = parser.parse_args()
     if args.measure_memory:
@@ -221,7 +242,7 @@ def main() -> None:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="sparseheal-heal-compare-"))
     work.mkdir(parents=True, exist_ok=True)
 
-    dense = evaluate_ppl(args.model, args, work, "dense")
+    dense = evaluate_ppl(args.model, args, work, "dense", reuse=True)
     print(f"dense {args.model}: ppl {dense['ppl']}", flush=True)
     given = {"50%": args.pruned_50, "2:4": args.pruned_24}
     results = {}
@@ -233,8 +254,8 @@ def main() -> None:
     pruned_ppl = ", ".join(f"{k} {v['pruned_ppl']}" for k, v in results.items())
     budget = f"{args.steps} steps x {args.block_size} tokens"
     print(f"\ndense ppl {dense['ppl']}; pruned ppl {pruned_ppl}; budget {budget}")
-    columns = ["pattern", "config", "ppl", "gap_closed_pct", "tokens_per_second", "peak_rss_mb", "train_s",
-               "mask_violations"]
+    columns = ["pattern", "config", "ppl", "gap_closed_pct", "tokens_per_second", "cpu_s_per_ktok",
+               "peak_rss_mb", "train_s", "mask_violations"]
     print_table([{k: "-" if v is None else v for k, v in row.items()} for row in rows], columns)
     if memory:
         print(f"full fine-tuning memory: {memory['bytes_per_trainable_total']} B per trainable parameter "

@@ -48,8 +48,14 @@ CONFIGS = {
 }
 
 
-def evaluate_ppl(model: str, args, work: Path, name: str, adapter: str | None = None) -> float:
+def evaluate_ppl(model: str, args, work: Path, name: str, adapter: str | None = None,
+                 reuse: bool = False) -> float:
+    """Perplexity of ``model``; with ``reuse``, a result already in ``work`` at the same windows."""
     result = work / f"eval-{name}.json"
+    if reuse and result.is_file():
+        res = json.loads(result.read_text())["results"][0]
+        if res["windows"] == args.eval_windows and res["seqlen"] == args.eval_seqlen:
+            return round(res["ppl"], 4)
     cmd = PY + ["evaluate", model, "--seqlen", str(args.eval_seqlen), "--max-windows", str(args.eval_windows),
                 "--dtype", args.dtype, "-o", str(result)]
     cmd += ["--adapter", adapter] if adapter else []
@@ -327,9 +333,10 @@ def main() -> None:
         raise SystemExit("the baseline reads the mirror's C4 sample: use --data c4 and SPARSEHEAL_DATA_DIR")
     work = Path(args.workdir or tempfile.mkdtemp(prefix="sparseheal-heal-lora-"))
     work.mkdir(parents=True, exist_ok=True)
-    dense = evaluate_ppl(args.model, args, work, "dense")
+    dense = evaluate_ppl(args.model, args, work, "dense", reuse=True)  # the dense and pruned results
+    # already in --workdir are reused
     pruned = Path(args.pruned) if args.pruned else prune(args, work)
-    pruned_ppl = evaluate_ppl(str(pruned), args, work, "pruned")
+    pruned_ppl = evaluate_ppl(str(pruned), args, work, "pruned", reuse=True)
     print(f"dense ppl {dense}; pruned ppl {pruned_ppl} ({pruned})", flush=True)
     rows = []
     for name in configs:

@@ -114,6 +114,16 @@ def test_evaluate_config_and_print(pruned_llama, tmp_path, capsys):
     assert len(lines) == 2 and all(" wanda " in line and " 16 " in line for line in lines)
 
 
+def test_only_rank_zero_prints(pruned_llama, tmp_path, capsys, monkeypatch):
+    argv = ("evaluate", str(pruned_llama), "--max-windows", "1", "--seqlen", "16")
+    monkeypatch.setenv("RANK", "1")
+    code, out, err = _main(capsys, *argv)
+    assert code == 0 and out == "", err
+    monkeypatch.setenv("RANK", "0")
+    code, out, err = _main(capsys, *argv)
+    assert code == 0 and "wikitext2" in out, err
+
+
 def test_help_lists_dashed_flags_with_docstring_text(capsys):
     code, out, _ = _main(capsys, "prune", "--help")
     assert code == 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import inspect
 import logging
+import os
 import re
 import sys
 import typing
@@ -106,7 +107,10 @@ def command(func: Callable, printer: Callable[[Any], int | None], name: str | No
     def run(**kwargs: Any) -> int:
         if not own_config:
             kwargs.pop("config", None)
-        return printer(func(**kwargs)) or 0
+        result = func(**kwargs)
+        if int(os.environ.get("RANK", "0")) != 0:  # under torchrun / accelerate only rank 0 reports
+            return 0
+        return printer(result) or 0
 
     run.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
     run.__doc__ = (inspect.getdoc(func) or "").split("\n\n")[0]
