@@ -238,9 +238,9 @@ def mask_aware_cost(pruned: str, block_size: int, steps: int, targets: str) -> l
     """
     import torch
 
-    from sparseheal.config import HealConfig
     from sparseheal.heal.adapters import model_masks
     from sparseheal.heal.lora import LoraHealer
+    from sparseheal.heal.settings import HealConfig
     from sparseheal.models import load_model
 
     rows = []

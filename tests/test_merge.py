@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import sparseheal
-from sparseheal.config import HealConfig
 from sparseheal.heal.adapters import apply_adapter, model_masks
 from sparseheal.heal.lora import LoraHealer
 from sparseheal.heal.merge import lora_layers, merge_lora, merge_weight
+from sparseheal.heal.settings import HealConfig
 from sparseheal.models import load_model, weight_view
 from sparseheal.sparsity.masks import count_violations
 

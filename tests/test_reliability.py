@@ -17,6 +17,7 @@ from safetensors import safe_open
 import sparseheal
 from sparseheal import api, cli, config, recipe
 from sparseheal.config import ConfigError, weights_bytes
+from sparseheal.heal import settings
 from sparseheal.models import hash_weights
 from sparseheal.records import MASKS_FILE
 from sparseheal.sparsity.store import load_masks, save_masks
@@ -228,7 +229,7 @@ def test_full_heal_needs_room_for_its_checkpoints(pruned, tmp_path, disk):
                                    **TINY_HEAL)
     _space_refusal(call, tmp_path, needed - 1, needed, "2 checkpoints")
     disk(weights)  # without checkpoints the model alone must fit
-    config.HealConfig(str(pruned), str(tmp_path / "o"), method="full", block_size=32)
+    settings.HealConfig(str(pruned), str(tmp_path / "o"), method="full", block_size=32)
 
 
 def test_merge_and_run_need_room_for_their_models(llama_dir, healed, pruned, tmp_path, disk):

@@ -20,7 +20,7 @@ from transformers import Trainer
 
 import sparseheal
 from sparseheal import cli
-from sparseheal.config import HealConfig, last_checkpoint
+from sparseheal.heal.settings import HealConfig, last_checkpoint
 
 STEPS = 120
 SAVE = 5

@@ -10,8 +10,9 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 import sparseheal
-from sparseheal.config import ConfigError, HealConfig
+from sparseheal.config import ConfigError
 from sparseheal.heal import trainer as heal_trainer
+from sparseheal.heal.settings import HealConfig
 from sparseheal.heal.trainer import LOG_FILE, split_blocks, training_arguments
 
 FAST = dict(max_steps=6, block_size=32, max_eval_samples=2, logging_steps=1, device="cpu", lr=5e-3)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 from pathlib import Path
 
 import torch
@@ -34,7 +33,7 @@ from sparseheal.registry import PRUNERS
 from sparseheal.sparsity import prune_model
 from sparseheal.sparsity.inspection import inspect_model
 from sparseheal.sparsity.masks import sparsity_of
-from sparseheal.sparsity.store import check_masks_belong, save_masks, stamp_masks, weights_hash
+from sparseheal.sparsity.store import check_own_masks, save_masks, weights_hash
 
 __all__ = ["prune", "evaluate", "inspect", "heal", "merge", "run", "report"]
 
@@ -244,41 +243,11 @@ def inspect(model: str, masks: str | None = None, allow_pickle: bool = False,
     """
     cfg = InspectConfig(model, masks, allow_pickle, trust_remote_code)
     if cfg.masks is None:  # the directory's own masks must belong to its weights
-        _check_own_masks(resolve_source(cfg.model).path, "MODEL")
+        check_own_masks(resolve_source(cfg.model).path, "MODEL")
     lm, _, source = load_model(cfg.model, None, "cpu", cfg.trust_remote_code, cfg.allow_pickle)
     masks_file = cfg.masks or (Path(source.path) / MASKS_FILE)
     masks_file = masks_file if Path(masks_file).is_file() else None
     return inspect_model(lm, read_record(source.path), masks_file)
-
-
-def _check_own_masks(model_dir: str, flag: str) -> None:
-    """Refuses a directory whose masks file was written beside other weights (before any heavy work)."""
-    path = Path(model_dir) / MASKS_FILE
-    if path.is_file():
-        check_masks_belong(path, model_dir, flag)
-
-
-def _heal_record(cfg, source, pruned_record: dict | None, summary: dict, extra: dict, data: dict,
-                 watch: Stopwatch, base_hash: str) -> dict:
-    from dataclasses import asdict
-
-    history = summary.pop("log_history")
-    return {
-        "stage": "heal",
-        "method": cfg.method,
-        "base_model": cfg.pruned_dir,
-        "base_path": str(Path(source.path).resolve()),
-        "base_hash": base_hash,
-        "dense_model": (pruned_record or {}).get("base_model"),
-        "recipe": asdict(cfg),
-        "data": data,
-        **summary,
-        "log_entries": len(history),
-        **extra,
-        "timings": watch.times,
-        "wall_seconds": round(sum(watch.times.values()), 3),
-        "previous": pruned_record,
-    }
 
 
 def heal(
@@ -392,118 +361,11 @@ def heal(
     Returns:
         The output directory.
     """
-    import shutil
-
-    from sparseheal.config import HealConfig
-    from sparseheal.heal.adapters import model_masks
-    from sparseheal.heal.trainer import LOG_FILE, heal_blocks, train
-    from sparseheal.models import load_tokenizer, resolve_source
-    from sparseheal.registry import HEALERS
+    from sparseheal.heal.pipeline import run_heal
+    from sparseheal.heal.settings import HealConfig
 
     cfg = HealConfig(**{k: v for k, v in locals().items() if k in HealConfig.__dataclass_fields__})
-    watch = Stopwatch()
-    source = resolve_source(cfg.pruned_dir)
-    healer = HEALERS.get(cfg.method)()
-    _check_model_fits(source.path, cfg, healer)
-    _check_own_masks(source.path, "PRUNED_DIR")
-    pruned_record = read_record(source.path)
-    if cfg.distill:  # an unresolvable teacher fails here, before data and weights load
-        from sparseheal.heal.distill import resolve_teacher
-
-        resolve_teacher(cfg.teacher, pruned_record)
-    self_record: dict = {}
-    with watch("data"):
-        if cfg.data == "self":  # text written by the dense teacher (heal/selfgen.py), cached
-            from sparseheal.heal.selfgen import self_training_blocks
-
-            tokenizer = load_tokenizer(source, cfg.trust_remote_code)
-            train_blocks, eval_blocks, self_record = self_training_blocks(cfg, pruned_record, tokenizer)
-        else:
-            train_blocks, eval_blocks = heal_blocks(cfg, load_tokenizer(source, cfg.trust_remote_code))
-    data_record = {"source": cfg.data, "block_size": cfg.block_size, "train_blocks": len(train_blocks),
-                   "eval_blocks": 0 if eval_blocks is None else len(eval_blocks), **self_record}
-    base_hash = weights_hash(source.path)  # cached: the masks check hashed it
-    with watch("load"):
-        if cfg.fsdp:  # each rank loads and keeps only its shard (heal/fsdp.py)
-            from sparseheal.heal.fsdp import load_sharded
-
-            lm = load_sharded(cfg.pruned_dir, cfg.dtype, cfg.trust_remote_code, cfg.allow_pickle)
-            tokenizer = load_tokenizer(source, cfg.trust_remote_code)
-        else:
-            lm, tokenizer, _ = load_model(cfg.pruned_dir, cfg.dtype, cfg.device, cfg.trust_remote_code,
-                                          cfg.allow_pickle)
-    masks, mask_source = model_masks(lm, source.path, "PRUNED_DIR")
-    if cfg.fsdp:  # masks read off a sharded model's zeros (no masks file) are gathered whole
-        from sparseheal.heal.fsdp import full_masks
-
-        masks = full_masks(masks)
-    student = healer.prepare(lm, masks, cfg)
-    distiller = None
-    if cfg.distill:
-        from sparseheal.heal.distill import build_distiller
-
-        distiller = build_distiller(cfg, student, pruned_record)
-    callbacks = healer.callbacks() if hasattr(healer, "callbacks") else None
-    with watch("train"):
-        summary = train(student, train_blocks, eval_blocks, cfg, cfg.checkpoint_dir, distiller=distiller,
-                        callbacks=callbacks)
-    if cfg.fsdp:  # every rank takes part in gathering the shards; rank 0 gets the full model
-        from sparseheal.heal.fsdp import unshard_for_save
-
-        student = unshard_for_save(student)
-        if student is None:
-            return Path(cfg.output)
-    elif not _is_main_process(student):  # data-parallel ranks train together; rank 0 alone writes
-        return Path(cfg.output)
-    with atomic_dir(cfg.output, cfg.overwrite) as tmp, watch("save"):
-        extra = {"masks_from": mask_source, **healer.save(student, tokenizer, tmp, masks, cfg)}
-        if (tmp / MASKS_FILE).is_file():  # masks saved beside trained weights name those weights
-            extra["weights_hash"] = weights_hash(tmp)
-            stamp_masks(tmp / MASKS_FILE, extra["weights_hash"])
-        shutil.copyfile(cfg.checkpoint_dir / LOG_FILE, tmp / LOG_FILE)
-        if cfg.merge != "none":
-            from sparseheal.heal.merge import MERGE_EVAL_WINDOWS, save_merged
-
-            windows = None if eval_blocks is None else eval_blocks[:MERGE_EVAL_WINDOWS]
-            merged = save_merged(student, tokenizer, masks, cfg.merge, tmp / "merged", windows, "held-out")
-            extra["merged"] = {"path": "merged", **merged}
-            merged_record = _merge_record(pruned_record, merged, source, base_hash, cfg.output, mask_source)
-            write_record(tmp / "merged", {**merged_record, "weights_hash": weights_hash(tmp / "merged")})
-        record = _heal_record(cfg, source, pruned_record, summary, extra, data_record, watch, base_hash)
-        write_record(tmp, record)
-    if not cfg.save_steps:
-        shutil.rmtree(cfg.checkpoint_dir, ignore_errors=True)
-    log.info("healed %s with %s -> %s", cfg.pruned_dir, cfg.method, cfg.output)
-    return Path(cfg.output)
-
-
-def _is_main_process(model: torch.nn.Module) -> bool:
-    """True on rank 0 (or without torch.distributed); every rank logs a digest of its trained weights,
-    so a data-parallel run can show that all ranks ended identical."""
-    import hashlib
-
-    rank = int(os.environ.get("RANK", "0"))
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        digest = hashlib.sha256()
-        for name, param in sorted(model.state_dict().items()):
-            digest.update(name.encode())
-            digest.update(param.detach().float().cpu().numpy().tobytes())
-        log.info("rank %d: trained weights sha256 %s", rank, digest.hexdigest()[:16])
-    return rank == 0
-
-
-def _check_model_fits(model_path: str, cfg, healer) -> None:
-    """Checks the recipe against the model's structure (a weightless skeleton) before any heavy work."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(model_path, trust_remote_code=cfg.trust_remote_code)
-    positions = max_positions(config)
-    if positions is not None and cfg.block_size > positions:
-        raise ConfigError("--block-size", f"{cfg.block_size} exceeds the model's {positions} positions")
-    if hasattr(healer, "validate"):
-        with torch.device("meta"):
-            skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)
-        healer.validate(skeleton, cfg)
+    return run_heal(cfg)
 
 
 def merge(
@@ -541,60 +403,11 @@ def merge(
     Returns:
         The output directory.
     """
-    from sparseheal.config import MergeConfig
-    from sparseheal.heal.adapters import apply_adapter, check_adapter_base, model_masks
-    from sparseheal.heal.merge import save_merged
-    from sparseheal.models import resolve_source
+    from sparseheal.heal.pipeline import run_merge
+    from sparseheal.heal.settings import MergeConfig
 
     cfg = MergeConfig(**{k: v for k, v in locals().items() if k in MergeConfig.__dataclass_fields__})
-    adapter_record = read_record(cfg.adapter) or {}
-    base_dir = cfg.base or adapter_record.get("base_path")
-    if not base_dir or not (Path(base_dir) / "config.json").is_file():
-        raise ConfigError("--base", f"the adapter's record names no usable base ({base_dir}); "
-                                    "pass --base DIR")
-    check_adapter_base(cfg.adapter, base_dir, "--base")
-    source = resolve_source(base_dir)
-    _check_own_masks(source.path, "--base")
-    windows = _merge_windows(cfg, source) if cfg.eval_windows else None
-    watch = Stopwatch()
-    with watch("load"):
-        lm, tokenizer, _ = load_model(base_dir, cfg.dtype, cfg.device, cfg.trust_remote_code,
-                                      cfg.allow_pickle)
-    masks, mask_source = model_masks(lm, source.path, "--base")
-    peft_model = apply_adapter(lm, cfg.adapter, base_dir, cfg.allow_pickle)
-    with atomic_dir(cfg.output, cfg.overwrite) as tmp, watch("merge"):
-        stats = save_merged(peft_model, tokenizer, masks, cfg.mode, tmp, windows, cfg.eval_data)
-        base_hash = weights_hash(source.path)
-        record = _merge_record(read_record(source.path), stats, source, base_hash, cfg.adapter, mask_source)
-        write_record(tmp, {**record, "weights_hash": weights_hash(tmp), "timings": watch.times,
-                           "previous": adapter_record})
-    return Path(cfg.output)
-
-
-def _merge_record(base_record: dict | None, stats: dict, source, base_hash: str, adapter: str,
-                  mask_source: str) -> dict:
-    """The record of a merged model: the base's pruning facts, the merge statistics, provenance."""
-    keys = ("method", "pattern", "sparsity", "calibration")
-    keep = {k: v for k, v in (base_record or {}).items() if k in keys}
-    return {"stage": "merge", **keep, "merge": stats, "masks_from": mask_source, "base_model": source.name,
-            "base_path": str(Path(source.path).resolve()), "base_hash": base_hash, "adapter": str(adapter),
-            "sparsity_achieved": stats["sparsity_after"], "peak_rss_mb": round(peak_rss_mb(), 1)}
-
-
-def _merge_windows(cfg, source) -> torch.Tensor:
-    from transformers import AutoConfig
-
-    from sparseheal.models import load_tokenizer
-
-    positions = max_positions(AutoConfig.from_pretrained(source.path)) or 1024
-    seqlen = cfg.eval_seqlen or min(1024, positions)
-    if seqlen > positions:
-        raise ConfigError("--eval-seqlen", f"{seqlen} exceeds the model's {positions} positions")
-    tokens = eval_tokens(cfg.eval_data, load_tokenizer(source), seqlen, cfg.data_dir)  # (1, N)
-    n = min(cfg.eval_windows, tokens.shape[1] // seqlen)
-    if n == 0:
-        raise ConfigError("--eval-seqlen", f"{seqlen} is longer than the {cfg.eval_data} stream")
-    return tokens[0, : n * seqlen].reshape(n, seqlen)  # (W, T)
+    return run_merge(cfg)
 
 
 def run(

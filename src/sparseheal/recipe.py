@@ -237,7 +237,8 @@ def validate_recipe(recipe: Recipe) -> None:
 
     Errors name the recipe key (``heal.lr``) rather than the flag.
     """
-    from sparseheal.config import EvaluateConfig, HealConfig, PruneConfig, without_space_checks
+    from sparseheal.config import EvaluateConfig, PruneConfig, without_space_checks
+    from sparseheal.heal.settings import HealConfig
 
     # the probes' outputs are placeholders: run_recipe checks the run directory's free space itself
     with tempfile.TemporaryDirectory(prefix="sparseheal-recipe-") as tmp, without_space_checks():

@@ -33,7 +33,8 @@ from typing import Any
 
 import yaml
 
-from sparseheal.config import ConfigError, checkpoint_dir_for, last_checkpoint
+from sparseheal.config import ConfigError
+from sparseheal.heal.settings import checkpoint_dir_for, last_checkpoint
 from sparseheal.recipe import Recipe, check_run_links, section_defaults
 from sparseheal.records import RECORD_FILE, read_record, versions
 
@@ -296,7 +297,8 @@ def _run_unit(unit: Unit, recipe: Recipe, record: RunRecord) -> None:
 
 def _check_space(units: list[Unit], recipe: Recipe) -> None:
     """Refuses a run whose remaining stages would not fit on the run directory's file system."""
-    from sparseheal.config import check_free_space, heal_bytes, weights_bytes
+    from sparseheal.config import check_free_space, weights_bytes
+    from sparseheal.heal.settings import heal_bytes
 
     weights = weights_bytes(recipe.model) or 0
     needed, names = 0, []

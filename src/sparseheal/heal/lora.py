@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from sparseheal.config import ConfigError, HealConfig
+from sparseheal.config import ConfigError
+from sparseheal.heal.settings import HealConfig
 from sparseheal.models import prunable_linears
 from sparseheal.registry import HEALERS
 

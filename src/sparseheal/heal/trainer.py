@@ -3,7 +3,7 @@
 Data: fixed-length token blocks (run_clm style, see ``data.training_blocks``) served as
 ``{"input_ids", "labels"}``; the model shifts the labels itself. Schedule, clipping, mixed precision,
 gradient checkpointing, logging, evaluation, checkpoints and ``--resume`` are the Trainer's own; this
-module only maps :class:`~sparseheal.config.HealConfig` onto ``TrainingArguments`` and adds
+module only maps :class:`~sparseheal.heal.settings.HealConfig` onto ``TrainingArguments`` and adds
 
 - an optional distillation loss (:class:`HealTrainer.compute_loss`), whose parts are logged separately;
 - a guard that drops the update of a step whose loss is not finite and stops after ``--max-bad-steps``
@@ -28,7 +28,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, default_da
 from sparseheal.records import peak_rss_mb
 
 if TYPE_CHECKING:
-    from sparseheal.config import HealConfig
+    from sparseheal.heal.settings import HealConfig
 
 __all__ = [
     "LOG_FILE",
@@ -281,7 +281,7 @@ def train(
     if not cfg.resume:  # what a later --resume is checked against
         from dataclasses import asdict
 
-        from sparseheal.config import RECIPE_FILE
+        from sparseheal.heal.settings import RECIPE_FILE
 
         (checkpoint_dir / RECIPE_FILE).write_text(json.dumps(asdict(cfg), indent=2) + "\n")
     has_eval = eval_blocks is not None and len(eval_blocks) > 0
@@ -313,7 +313,7 @@ def train(
 
 def _resume_point(checkpoint_dir: Path) -> Path:
     """The last complete checkpoint; newer ones cut short by a kill while saving are removed."""
-    from sparseheal.config import last_checkpoint
+    from sparseheal.heal.settings import last_checkpoint
 
     last = last_checkpoint(checkpoint_dir)
     if last is None:

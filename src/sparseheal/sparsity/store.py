@@ -25,6 +25,7 @@ __all__ = [
     "weights_hash",
     "stamp_masks",
     "check_masks_belong",
+    "check_own_masks",
 ]
 
 _FORMAT = "packbits-msb-v1"
@@ -158,3 +159,10 @@ def masks_path(model_dir: str | os.PathLike) -> Path:
     from sparseheal.records import MASKS_FILE
 
     return Path(model_dir) / MASKS_FILE
+
+
+def check_own_masks(model_dir: str | os.PathLike, flag: str) -> None:
+    """Refuses a directory whose masks file was written beside other weights (before any heavy work)."""
+    path = masks_path(model_dir)
+    if path.is_file():
+        check_masks_belong(path, model_dir, flag)
