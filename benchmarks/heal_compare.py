@@ -177,12 +177,65 @@ def measure_memory(pruned: str, block_size: int) -> dict:
             "peak_rss_bytes_per_parameter": round(peak_rss_mb() * 2**20 / total, 2), "block_size": block_size}
 
 
+def measure_kl_memory(pruned: str, block_size: int, chunk: int) -> dict:
+    """Child process: peak RSS of one full fine-tuning step with KL distillation from the dense model.
+
+    ``chunk`` is the KL's tokens per chunk (0: the whole (B, T, V) softmaxes at once).
+    """
+    from types import SimpleNamespace
+
+    import torch
+
+    from sparseheal.heal import distill
+    from sparseheal.heal.adapters import model_masks
+    from sparseheal.heal.full import FullHealer
+    from sparseheal.models import load_model
+    from sparseheal.records import peak_rss_mb, read_record
+
+    lm, _, _ = load_model(pruned, "float32", "cpu")
+    masks, _ = model_masks(lm, pruned)
+    cfg = SimpleNamespace(pruned_dir=pruned, train_embeddings=False, train_norms=True, distill="kl",
+                          teacher=None, temperature=2.0, distill_alpha=0.5, teacher_dtype=None,
+                          teacher_device=None)
+    FullHealer().prepare(lm, masks, cfg)
+    distiller = distill.build_distiller(cfg, lm, read_record(pruned))
+    distiller.kl_chunk_tokens = chunk or None
+    optimizer = torch.optim.AdamW([p for p in lm.parameters() if p.requires_grad], lr=1e-6)
+    ids = torch.randint(0, lm.config.vocab_size, (1, block_size), generator=torch.Generator().manual_seed(0))
+    lm.train()
+    outputs = lm(input_ids=ids, labels=ids)  # (1, T, V) logits
+    loss, parts = distiller(outputs, {"input_ids": ids}, outputs.loss)
+    loss.backward()
+    optimizer.step()
+    return {"kl_chunk_tokens": chunk or "whole", "peak_rss_mb": round(peak_rss_mb(), 1),
+            "kl_loss": round(parts["kl_loss"], 6), "block_size": block_size}
+
+
 def memory_row(pruned: Path, args, work: Path) -> dict:
     out = work / "memory.json"
     cmd = [sys.executable, __file__, "--measure-memory", str(pruned), "--block-size", str(args.block_size),
            "--output", str(out)]
     run_measured(cmd, log=work / "memory.log")
     return json.loads(out.read_text())
+
+
+def kl_memory_table(args) -> None:
+    """``--kl-memory``: one full + KL step per KL chunk size, each in its own process."""
+    if args.kl_chunk is not None:
+        Path(args.output).write_text(json.dumps(measure_kl_memory(args.kl_memory, args.block_size,
+                                                                   args.kl_chunk)))
+        return
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="sparseheal-kl-memory-"))
+    work.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for chunk in (0, 256):
+        out = work / f"kl-memory-{chunk}.json"
+        cmd = [sys.executable, __file__, "--kl-memory", args.kl_memory, "--kl-chunk", str(chunk),
+               "--block-size", str(args.block_size), "--output", str(out)]
+        run_measured(cmd, log=work / f"kl-memory-{chunk}.log")
+        rows.append(json.loads(out.read_text()))
+    print_table(rows, list(rows[0]))
+    write_json(Path(args.output), {"settings": vars(args), "machine": machine(), "kl_memory": rows})
 
 
 def gap_closed(pruned: float, healed: float, dense: float) -> float:
@@ -231,9 +284,15 @@ def main() -> None:
     parser.add_argument("--workdir", default=None, help="rows finished earlier in it are reused")
     parser.add_argument("--fresh", action="store_true", help="ignore rows finished earlier in --workdir")
     parser.add_argument("--measure-memory", default=None, help=argparse.SUPPRESS)  # child process mode
+    parser.add_argument("--kl-memory", default=None, metavar="PRUNED_DIR",
+                        help="only measure the peak RSS of one full + KL step, chunked and whole")
+    parser.add_argument("--kl-chunk", type=int, default=None, help=argparse.SUPPRESS)  # child process mode
     args = parser.parse_args()
     if args.measure_memory:
         Path(args.output).write_text(json.dumps(measure_memory(args.measure_memory, args.block_size)))
+        return
+    if args.kl_memory:
+        kl_memory_table(args)
         return
     configs = parse_configs(args.configs)
     labels = [p.strip() for p in args.patterns.split(",") if p.strip()]

@@ -77,6 +77,22 @@ def test_kl_matches_direct_computation_with_t_squared_scaling_and_mask():
         kl_distill_loss(student, teacher, 0.0)
 
 
+@pytest.mark.parametrize("chunk", [1, 3, 5, 64])
+def test_chunked_kl_equals_whole_kl_with_the_same_gradient(chunk):
+    torch.manual_seed(2)
+    teacher = torch.randn(2, 5, 12)  # (B, T, V)
+    mask = torch.tensor([[1, 1, 0, 1, 1], [1, 1, 1, 1, 0]])
+    grads, losses = [], []
+    for chunk_tokens in (None, chunk):
+        student = torch.randn(2, 5, 12, generator=torch.Generator().manual_seed(3)).requires_grad_()
+        loss = kl_distill_loss(student, teacher, 2.0, mask, chunk_tokens=chunk_tokens)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append(student.grad)
+    assert torch.allclose(losses[0], losses[1], rtol=1e-6, atol=0)
+    assert torch.allclose(grads[0], grads[1], rtol=1e-5, atol=1e-8) and grads[0].abs().sum() > 0
+
+
 def test_squarehead_matches_direct_computation():
     torch.manual_seed(2)
     student = [torch.randn(2, 3, 8) for _ in range(3)]  # per layer (B, T, d)

@@ -38,6 +38,7 @@ from sparseheal.models import ModelSource, hash_weights, load_model, load_tokeni
 __all__ = [
     "DISTILL_LOSSES",
     "kl_distill_loss",
+    "KL_CHUNK_TOKENS",
     "squarehead_loss",
     "mix_losses",
     "parse_distill",
@@ -62,31 +63,56 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tenso
     return (values * weights).sum() / weights.sum().clamp_min(1.0)
 
 
+KL_CHUNK_TOKENS = 256  # tokens whose (chunk, V) softmaxes exist at once; about 50 MB at V = 49152
+
+
+def _kl_per_token(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """(N, V) student and teacher logits -> (N,) ``sum_v p_t(v) (log p_t(v) - log p_s(v))``."""
+    log_s = F.log_softmax(student.float() / temperature, dim=-1)  # (N, V)
+    log_t = F.log_softmax(teacher.float() / temperature, dim=-1)  # (N, V)
+    return F.kl_div(log_s, log_t, reduction="none", log_target=True).sum(-1)  # (N,)
+
+
 def kl_distill_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
     temperature: float,
     mask: torch.Tensor | None = None,
+    chunk_tokens: int | None = KL_CHUNK_TOKENS,
 ) -> torch.Tensor:
     """Temperature-scaled KL(teacher || student) of next-token distributions, times T^2.
 
     ``L = T^2 * mean_tokens sum_v p_t(v) (log p_t(v) - log p_s(v))`` with ``p = softmax(z / T)``
-    (Hinton et al. 2015, https://arxiv.org/abs/1503.02531). Computed in float32.
+    (Hinton et al. 2015, https://arxiv.org/abs/1503.02531). Computed in float32, ``chunk_tokens``
+    positions at a time; each chunk's softmaxes are recomputed in the backward pass
+    (activation checkpointing), so the float32 (B, T, V) intermediates never exist whole.
 
     Args:
         student_logits: (B, T, V) student logits (gradients flow through these).
         teacher_logits: (B, T, V) teacher logits (treated as constants).
         temperature: softening temperature T > 0.
         mask: (B, T) positions to include (e.g. the attention mask); all when None.
+        chunk_tokens: positions per chunk; None computes all at once.
 
     Returns:
         Scalar loss; exactly zero when the two sets of logits are equal.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    log_s = F.log_softmax(student_logits.float() / temperature, dim=-1)  # (B, T, V)
-    log_t = F.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)  # (B, T, V)
-    per_token = F.kl_div(log_s, log_t, reduction="none", log_target=True).sum(-1)  # (B, T)
+    from torch.utils.checkpoint import checkpoint
+
+    batch, length, vocab = student_logits.shape
+    student = student_logits.reshape(-1, vocab)  # (B*T, V)
+    teacher = teacher_logits.detach().reshape(-1, vocab)  # (B*T, V)
+    step = chunk_tokens or student.shape[0]
+    pieces = []
+    for start in range(0, student.shape[0], step):
+        s, t = student[start : start + step], teacher[start : start + step]  # (n, V)
+        if s.requires_grad and chunk_tokens:
+            pieces.append(checkpoint(_kl_per_token, s, t, temperature, use_reentrant=False))
+        else:
+            pieces.append(_kl_per_token(s, t, temperature))
+    per_token = torch.cat(pieces).reshape(batch, length)  # (B, T)
     return temperature**2 * _masked_mean(per_token, mask)
 
 
@@ -235,6 +261,7 @@ class Distiller:
         self.temperature = float(temperature)
         self.alpha = float(alpha)
         self.needs_hidden_states = "squarehead" in self.losses
+        self.kl_chunk_tokens: int | None = KL_CHUNK_TOKENS  # None: the whole (B, T, V) at once
         self.device = next(teacher.parameters()).device
 
     @torch.no_grad()
@@ -254,7 +281,8 @@ class Distiller:
         parts: dict[str, torch.Tensor] = {}
         if "kl" in self.losses:
             teacher_logits = teacher.logits.to(device)  # (B, T, V)
-            parts["kl_loss"] = kl_distill_loss(student_outputs.logits, teacher_logits, self.temperature, mask)
+            parts["kl_loss"] = kl_distill_loss(student_outputs.logits, teacher_logits, self.temperature, mask,
+                                              self.kl_chunk_tokens)
         if "squarehead" in self.losses:
             student_hidden = student_outputs.hidden_states[1:]  # layer outputs; [0] is the embedding output
             teacher_hidden = [h.to(device) for h in teacher.hidden_states[1:]]
