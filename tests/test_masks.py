@@ -177,3 +177,17 @@ def test_detect_nm_and_sparsity_of():
     assert detect_nm(scores) is None  # dense
     assert sparsity_of(w24) == 0.5
     assert sparsity_of(torch.tensor([0.0, -0.0, 1.0, 2.0])) == 0.5
+
+
+def test_packed_masks_load_and_unpack_to_the_saved_masks(tmp_path):
+    from sparseheal.sparsity.masks import PackedMask, as_bool
+    from sparseheal.sparsity.store import load_masks, save_masks
+
+    gen = torch.Generator().manual_seed(0)
+    masks = {"a.q_proj": torch.rand(8, 24, generator=gen) > 0.5,  # (out, in); 24 * 8 not a multiple of 64
+             "b.v_proj": torch.rand(16, 8, generator=gen) > 0.3}
+    save_masks(masks, tmp_path / "m.safetensors")
+    packed, _ = load_masks(tmp_path / "m.safetensors", packed=True)
+    assert all(isinstance(m, PackedMask) and m.shape == masks[n].shape for n, m in packed.items())
+    assert all(torch.equal(as_bool(packed[n]), masks[n]) for n in masks)
+    assert as_bool(masks["a.q_proj"]) is masks["a.q_proj"]

@@ -25,27 +25,29 @@ log = logging.getLogger(__name__)
 
 
 def model_masks(
-    model: nn.Module, model_dir: str | Path, flag: str = "MODEL"
+    model: nn.Module, model_dir: str | Path, flag: str = "MODEL", packed: bool = False
 ) -> tuple[dict[str, torch.Tensor], str]:
     """The keep-masks of a model directory's pruned linears, and where they came from.
 
     ``sparsity_masks.safetensors`` when present (checked against the model, and against the hash of
     the weights it was written with: a mismatch is refused naming ``flag``); otherwise ``W != 0`` for
-    the decoder layers' linears, with a warning.
+    the decoder layers' linears, with a warning. With ``packed`` the masks stay bit-packed
+    (:class:`~sparseheal.sparsity.masks.PackedMask`, an eighth of a bool tensor's memory) for users that
+    need one layer's mask at a time (LoRA's mask-aware hooks and merges).
 
     Returns:
         (masks by module name, "file" or "zeros")
     """
     path = Path(model_dir) / MASKS_FILE
     if path.is_file():
-        masks, meta = load_masks(path)
+        masks, meta = load_masks(path, packed)
         check_masks_belong(path, model_dir, flag, meta)
         check_masks_match(model, masks, str(path))
         return masks, "file"
     prefix, layers = decoder_layers(model)
     names = [f"{prefix}.{name}" for name in prunable_linears(layers)]
     log.warning("%s has no %s; taking the masks from the zero weights (W != 0)", model_dir, MASKS_FILE)
-    return masks_from_zeros(model, names), "zeros"
+    return masks_from_zeros(model, names, packed), "zeros"
 
 
 def check_adapter_base(adapter: str | Path, base: str, flag: str = "--adapter") -> dict:
@@ -77,7 +79,7 @@ def apply_adapter(model: nn.Module, adapter: str, base: str, allow_pickle: bool 
     if not (Path(adapter) / "adapter_config.json").is_file():
         raise ConfigError("--adapter", f"{adapter} is not a PEFT adapter directory (no adapter_config.json)")
     mask_aware = bool((record.get("recipe") or {}).get("mask_aware"))
-    masks = model_masks(model, resolve_source(base).path)[0] if mask_aware else {}
+    masks = model_masks(model, resolve_source(base).path, packed=True)[0] if mask_aware else {}
     try:
         wrapped = PeftModel.from_pretrained(model, adapter)
     except (ValueError, OSError, KeyError) as err:

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparseheal.sparsity.masks import apply_mask, sparsity_of
+from sparseheal.sparsity.masks import apply_mask, as_bool, sparsity_of
 
 __all__ = [
     "masked_delta",
@@ -134,7 +134,7 @@ def install_mask_aware(model: nn.Module, masks: dict[str, torch.Tensor]) -> list
     for name, layer in lora_layers(model).items():
         if name not in masks:
             continue
-        keep = masks[name]
+        keep = as_bool(masks[name])  # (out, in)
         if getattr(layer, "fan_in_fan_out", False):
             keep = keep.t()  # GPT-2 Conv1D stores (in, out); the delta is (out, in)
         device = layer.get_base_layer().weight.device
@@ -182,7 +182,7 @@ def merge_lora(model: nn.Module, masks: dict[str, torch.Tensor], mode: str) -> t
     for name, layer in layers.items():
         weight = layer.get_base_layer().weight
         delta = sum(layer.get_delta_weight(a) for a in layer.active_adapters if a in layer.lora_A)
-        keep = masks.get(name) if mode == "masked" else None
+        keep = as_bool(masks[name]) if mode == "masked" and name in masks else None
         weight.data = merge_weight(weight.data, delta, None if keep is None else keep.to(weight.device))
     merged = model.unload()
     after = _masked_layer_sparsity(merged, masks)

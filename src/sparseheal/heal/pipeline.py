@@ -51,7 +51,8 @@ def run_heal(cfg: HealConfig) -> Path:
         train_blocks, eval_blocks, data_record = _training_data(cfg, source, pruned_record)
     with watch("load"):
         lm, tokenizer = _load_student(cfg, source)
-    masks, mask_source = model_masks(lm, source.path, "PRUNED_DIR")
+    packed = cfg.method == "lora" and not cfg.fsdp  # LoRA needs one layer's mask at a time
+    masks, mask_source = model_masks(lm, source.path, "PRUNED_DIR", packed)
     if cfg.fsdp:  # masks read off a sharded model's zeros (no masks file) are gathered whole
         from sparseheal.heal.fsdp import full_masks
 
@@ -213,7 +214,7 @@ def run_merge(cfg: MergeConfig) -> Path:
     with watch("load"):
         lm, tokenizer, _ = load_model(base_dir, cfg.dtype, cfg.device, cfg.trust_remote_code,
                                       cfg.allow_pickle)
-    masks, mask_source = model_masks(lm, source.path, "--base")
+    masks, mask_source = model_masks(lm, source.path, "--base", packed=True)
     peft_model = apply_adapter(lm, cfg.adapter, base_dir, cfg.allow_pickle)
     with atomic_dir(cfg.output, cfg.overwrite) as tmp, watch("merge"):
         stats = save_merged(peft_model, tokenizer, masks, cfg.mode, tmp, windows, cfg.eval_data)

@@ -13,6 +13,7 @@ import torch
 
 __all__ = [
     "PackedMask",
+    "as_bool",
     "unstructured_mask",
     "nm_mask",
     "mask_from_scores",
@@ -172,6 +173,11 @@ class PackedMask(NamedTuple):
     def kept(self) -> int:
         """Number of kept positions (set bits; padding bits are zero)."""
         return int(_POPCOUNT[self.bits.long()].sum())
+
+
+def as_bool(mask: torch.Tensor | PackedMask) -> torch.Tensor:
+    """A keep-mask as a bool tensor, unpacking a :class:`PackedMask` (one layer at a time)."""
+    return mask.unpack() if isinstance(mask, PackedMask) else mask
 
 
 _POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int32)

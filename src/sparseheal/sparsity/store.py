@@ -56,15 +56,21 @@ def masks_meta(path: str | os.PathLike) -> dict[str, str]:
     return meta
 
 
-def load_masks(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Loads keep-masks (bool tensors by module name) and the file's metadata."""
+def load_masks(
+    path: str | os.PathLike, packed: bool = False
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Loads keep-masks (bool tensors by module name, or :class:`PackedMask` with ``packed``, an eighth
+    of the memory) and the file's metadata."""
     try:
         with safe_open(str(path), framework="pt") as fh:
             meta = fh.metadata() or {}
             if meta.get("format") != _FORMAT:
                 raise ConfigError("--masks", f"{path} is not a sparseheal masks file")
             shapes = json.loads(meta["shapes"])
-            masks = {name: unpack_mask(fh.get_tensor(name), shapes[name]) for name in fh.keys()}
+            if packed:
+                masks = {name: PackedMask(fh.get_tensor(name), tuple(shapes[name])) for name in fh.keys()}
+            else:
+                masks = {name: unpack_mask(fh.get_tensor(name), shapes[name]) for name in fh.keys()}
     except (OSError, ValueError, KeyError, SafetensorError) as err:
         if isinstance(err, ConfigError):
             raise
@@ -72,10 +78,14 @@ def load_masks(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[s
     return masks, meta
 
 
-def masks_from_zeros(model: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
-    """Masks for a model pruned elsewhere: kept = (W != 0)."""
+def masks_from_zeros(model: nn.Module, names: list[str], packed: bool = False) -> dict[str, torch.Tensor]:
+    """Masks for a model pruned elsewhere: kept = (W != 0) (bit-packed with ``packed``)."""
     modules = dict(model.named_modules())
-    return {name: modules[name].weight.detach().ne(0).cpu() for name in names}
+    masks = {}
+    for name in names:
+        keep = modules[name].weight.detach().ne(0).cpu()  # (out, in)
+        masks[name] = PackedMask.pack(keep) if packed else keep
+    return masks
 
 
 def check_masks_match(model: nn.Module, masks: dict[str, torch.Tensor], source: str = "masks file") -> None:
@@ -95,7 +105,7 @@ def check_masks_file(path: str | os.PathLike, model: str) -> None:
     """Refuses an unreadable masks file, or one that does not fit ``model``, before any weights load."""
     from sparseheal.models import model_skeleton
 
-    masks, _ = load_masks(path)
+    masks, _ = load_masks(path, packed=True)  # shapes only
     check_masks_match(model_skeleton(model), masks, str(path))
 
 
