@@ -1,10 +1,15 @@
-"""A tiny end-to-end ``sparseheal run`` shared by the run and report tests (built once per session)."""
+"""Helpers shared by test files: a tiny end-to-end ``sparseheal run`` (built once per session) and a
+two-process torchrun launch of ``sparseheal heal``."""
 
 from __future__ import annotations
 
 import functools
 import hashlib
 import json
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 from conftest import synthetic_text
@@ -60,3 +65,27 @@ def snapshot(run_dir: Path) -> dict[str, tuple[int, str]]:
                 found[str(path.relative_to(run_dir))] = (path.stat().st_mtime_ns,
                                                          hashlib.sha256(path.read_bytes()).hexdigest())
     return found
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def torchrun_heal(pruned: Path, out: Path, *flags: str) -> subprocess.CompletedProcess:
+    """``sparseheal heal PRUNED -o OUT --batch-size 1 FLAGS`` in two torchrun processes on the CPU (gloo)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                "--master_port", str(_free_port())]
+    heal = ["-m", "sparseheal", "heal", str(pruned), "-o", str(out), "--batch-size", "1", *flags]
+    return subprocess.run(launcher + heal, env=env, capture_output=True, text=True, timeout=300)
+
+
+def prune_for_launch(tmp_path_factory, llama_dir: Path, data_dir: Path, name: str) -> Path:
+    """A tiny Wanda-pruned LLaMA for launched processes (which read the data mirror from the environment)."""
+    import sparseheal
+
+    out = tmp_path_factory.mktemp(name) / "pruned"
+    os.environ["SPARSEHEAL_DATA_DIR"] = str(data_dir)
+    return sparseheal.prune(str(llama_dir), str(out), nsamples=4, seqlen=32, calibration_batch_size=2)

@@ -1,30 +1,19 @@
 """Data-parallel healing: two CPU processes (gloo) through torchrun, against one process."""
 
-import os
 import re
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
+from runs import prune_for_launch, torchrun_heal
 from safetensors.torch import load_file
 
 import sparseheal
 from sparseheal.sparsity.store import load_masks
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def pruned(tmp_path_factory, llama_dir, data_dir):
-    out = tmp_path_factory.mktemp("ddp") / "pruned"
-    os.environ["SPARSEHEAL_DATA_DIR"] = str(data_dir)
-    return sparseheal.prune(str(llama_dir), str(out), nsamples=4, seqlen=32, calibration_batch_size=2)
+    return prune_for_launch(tmp_path_factory, llama_dir, data_dir, "ddp")
 
 
 # Two training blocks and a global batch of two: every step sees both blocks, whichever rank holds which,
@@ -35,12 +24,7 @@ HEAL_FLAGS = [part for key, value in HEAL.items() for part in (f"--{key.replace(
 
 
 def test_ddp_full_healing_matches_single_process(pruned, tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                "--master_port", str(_free_port())]
-    heal = ["-m", "sparseheal", "heal", str(pruned), "-o", str(tmp_path / "ddp"), "--batch-size", "1",
-            *HEAL_FLAGS]
-    ddp = subprocess.run(launcher + heal, env=env, capture_output=True, text=True, timeout=300)
+    ddp = torchrun_heal(pruned, tmp_path / "ddp", *HEAL_FLAGS)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     digests = re.findall(r"rank (\d): trained weights sha256 (\w+)", ddp.stderr)
     assert sorted(rank for rank, _ in digests) == ["0", "1"]

@@ -2,13 +2,10 @@
 and the refused combinations."""
 
 import json
-import os
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
+from runs import prune_for_launch, torchrun_heal
 from safetensors.torch import load_file
 
 import sparseheal
@@ -17,17 +14,9 @@ from sparseheal.config import ConfigError
 from sparseheal.sparsity.store import load_masks
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def pruned(tmp_path_factory, llama_dir, data_dir):
-    out = tmp_path_factory.mktemp("fsdp") / "pruned"
-    os.environ["SPARSEHEAL_DATA_DIR"] = str(data_dir)
-    return sparseheal.prune(str(llama_dir), str(out), nsamples=4, seqlen=32, calibration_batch_size=2)
+    return prune_for_launch(tmp_path_factory, llama_dir, data_dir, "fsdp")
 
 
 def _flags(settings: dict) -> list[str]:
@@ -36,12 +25,7 @@ def _flags(settings: dict) -> list[str]:
 
 def _heal_sharded(pruned, out, settings: dict, *extra: str) -> str:
     """Runs ``sparseheal heal --fsdp`` in two torchrun processes (one block each); returns their stderr."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                "--master_port", str(_free_port())]
-    heal = ["-m", "sparseheal", "heal", str(pruned), "-o", str(out), "--batch-size", "1", "--fsdp",
-            *_flags(settings), *extra]
-    proc = subprocess.run(launcher + heal, env=env, capture_output=True, text=True, timeout=300)
+    proc = torchrun_heal(pruned, out, "--fsdp", *_flags(settings), *extra)
     assert proc.returncode == 0, proc.stderr[-3000:]
     # both ranks hold shards, no DDP copy
     assert proc.stderr.count("sharded over 2 ranks (FSDP2)") == 2, proc.stderr[-3000:]
