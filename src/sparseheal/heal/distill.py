@@ -31,6 +31,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from sparseheal.config import DTYPES, ConfigError
 from sparseheal.models import ModelSource, hash_weights, load_model, load_tokenizer, resolve_source
@@ -99,8 +100,6 @@ def kl_distill_loss(
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    from torch.utils.checkpoint import checkpoint
-
     batch, length, vocab = student_logits.shape
     student = student_logits.reshape(-1, vocab)  # (B*T, V)
     teacher = teacher_logits.detach().reshape(-1, vocab)  # (B*T, V)
