@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-__all__ = ["run_measured", "print_table", "write_json", "machine"]
+__all__ = ["run_measured", "perplexity", "print_table", "write_json", "machine"]
 
 _SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 if "SPARSEHEAL_DATA_DIR" not in os.environ and _SHARED_DATA.is_dir():
@@ -36,6 +36,29 @@ def run_measured(cmd: list[str], env: dict | None = None, log: Path | None = Non
         "cpu_s": round(usage.ru_utime + usage.ru_stime, 2),
         "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
     }
+
+
+def perplexity(model: str, result: Path, windows: int, seqlen: int = 1024, dtype: str | None = None,
+               adapter: str | None = None, device: str | None = None, reuse: bool = False) -> dict:
+    """WikiText-2 perplexity of ``model`` through ``sparseheal evaluate`` in its own process.
+
+    Writes ``result`` (and ``result`` with ``.log``); with ``reuse``, a result already there at the same
+    windows, sequence length and dtype is returned without evaluating again.
+
+    Returns:
+        the evaluation's first result (``ppl``, ``windows``, ``seqlen``, ``dtype``, ...)
+    """
+    if reuse and result.is_file():
+        res = json.loads(result.read_text())["results"][0]
+        if (res["windows"], res["seqlen"]) == (windows, seqlen) and dtype in (None, res["dtype"]):
+            return res
+    cmd = [sys.executable, "-m", "sparseheal", "evaluate", model, "--seqlen", str(seqlen),
+           "--max-windows", str(windows), "-o", str(result)]
+    cmd += ["--dtype", dtype] if dtype else []
+    cmd += ["--adapter", adapter] if adapter else []
+    cmd += ["--device", device] if device else []
+    run_measured(cmd, log=result.with_suffix(".log"))
+    return json.loads(result.read_text())["results"][0]
 
 
 def print_table(rows: list[dict], columns: list[str]) -> str:

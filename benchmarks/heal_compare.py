@@ -9,6 +9,8 @@ accumulation) on the C4 sample unless noted:
     4 lora-kl       1 + KL distillation from the dense model (T=2, alpha 0.5)
     5 full-kl       3 + KL distillation
     6 full-kl-self  5 on text the dense model generated itself (--data self), no external corpus
+    7 full-kl-lr1e-4   5 at lr 1e-4 (5x the full default): the budget is short
+    8 lora-all-r16-kl  2 + KL distillation
 
 Reports WikiText-2 perplexity (seqlen 1024, first ``--eval-windows`` windows), the share of the pruning
 gap closed, (ppl_pruned - ppl_healed) / (ppl_pruned - ppl_dense), training tokens/s and the peak RSS of
@@ -29,7 +31,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import machine, print_table, run_measured, write_json  # noqa: E402
+from _common import machine, perplexity, print_table, run_measured, write_json  # noqa: E402
 
 PY = [sys.executable, "-m", "sparseheal"]
 CONFIGS = {
@@ -39,13 +41,16 @@ CONFIGS = {
     "lora-kl": ["--method", "lora", "--distill", "kl"],
     "full-kl": ["--method", "full", "--distill", "kl"],
     "full-kl-self": ["--method", "full", "--distill", "kl", "--data", "self"],
+    "full-kl-lr1e-4": ["--method", "full", "--distill", "kl", "--lr", "1e-4"],
+    "lora-all-r16-kl": ["--method", "lora", "--targets", "all-linear", "--rank", "16", "--alpha", "32",
+                        "--distill", "kl"],
 }
 PATTERNS = {"50%": "unstructured", "2:4": "2:4"}
-DISTILLED = ("lora-kl", "full-kl", "full-kl-self")
+DISTILLED = ("lora-kl", "full-kl", "full-kl-self", "full-kl-lr1e-4", "lora-all-r16-kl")
 
 
 def parse_configs(value: str) -> list[str]:
-    """``--configs``: names or numbers 1-6, comma-separated."""
+    """``--configs``: names or numbers 1-8, comma-separated."""
     names = list(CONFIGS)
     chosen = []
     for item in filter(None, (v.strip() for v in value.split(","))):
@@ -59,17 +64,8 @@ def parse_configs(value: str) -> list[str]:
 def evaluate_ppl(model: str, args, work: Path, name: str, adapter: str | None = None,
                  reuse: bool = False) -> dict:
     """Perplexity of ``model``; with ``reuse``, a result already in ``work`` at the same windows."""
-    result = work / f"eval-{name}.json"
-    if reuse and not args.fresh and result.is_file():
-        res = json.loads(result.read_text())["results"][0]
-        if res["windows"] == args.eval_windows:
-            return {"ppl": round(res["ppl"], 3), "eval_windows": res["windows"], "eval_dtype": res["dtype"]}
-    cmd = PY + ["evaluate", model, "--seqlen", "1024", "--max-windows", str(args.eval_windows),
-                "-o", str(result)]
-    cmd += ["--adapter", adapter] if adapter else []
-    cmd += ["--device", args.device] if args.device else []
-    run_measured(cmd, log=work / f"eval-{name}.log")
-    res = json.loads(result.read_text())["results"][0]
+    res = perplexity(model, work / f"eval-{name}.json", args.eval_windows, adapter=adapter,
+                     device=args.device, reuse=reuse and not args.fresh)
     return {"ppl": round(res["ppl"], 3), "eval_windows": res["windows"], "eval_dtype": res["dtype"]}
 
 
@@ -96,13 +92,18 @@ def heal_args(name: str, args) -> list[str]:
     return flags
 
 
-def heal_and_eval(name: str, pruned: Path, label: str, args, work: Path) -> dict:
-    """One configuration's row; a row finished earlier in the same ``--workdir`` is reused."""
+def heal_and_eval(name: str, pruned: Path, label: str, args, work: Path) -> dict | None:
+    """One configuration's row; a row finished earlier in the same ``--workdir`` is reused.
+
+    With ``--only-finished``, a configuration without such a row is skipped (None).
+    """
     cached = work / f"row-{label}-{name}.json"
     if cached.is_file() and not args.fresh:
         row = json.loads(cached.read_text())
         if row.get("budget") == [args.steps, args.block_size, args.seed, args.eval_windows]:
             return row
+    if args.only_finished:
+        return None
     row = _heal_and_eval(name, pruned, label, args, work)
     row["budget"] = [args.steps, args.block_size, args.seed, args.eval_windows]
     cached.write_text(json.dumps(row))
@@ -213,6 +214,8 @@ def measure_kl_memory(pruned: str, block_size: int, chunk: int) -> dict:
 
 def memory_row(pruned: Path, args, work: Path) -> dict:
     out = work / "memory.json"
+    if out.is_file() and not args.fresh and json.loads(out.read_text())["block_size"] == args.block_size:
+        return json.loads(out.read_text())
     cmd = [sys.executable, __file__, "--measure-memory", str(pruned), "--block-size", str(args.block_size),
            "--output", str(out)]
     run_measured(cmd, log=work / "memory.log")
@@ -246,9 +249,13 @@ def gap_closed(pruned: float, healed: float, dense: float) -> float:
 def compare_pattern(label: str, pruned: Path, dense_ppl: float, configs: list[str], args, work: Path) -> dict:
     tag = label.replace(":", "of").replace("%", "")
     base = evaluate_ppl(str(pruned), args, work, f"pruned-{tag}", reuse=True)
-    rows = []
+    rows, not_run = [], []
     for name in configs:
-        row = {"pattern": label, **heal_and_eval(name, pruned, tag, args, work)}
+        healed = heal_and_eval(name, pruned, tag, args, work)
+        if healed is None:
+            not_run.append(name)
+            continue
+        row = {"pattern": label, **healed}
         row["gap_closed"] = round(gap_closed(base["ppl"], row["ppl"], dense_ppl), 4)
         row["gap_closed_pct"] = round(100 * row["gap_closed"], 2)
         rows.append(row)
@@ -261,7 +268,8 @@ def compare_pattern(label: str, pruned: Path, dense_ppl: float, configs: list[st
         ratio = best["gap_closed"] / default if default > 0 else float("inf")
         target = {"best_distilled": best["config"], "best_gap_closed": best["gap_closed"],
                   "lora_default_gap_closed": default, "ratio": round(ratio, 3), "met": ratio >= 2.0}
-    return {"pruned_dir": str(pruned), "pruned_ppl": base["ppl"], "rows": rows, "target": target}
+    return {"pruned_dir": str(pruned), "pruned_ppl": base["ppl"], "rows": rows, "not_run": not_run,
+            "target": target}
 
 
 def main() -> None:
@@ -271,7 +279,7 @@ def main() -> None:
     parser.add_argument("--block-size", type=int, default=1024)
     parser.add_argument("--eval-windows", type=int, default=32)
     parser.add_argument("--patterns", default="50%,2:4", help="comma-separated: 50%% and/or 2:4")
-    parser.add_argument("--configs", default="1,2,3,4,5,6", help="numbers 1-6 or names, comma-separated")
+    parser.add_argument("--configs", default="1,2,3,4,5,6,7,8", help="numbers 1-8 or names, comma-separated")
     parser.add_argument("--pruned-50", default=None, help="reuse this Wanda 50%% directory")
     parser.add_argument("--pruned-24", default=None, help="reuse this Wanda 2:4 directory")
     parser.add_argument("--data", default="c4")
@@ -283,6 +291,8 @@ def main() -> None:
     parser.add_argument("--output", default="bench_results/heal_compare.json")
     parser.add_argument("--workdir", default=None, help="rows finished earlier in it are reused")
     parser.add_argument("--fresh", action="store_true", help="ignore rows finished earlier in --workdir")
+    parser.add_argument("--only-finished", action="store_true",
+                        help="only tabulate the rows already finished in --workdir; run nothing new")
     parser.add_argument("--measure-memory", default=None, help=argparse.SUPPRESS)  # child process mode
     parser.add_argument("--kl-memory", default=None, metavar="PRUNED_DIR",
                         help="only measure the peak RSS of one full + KL step, chunked and whole")
@@ -322,6 +332,8 @@ def main() -> None:
               f"{memory['peak_rss_bytes_per_parameter']} B per parameter ({memory['parameters']} parameters, "
               f"{memory['trainable']} trainable, block {memory['block_size']})")
     for label, res in results.items():
+        if res["not_run"]:
+            print(f"{label}: not run yet: {', '.join(res['not_run'])}")
         if res["target"]:
             t = res["target"]
             print(f"{label}: best distilled {t['best_distilled']} closes {t['best_gap_closed']:.3f} of the "

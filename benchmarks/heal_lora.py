@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import machine, print_table, run_measured, write_json  # noqa: E402
+from _common import machine, perplexity, print_table, run_measured, write_json  # noqa: E402
 
 PY = [sys.executable, "-m", "sparseheal"]
 CONFIGS = {
@@ -51,17 +51,9 @@ CONFIGS = {
 def evaluate_ppl(model: str, args, work: Path, name: str, adapter: str | None = None,
                  reuse: bool = False) -> float:
     """Perplexity of ``model``; with ``reuse``, a result already in ``work`` at the same windows."""
-    result = work / f"eval-{name}.json"
-    if reuse and result.is_file():
-        res = json.loads(result.read_text())["results"][0]
-        if res["windows"] == args.eval_windows and res["seqlen"] == args.eval_seqlen:
-            return round(res["ppl"], 4)
-    cmd = PY + ["evaluate", model, "--seqlen", str(args.eval_seqlen), "--max-windows", str(args.eval_windows),
-                "--dtype", args.dtype, "-o", str(result)]
-    cmd += ["--adapter", adapter] if adapter else []
-    cmd += ["--device", args.device] if args.device else []
-    run_measured(cmd, log=work / f"eval-{name}.log")
-    return round(json.loads(result.read_text())["results"][0]["ppl"], 4)
+    res = perplexity(model, work / f"eval-{name}.json", args.eval_windows, args.eval_seqlen, args.dtype,
+                     adapter, args.device, reuse)
+    return round(res["ppl"], 4)
 
 
 def prune(args, work: Path) -> Path:
