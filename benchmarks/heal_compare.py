@@ -214,8 +214,9 @@ def measure_kl_memory(pruned: str, block_size: int, chunk: int) -> dict:
 
 def memory_row(pruned: Path, args, work: Path) -> dict:
     out = work / "memory.json"
-    if out.is_file() and not args.fresh and json.loads(out.read_text())["block_size"] == args.block_size:
-        return json.loads(out.read_text())
+    earlier = json.loads(out.read_text()) if out.is_file() and not args.fresh else None
+    if earlier and earlier["block_size"] == args.block_size:
+        return earlier
     cmd = [sys.executable, __file__, "--measure-memory", str(pruned), "--block-size", str(args.block_size),
            "--output", str(out)]
     run_measured(cmd, log=work / "memory.log")
