@@ -11,6 +11,9 @@ accumulation) on the C4 sample unless noted:
     6 full-kl-self  5 on text the dense model generated itself (--data self), no external corpus
     7 full-kl-lr1e-4   5 at lr 1e-4 (5x the full default): the budget is short
     8 lora-all-r16-kl  2 + KL distillation
+    9 full-lr1e-4      3 at lr 1e-4, no teacher: what configuration 7 owes to the rate alone
+   10 full-kl-lr3e-4   5 at lr 3e-4 with 10 warm-up steps
+   11 full-klsq-lr1e-4 7 with SquareHead added to the KL (--distill kl,squarehead)
 
 Reports WikiText-2 perplexity (seqlen 1024, first ``--eval-windows`` windows), the share of the pruning
 gap closed, (ppl_pruned - ppl_healed) / (ppl_pruned - ppl_dense), training tokens/s and the peak RSS of
@@ -29,6 +32,7 @@ import math
 import sys
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import machine, perplexity, print_table, run_measured, write_json  # noqa: E402
@@ -44,13 +48,17 @@ CONFIGS = {
     "full-kl-lr1e-4": ["--method", "full", "--distill", "kl", "--lr", "1e-4"],
     "lora-all-r16-kl": ["--method", "lora", "--targets", "all-linear", "--rank", "16", "--alpha", "32",
                         "--distill", "kl"],
+    "full-lr1e-4": ["--method", "full", "--lr", "1e-4"],
+    "full-kl-lr3e-4": ["--method", "full", "--distill", "kl", "--lr", "3e-4", "--warmup-steps", "10"],
+    "full-klsq-lr1e-4": ["--method", "full", "--distill", "kl,squarehead", "--lr", "1e-4"],
 }
 PATTERNS = {"50%": "unstructured", "2:4": "2:4"}
-DISTILLED = ("lora-kl", "full-kl", "full-kl-self", "full-kl-lr1e-4", "lora-all-r16-kl")
+DISTILLED = ("lora-kl", "full-kl", "full-kl-self", "full-kl-lr1e-4", "lora-all-r16-kl", "full-kl-lr3e-4",
+             "full-klsq-lr1e-4")
 
 
 def parse_configs(value: str) -> list[str]:
-    """``--configs``: names or numbers 1-8, comma-separated."""
+    """``--configs``: names or numbers (1 for the first of CONFIGS), comma-separated."""
     names = list(CONFIGS)
     chosen = []
     for item in filter(None, (v.strip() for v in value.split(","))):
@@ -135,26 +143,38 @@ def _selfgen_seconds(data: dict) -> float | str | None:
     return "cached" if data.get("cached") else data.get("generation_seconds")
 
 
-def measure_memory(pruned: str, block_size: int) -> dict:
-    """Child process: bytes that full fine-tuning holds per parameter after one AdamW step (float32).
+FULL_DEFAULTS = {"train_embeddings": False, "train_norms": True}  # the full healer's defaults
 
-    Counts tensors (weights, gradients, optimizer moments, pruned-position masks) and the process RSS.
+
+def _full_student(pruned: str):
+    """Child process: the pruned model in float32 prepared for full fine-tuning.
+
+    Returns (model, healer, RSS in MiB after loading, before preparing).
     """
-    from types import SimpleNamespace
-
     import psutil
-    import torch
 
     from sparseheal.heal.adapters import model_masks
     from sparseheal.heal.full import FullHealer
     from sparseheal.models import load_model
-    from sparseheal.records import peak_rss_mb
 
     lm, _, _ = load_model(pruned, "float32", "cpu")
     rss_loaded = psutil.Process().memory_info().rss / 2**20
     masks, _ = model_masks(lm, pruned)
     healer = FullHealer()
-    healer.prepare(lm, masks, SimpleNamespace(pruned_dir=pruned, train_embeddings=False, train_norms=True))
+    healer.prepare(lm, masks, SimpleNamespace(**FULL_DEFAULTS, pruned_dir=pruned))
+    return lm, healer, rss_loaded
+
+
+def measure_memory(pruned: str, block_size: int) -> dict:
+    """Child process: bytes that full fine-tuning holds per parameter after one AdamW step (float32).
+
+    Counts tensors (weights, gradients, optimizer moments, pruned-position masks) and the process RSS.
+    """
+    import torch
+
+    from sparseheal.records import peak_rss_mb
+
+    lm, healer, rss_loaded = _full_student(pruned)
     params = [p for p in lm.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-6)
     healer.keeper.attach(optimizer)
@@ -183,22 +203,14 @@ def measure_kl_memory(pruned: str, block_size: int, chunk: int) -> dict:
 
     ``chunk`` is the KL's tokens per chunk (0: the whole (B, T, V) softmaxes at once).
     """
-    from types import SimpleNamespace
-
     import torch
 
     from sparseheal.heal import distill
-    from sparseheal.heal.adapters import model_masks
-    from sparseheal.heal.full import FullHealer
-    from sparseheal.models import load_model
     from sparseheal.records import peak_rss_mb, read_record
 
-    lm, _, _ = load_model(pruned, "float32", "cpu")
-    masks, _ = model_masks(lm, pruned)
-    cfg = SimpleNamespace(pruned_dir=pruned, train_embeddings=False, train_norms=True, distill="kl",
-                          teacher=None, temperature=2.0, distill_alpha=0.5, teacher_dtype=None,
-                          teacher_device=None)
-    FullHealer().prepare(lm, masks, cfg)
+    cfg = SimpleNamespace(**FULL_DEFAULTS, pruned_dir=pruned, distill="kl", teacher=None, temperature=2.0,
+                          distill_alpha=0.5, teacher_dtype=None, teacher_device=None)
+    lm, _, _ = _full_student(pruned)
     distiller = distill.build_distiller(cfg, lm, read_record(pruned))
     distiller.kl_chunk_tokens = chunk or None
     optimizer = torch.optim.AdamW([p for p in lm.parameters() if p.requires_grad], lr=1e-6)
@@ -280,7 +292,8 @@ def main() -> None:
     parser.add_argument("--block-size", type=int, default=1024)
     parser.add_argument("--eval-windows", type=int, default=32)
     parser.add_argument("--patterns", default="50%,2:4", help="comma-separated: 50%% and/or 2:4")
-    parser.add_argument("--configs", default="1,2,3,4,5,6,7,8", help="numbers 1-8 or names, comma-separated")
+    parser.add_argument("--configs", default=",".join(CONFIGS),
+                        help=f"numbers 1-{len(CONFIGS)} or names, comma-separated (default: all)")
     parser.add_argument("--pruned-50", default=None, help="reuse this Wanda 50%% directory")
     parser.add_argument("--pruned-24", default=None, help="reuse this Wanda 2:4 directory")
     parser.add_argument("--data", default="c4")
