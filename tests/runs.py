@@ -83,9 +83,12 @@ def torchrun_heal(pruned: Path, out: Path, *flags: str) -> subprocess.CompletedP
 
 
 def prune_for_launch(tmp_path_factory, llama_dir: Path, data_dir: Path, name: str) -> Path:
-    """A tiny Wanda-pruned LLaMA for launched processes (which read the data mirror from the environment)."""
+    """A tiny Wanda-pruned LLaMA, for a module-scoped fixture (set up before the per-test environment)."""
+    import pytest
+
     import sparseheal
 
     out = tmp_path_factory.mktemp(name) / "pruned"
-    os.environ["SPARSEHEAL_DATA_DIR"] = str(data_dir)
-    return sparseheal.prune(str(llama_dir), str(out), nsamples=4, seqlen=32, calibration_batch_size=2)
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("SPARSEHEAL_DATA_DIR", str(data_dir))
+        return sparseheal.prune(str(llama_dir), str(out), nsamples=4, seqlen=32, calibration_batch_size=2)

@@ -239,6 +239,7 @@ def test_bad_input_exit_2_naming_the_flag(pruned_dir, llama_dir, tmp_path, capsy
     assert "--temperature" in _cli_error(capsys, [*base, "--distill", "kl", "--temperature", "0"])
     assert "--distill-alpha" in _cli_error(capsys, [*base, "--distill", "kl", "--distill-alpha", "1.5"])
     assert "--distill" in _cli_error(capsys, [*base, "--distill", "mse"])
+    assert "--self-batch-size" in _cli_error(capsys, [*base, "--data", "self", "--self-batch-size", "0"])
 
     other = make_model_dir(tmp_path / "other", "llama")
     config = json.loads((other / "config.json").read_text())

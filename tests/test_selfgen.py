@@ -8,7 +8,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 from conftest import make_model_dir
-from transformers import AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers.generation.logits_process import TopPLogitsWarper
 
 import sparseheal
 from sparseheal.api import heal
@@ -16,6 +17,8 @@ from sparseheal.config import ConfigError
 from sparseheal.heal import selfgen
 from sparseheal.heal.selfgen import (
     blocks_from_sequences,
+    nucleus_filter,
+    sample_sequences,
     self_generated_tokens,
     self_training_blocks,
     start_tokens,
@@ -32,7 +35,7 @@ def pruned_dir(tmp_path_factory, llama_dir):
 def _cfg(**overrides):
     base = dict(teacher=None, teacher_dtype=None, teacher_device=None, dtype=None, device="cpu",
                 self_sequences=5, self_length=12, self_temperature=1.0, self_top_p=0.95, self_seed=0,
-                block_size=16, max_eval_samples=128, max_train_samples=30000)
+                self_batch_size=16, block_size=16, max_eval_samples=128, max_train_samples=30000)
     return SimpleNamespace(**{**base, **overrides})
 
 
@@ -112,3 +115,43 @@ def test_heal_on_self_data_with_distillation(pruned_dir, tmp_path):
     assert record["steps"] == 2 and record["mask_verification"]["ok"]
     log_lines = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert any("kl_loss" in line for line in log_lines)
+
+
+@pytest.mark.parametrize("candidates", [8, 64, 512])
+def test_nucleus_filter_keeps_the_same_tokens_as_a_full_sort(candidates):
+    generator = torch.Generator().manual_seed(0)
+    scale = torch.tensor([0.1, 1.0, 3.0, 8.0]).repeat_interleave(16)[:, None]  # flat to peaked rows
+    logits = torch.randn(64, 512, generator=generator) * scale  # (B, V)
+    for top_p in (0.3, 0.9, 0.95):
+        expected = TopPLogitsWarper(top_p)(None, logits.clone())
+        got = nucleus_filter(logits, top_p, candidates)
+        assert torch.equal(torch.isinf(got), torch.isinf(expected))
+        assert torch.equal(got[~torch.isinf(got)], logits[~torch.isinf(got)])  # kept logits untouched
+    short = torch.isfinite(nucleus_filter(logits, 0.95, 512)).sum(-1) > 8  # rows that needed the full sort
+    assert short.any() and not short.all()
+    assert torch.equal(nucleus_filter(logits, 1.0, candidates), logits)
+
+
+def test_sampling_matches_generate_with_its_own_top_p(pruned_dir):
+    teacher = AutoModelForCausalLM.from_pretrained(pruned_dir).eval()
+    prompts = start_tokens(AutoTokenizer.from_pretrained(pruned_dir), 6, seed=0, vocab_size=256)  # (6, 1)
+    ours = sample_sequences(teacher, prompts, 10, temperature=0.7, top_p=0.9, seed=3, eos_token_id=None,
+                            batch_size=4)
+    config = GenerationConfig(do_sample=True, temperature=0.7, top_p=0.9, top_k=0, max_new_tokens=10,
+                              min_new_tokens=10, pad_token_id=0)
+    rows = []
+    with torch.random.fork_rng():
+        torch.manual_seed(3)
+        for start in (0, 4):
+            batch = prompts[start : start + 4]
+            rows.append(teacher.generate(input_ids=batch, attention_mask=torch.ones_like(batch),
+                                         generation_config=config))
+    assert torch.equal(ours, torch.cat(rows))  # the same tokens as generate's sort-based top-p
+
+
+def test_batch_size_is_part_of_the_cache_key(pruned_dir):
+    tokenizer = AutoTokenizer.from_pretrained(pruned_dir)
+    small, rec_small = self_generated_tokens(_cfg(self_batch_size=2), _record(pruned_dir), tokenizer)
+    _, rec_default = self_generated_tokens(_cfg(), _record(pruned_dir), tokenizer)
+    assert rec_small["cache_key"] != rec_default["cache_key"] and rec_small["batch"] == 2
+    assert small.shape == (5, 13)

@@ -9,8 +9,9 @@ nucleus sampling::
 
 for exactly ``--self-length`` new tokens (end-of-sequence is suppressed until then), so that every
 sequence has the same length. ``--self-sequences`` sequences are drawn with ``--self-seed``;
-sampling runs in fixed-size batches inside a forked RNG, so the same teacher, settings, dtype and
-device type give the same tokens. The tokens are cached under
+sampling runs in batches of ``--self-batch-size`` inside a forked RNG, so the same teacher,
+settings, dtype and device type give the same tokens. The nucleus is found by a top-k over the
+likeliest tokens (``nucleus_filter``), not a sort of the whole vocabulary. The tokens are cached under
 ``<cache>/selfgen/<key>.safetensors``, the key hashing the teacher's weights and every setting,
 and reused by later runs. The sequences are concatenated and cut into training blocks like any
 other text (``data.training_blocks``).
@@ -31,6 +32,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from sparseheal.config import ConfigError
 from sparseheal.heal.distill import check_vocabulary, load_teacher, resolve_teacher
@@ -48,6 +50,8 @@ __all__ = [
     "GENERATION_BATCH",
     "selfgen_key",
     "start_tokens",
+    "nucleus_filter",
+    "NucleusSampling",
     "sample_sequences",
     "blocks_from_sequences",
     "self_generated_tokens",
@@ -57,7 +61,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 SELF_DATA = "self"
-GENERATION_BATCH = 16  # part of the cache key: the batch shapes the random stream
+GENERATION_BATCH = 16  # default --self-batch-size; part of the cache key: the batch shapes the random stream
+SAMPLER = "nucleus-topk"  # part of the cache key: names how tokens are drawn (NucleusSampling)
+NUCLEUS_CANDIDATES = 4096  # tokens per row ranked by top-k before a full sort is needed
 
 
 def selfgen_key(teacher_id: str, settings: dict[str, Any]) -> str:
@@ -89,6 +95,52 @@ def start_tokens(tokenizer, count: int, seed: int, vocab_size: int | None = None
     return torch.cat([prefixes, picks[:, None]], dim=1)
 
 
+def nucleus_filter(logits: torch.Tensor, top_p: float, candidates: int = NUCLEUS_CANDIDATES) -> torch.Tensor:
+    """Top-p (nucleus) filtering that sorts only the ``candidates`` most likely tokens of a row.
+
+    Holtzman et al. 2020, https://arxiv.org/abs/1904.09751: keep the smallest set of most likely
+    tokens whose probability reaches p. With tokens ranked by probability, v stays iff the mass
+    ranked above it is below p::
+
+        keep(v) = sum_{u ranked above v} softmax(z)_u < p
+
+    When a row's ``candidates`` largest probabilities already sum to p or more, every other token
+    has at least that mass above it and is dropped, so a top-k gives the same set as a sort of the
+    whole vocabulary (which is what dominates a sampling step on a CPU); rows short of p are sorted
+    whole.
+
+    Args:
+        logits: (B, V) scores, temperature already applied.
+        top_p: nucleus mass in (0, 1].
+        candidates: tokens per row ranked before falling back to the whole vocabulary.
+
+    Returns:
+        (B, V) logits with every dropped token set to -inf.
+    """
+    if top_p >= 1.0:
+        return logits
+    probs = logits.float().softmax(-1)  # (B, V)
+    top, index = probs.topk(min(candidates, probs.shape[-1]), dim=-1)  # (B, k), descending
+    keep = torch.zeros_like(probs, dtype=torch.bool).scatter_(1, index, top.cumsum(-1) - top < top_p)
+    short = top.sum(-1) < top_p  # (B,)
+    if short.any():
+        ranked, order = probs[short].sort(dim=-1, descending=True)  # (S, V)
+        keep[short] = torch.zeros_like(ranked, dtype=torch.bool).scatter_(1, order,
+                                                                         ranked.cumsum(-1) - ranked < top_p)
+    return logits.masked_fill(~keep, float("-inf"))
+
+
+class NucleusSampling(LogitsProcessor):
+    """Temperature then :func:`nucleus_filter`, as one ``generate`` logits processor."""
+
+    def __init__(self, temperature: float, top_p: float) -> None:
+        self.temperature = float(temperature)
+        self.top_p = float(top_p)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        return nucleus_filter(scores / self.temperature, self.top_p)  # (B, V)
+
+
 @torch.no_grad()
 def sample_sequences(model: nn.Module, prompts: torch.Tensor, length: int, temperature: float,
                      top_p: float, seed: int, eos_token_id: int | None,
@@ -111,9 +163,11 @@ def sample_sequences(model: nn.Module, prompts: torch.Tensor, length: int, tempe
     from transformers import GenerationConfig
 
     device = next(model.parameters()).device
-    config = GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
+    # temperature and top-p come from NucleusSampling, after generate's own processors (min_new_tokens)
+    config = GenerationConfig(do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
                               max_new_tokens=length, min_new_tokens=length, eos_token_id=eos_token_id,
                               pad_token_id=eos_token_id if eos_token_id is not None else 0, use_cache=True)
+    processors = LogitsProcessorList([NucleusSampling(temperature, top_p)])
     cuda = [device.index or 0] if device.type == "cuda" else []
     rows = []
     with torch.random.fork_rng(devices=cuda):
@@ -121,7 +175,8 @@ def sample_sequences(model: nn.Module, prompts: torch.Tensor, length: int, tempe
         for start in tqdm(range(0, len(prompts), batch_size), desc="generating self data", unit="batch"):
             batch = prompts[start : start + batch_size].to(device)  # (b, P)
             mask = torch.ones_like(batch)
-            out = model.generate(input_ids=batch, attention_mask=mask, generation_config=config)
+            out = model.generate(input_ids=batch, attention_mask=mask, generation_config=config,
+                                 logits_processor=processors)
             rows.append(out[:, : batch.shape[1] + length].cpu())  # (b, P + length)
     return torch.cat(rows)
 
@@ -142,12 +197,14 @@ def blocks_from_sequences(sequences: torch.Tensor, block_size: int,
 
 def _settings(cfg: Any, dtype: str, device: str) -> dict[str, Any]:
     return {"sequences": cfg.self_sequences, "length": cfg.self_length, "temperature": cfg.self_temperature,
-            "top_p": cfg.self_top_p, "seed": cfg.self_seed, "batch": GENERATION_BATCH, "dtype": dtype,
-            "device_type": torch.device(device).type}
+            "top_p": cfg.self_top_p, "seed": cfg.self_seed, "batch": cfg.self_batch_size, "dtype": dtype,
+            "device_type": torch.device(device).type, "sampler": SAMPLER}
 
 
 def _check_settings(cfg: Any) -> None:
-    for flag, value in (("--self-sequences", cfg.self_sequences), ("--self-length", cfg.self_length)):
+    flags = (("--self-sequences", cfg.self_sequences), ("--self-length", cfg.self_length),
+             ("--self-batch-size", cfg.self_batch_size))
+    for flag, value in flags:
         if isinstance(value, bool) or value < 1:
             raise ConfigError(flag, f"must be an integer >= 1, got {value}")
     if not cfg.self_temperature > 0:
@@ -205,7 +262,7 @@ def self_generated_tokens(cfg: Any, pruned_record: dict | None,
     vocab = teacher.get_input_embeddings().weight.shape[0]
     prompts = start_tokens(teacher_tokenizer, cfg.self_sequences, cfg.self_seed, vocab)  # (N, P)
     tokens = sample_sequences(teacher, prompts, cfg.self_length, cfg.self_temperature, cfg.self_top_p,
-                              cfg.self_seed, teacher_tokenizer.eos_token_id)
+                              cfg.self_seed, teacher_tokenizer.eos_token_id, cfg.self_batch_size)
     del teacher
     seconds = round(time.perf_counter() - start, 3)
     _write_cache(path, tokens, {**record, "seconds": seconds})

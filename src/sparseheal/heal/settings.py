@@ -143,6 +143,7 @@ class HealConfig:
     self_temperature: float = 1.0
     self_top_p: float = 0.95
     self_seed: int = 0
+    self_batch_size: int = 16
     max_bad_steps: int = 10
     fsdp: bool = False
 
@@ -175,6 +176,7 @@ class HealConfig:
             "--eval-steps": self.eval_steps, "--save-steps": self.save_steps,
             "--save-total-limit": self.save_total_limit, "--rank": self.rank,
             "--self-sequences": self.self_sequences, "--self-length": self.self_length,
+            "--self-batch-size": self.self_batch_size,
         }
         for flag, value in positive.items():
             check_positive(flag, value)
