@@ -300,7 +300,7 @@ def heal(
     self_temperature: float = 1.0,
     self_top_p: float = 0.95,
     self_seed: int = 0,
-    self_batch_size: int = 16,
+    self_batch_size: int = 64,
     max_bad_steps: int = 10,
     fsdp: bool = False,
 ) -> Path:
@@ -356,7 +356,7 @@ def heal(
         self_temperature: --data self: sampling temperature.
         self_top_p: --data self: nucleus sampling top-p.
         self_seed: --data self: sampling seed.
-        self_batch_size: --data self: sequences generated at once.
+        self_batch_size: --data self: sequences generated at once (the teacher's KV cache grows with it).
         max_bad_steps: non-finite losses in a row tolerated (their updates dropped) before stopping.
         fsdp: shard the model over the ranks of a torchrun / accelerate launch (FSDP2; docs/distributed.md).
 

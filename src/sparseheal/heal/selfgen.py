@@ -61,7 +61,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 SELF_DATA = "self"
-GENERATION_BATCH = 16  # default --self-batch-size; part of the cache key: the batch shapes the random stream
+GENERATION_BATCH = 64  # default --self-batch-size; part of the cache key: the batch shapes the random stream
 SAMPLER = "nucleus-topk"  # part of the cache key: names how tokens are drawn (NucleusSampling)
 NUCLEUS_CANDIDATES = 4096  # tokens per row ranked by top-k before a full sort is needed
 

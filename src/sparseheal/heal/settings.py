@@ -143,7 +143,7 @@ class HealConfig:
     self_temperature: float = 1.0
     self_top_p: float = 0.95
     self_seed: int = 0
-    self_batch_size: int = 16
+    self_batch_size: int = 64
     max_bad_steps: int = 10
     fsdp: bool = False
 
