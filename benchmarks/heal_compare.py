@@ -16,6 +16,7 @@ accumulation) on the C4 sample unless noted:
    11 full-klsq-lr1e-4 7 with SquareHead added to the KL (--distill kl,squarehead)
    12 full-kl-lr1e-3   5 at lr 1e-3 with 10 warm-up steps
    13 full-lr3e-4      10 without the teacher
+   14 full-kd-lr3e-4   10 with the teacher's distribution as the only target (alpha 1, T=1)
 
 Reports WikiText-2 perplexity (seqlen 1024, first ``--eval-windows`` windows), the share of the pruning
 gap closed, (ppl_pruned - ppl_healed) / (ppl_pruned - ppl_dense), training tokens/s and the peak RSS of
@@ -55,10 +56,12 @@ CONFIGS = {
     "full-klsq-lr1e-4": ["--method", "full", "--distill", "kl,squarehead", "--lr", "1e-4"],
     "full-kl-lr1e-3": ["--method", "full", "--distill", "kl", "--lr", "1e-3", "--warmup-steps", "10"],
     "full-lr3e-4": ["--method", "full", "--lr", "3e-4", "--warmup-steps", "10"],
+    "full-kd-lr3e-4": ["--method", "full", "--distill", "kl", "--distill-alpha", "1", "--temperature", "1",
+                       "--lr", "3e-4", "--warmup-steps", "10"],
 }
 PATTERNS = {"50%": "unstructured", "2:4": "2:4"}
 DISTILLED = ("lora-kl", "full-kl", "full-kl-self", "full-kl-lr1e-4", "lora-all-r16-kl", "full-kl-lr3e-4",
-             "full-klsq-lr1e-4", "full-kl-lr1e-3")
+             "full-klsq-lr1e-4", "full-kl-lr1e-3", "full-kd-lr3e-4")
 
 
 def parse_configs(value: str) -> list[str]:
