@@ -127,8 +127,8 @@ def test_nucleus_filter_keeps_the_same_tokens_as_a_full_sort(candidates):
         got = nucleus_filter(logits, top_p, candidates)
         assert torch.equal(torch.isinf(got), torch.isinf(expected))
         assert torch.equal(got[~torch.isinf(got)], logits[~torch.isinf(got)])  # kept logits untouched
-    short = torch.isfinite(nucleus_filter(logits, 0.95, 512)).sum(-1) > 8  # rows that needed the full sort
-    assert short.any() and not short.all()
+    wide = torch.isfinite(nucleus_filter(logits, 0.95, 512)).sum(-1) > 8  # nuclei beyond 8 candidates:
+    assert wide.any() and not wide.all()  # with candidates=8, both the top-k path and the full sort ran
     assert torch.equal(nucleus_filter(logits, 1.0, candidates), logits)
 
 
@@ -152,6 +152,6 @@ def test_sampling_matches_generate_with_its_own_top_p(pruned_dir):
 def test_batch_size_is_part_of_the_cache_key(pruned_dir):
     tokenizer = AutoTokenizer.from_pretrained(pruned_dir)
     small, rec_small = self_generated_tokens(_cfg(self_batch_size=2), _record(pruned_dir), tokenizer)
-    _, rec_default = self_generated_tokens(_cfg(), _record(pruned_dir), tokenizer)
-    assert rec_small["cache_key"] != rec_default["cache_key"] and rec_small["batch"] == 2
+    _, rec_16 = self_generated_tokens(_cfg(), _record(pruned_dir), tokenizer)
+    assert rec_small["cache_key"] != rec_16["cache_key"] and rec_small["batch"] == 2
     assert small.shape == (5, 13)
