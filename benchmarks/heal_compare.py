@@ -60,8 +60,7 @@ CONFIGS = {
                        "--lr", "3e-4", "--warmup-steps", "10"],
 }
 PATTERNS = {"50%": "unstructured", "2:4": "2:4"}
-DISTILLED = ("lora-kl", "full-kl", "full-kl-self", "full-kl-lr1e-4", "lora-all-r16-kl", "full-kl-lr3e-4",
-             "full-klsq-lr1e-4", "full-kl-lr1e-3", "full-kd-lr3e-4")
+DISTILLED = tuple(name for name, flags in CONFIGS.items() if "--distill" in flags)
 
 
 def parse_configs(value: str) -> list[str]:
