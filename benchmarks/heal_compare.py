@@ -35,7 +35,6 @@ import math
 import sys
 import tempfile
 from pathlib import Path
-from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import machine, perplexity, print_table, run_measured, write_json  # noqa: E402
@@ -149,7 +148,6 @@ def _selfgen_seconds(data: dict) -> float | str | None:
     return "cached" if data.get("cached") else data.get("generation_seconds")
 
 
-FULL_DEFAULTS = {"train_embeddings": False, "train_norms": True}  # the full healer's defaults
 
 
 def _full_student(pruned: str):
@@ -167,7 +165,7 @@ def _full_student(pruned: str):
     rss_loaded = psutil.Process().memory_info().rss / 2**20
     masks, _ = model_masks(lm, pruned)
     healer = FullHealer()
-    healer.prepare(lm, masks, SimpleNamespace(**FULL_DEFAULTS, pruned_dir=pruned))
+    healer.prepare(lm, masks, seed=0, gradient_checkpointing=False)
     return lm, healer, rss_loaded
 
 
@@ -214,10 +212,9 @@ def measure_kl_memory(pruned: str, block_size: int, chunk: int) -> dict:
     from sparseheal.heal import distill
     from sparseheal.records import peak_rss_mb, read_record
 
-    cfg = SimpleNamespace(**FULL_DEFAULTS, pruned_dir=pruned, distill="kl", teacher=None, temperature=2.0,
-                          distill_alpha=0.5, teacher_dtype=None, teacher_device=None)
     lm, _, _ = _full_student(pruned)
-    distiller = distill.build_distiller(cfg, lm, read_record(pruned))
+    settings = distill.DistillSettings(distill="kl")
+    distiller = distill.build_distiller(settings, lm, pruned, read_record(pruned))
     distiller.kl_chunk_tokens = chunk or None
     optimizer = torch.optim.AdamW([p for p in lm.parameters() if p.requires_grad], lr=1e-6)
     ids = torch.randint(0, lm.config.vocab_size, (1, block_size), generator=torch.Generator().manual_seed(0))

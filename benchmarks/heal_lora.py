@@ -231,8 +231,7 @@ def mask_aware_cost(pruned: str, block_size: int, steps: int, targets: str) -> l
     import torch
 
     from sparseheal.heal.adapters import model_masks
-    from sparseheal.heal.lora import LoraHealer
-    from sparseheal.heal.settings import HealConfig
+    from sparseheal.heal.lora import LoraHealer, LoraSettings
     from sparseheal.models import load_model
 
     rows = []
@@ -241,9 +240,8 @@ def mask_aware_cost(pruned: str, block_size: int, steps: int, targets: str) -> l
         vocab = lm.get_input_embeddings().num_embeddings
         tokens = torch.randint(0, vocab, (1, block_size), generator=torch.Generator().manual_seed(0))
         masks, _ = model_masks(lm, pruned)
-        cfg = HealConfig(pruned, tempfile.mkdtemp() + "/unused", targets=targets, mask_aware=mask_aware,
-                         device="cpu")
-        model = LoraHealer().prepare(lm, masks, cfg).train()
+        healer = LoraHealer(LoraSettings(targets=targets, mask_aware=mask_aware))
+        model = healer.prepare(lm, masks, seed=0, gradient_checkpointing=False).train()
         cost = _step_cost(model, tokens, steps)
         buffers = sum(b.numel() * b.element_size() for n, b in model.named_buffers() if "sparseheal" in n)
         rows.append({"mode": "mask-aware" if mask_aware else "plain", "targets": targets,

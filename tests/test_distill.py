@@ -14,20 +14,30 @@ import sparseheal
 from sparseheal.config import ConfigError
 from sparseheal.heal.distill import (
     Distiller,
+    DistillSettings,
     build_distiller,
-    check_distill_settings,
     kl_distill_loss,
     mix_losses,
-    parse_distill,
     resolve_teacher,
     squarehead_loss,
 )
 
 
+def parse_distill(distill):
+    return DistillSettings(distill=distill).losses
+
+
+def check_distill_settings(temperature, alpha, teacher_dtype=None):
+    DistillSettings(temperature=temperature, distill_alpha=alpha, teacher_dtype=teacher_dtype)
+
+
 def _cfg(pruned_dir, **overrides):
-    base = dict(pruned_dir=str(pruned_dir), distill="kl", teacher=None, temperature=2.0, distill_alpha=0.5,
-                teacher_dtype=None, teacher_device=None)
-    return SimpleNamespace(**{**base, **overrides})
+    return SimpleNamespace(settings=lambda: DistillSettings(**{"distill": "kl", **overrides}),
+                           pruned_dir=str(pruned_dir))
+
+
+def _build(cfg, student, record):
+    return build_distiller(cfg.settings(), student, cfg.pruned_dir, record)
 
 
 def _text_blocks(tokenizer, seed: int, n: int, length: int = 32) -> torch.Tensor:
@@ -177,20 +187,20 @@ def test_squarehead_distiller_parts(pruned_dir, dense_dir):
 def test_build_distiller_uses_record_base_model(pruned_dir, dense_dir):
     record = json.loads((pruned_dir / "sparseheal.json").read_text())
     student = AutoModelForCausalLM.from_pretrained(pruned_dir)
-    distiller = build_distiller(_cfg(pruned_dir, teacher_dtype="bfloat16"), student, record)
+    distiller = _build(_cfg(pruned_dir, teacher_dtype="bfloat16"), student, record)
     assert distiller is not None and not distiller.teacher.training
     assert next(distiller.teacher.parameters()).dtype == torch.bfloat16
     assert not any(p.requires_grad for p in distiller.teacher.parameters())
     dense = AutoModelForCausalLM.from_pretrained(dense_dir)
     assert torch.equal(distiller.teacher.lm_head.weight.float(), dense.lm_head.weight.bfloat16().float())
-    assert build_distiller(_cfg(pruned_dir, distill=None), student, record) is None
+    assert _build(_cfg(pruned_dir, distill=None), student, record) is None
 
 
 def test_teacher_refusals(pruned_dir, tmp_path):
     record = json.loads((pruned_dir / "sparseheal.json").read_text())
     student = AutoModelForCausalLM.from_pretrained(pruned_dir)
     with pytest.raises(ConfigError) as err:  # no teacher resolvable
-        build_distiller(_cfg(pruned_dir), student, {**record, "base_model": str(tmp_path / "gone"),
+        _build(_cfg(pruned_dir), student, {**record, "base_model": str(tmp_path / "gone"),
                                                     "base_path": str(tmp_path / "gone2")})
     assert err.value.flag == "--teacher" and "pass --teacher" in err.value.message
     with pytest.raises(ConfigError) as err:
@@ -201,13 +211,13 @@ def test_teacher_refusals(pruned_dir, tmp_path):
     other_cfg["vocab_size"] = 320
     (other / "config.json").write_text(json.dumps(other_cfg))
     with pytest.raises(ConfigError) as err:  # vocabulary differs
-        build_distiller(_cfg(pruned_dir, teacher=str(other)), student, record)
+        _build(_cfg(pruned_dir, teacher=str(other)), student, record)
     assert err.value.flag == "--teacher" and "vocabulary" in err.value.message
     with pytest.raises(ConfigError) as err:
-        build_distiller(_cfg(pruned_dir, temperature=0.0), student, record)
+        _build(_cfg(pruned_dir, temperature=0.0), student, record)
     assert err.value.flag == "--temperature"
     with pytest.raises(ConfigError) as err:
-        build_distiller(_cfg(pruned_dir, distill_alpha=1.5), student, record)
+        _build(_cfg(pruned_dir, distill_alpha=1.5), student, record)
     assert err.value.flag == "--distill-alpha"
 
 
@@ -219,7 +229,7 @@ def test_squarehead_refuses_teacher_of_other_shape(pruned_dir, tmp_path):
     cfg["num_hidden_layers"] = 3
     (deeper / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ConfigError) as err:
-        build_distiller(_cfg(pruned_dir, distill="squarehead", teacher=str(deeper)), student, record)
+        _build(_cfg(pruned_dir, distill="squarehead", teacher=str(deeper)), student, record)
     assert err.value.flag == "--distill" and "num_hidden_layers" in err.value.message
 
 

@@ -10,9 +10,8 @@ import torch
 
 import sparseheal
 from sparseheal.heal.adapters import apply_adapter, model_masks
-from sparseheal.heal.lora import LoraHealer
+from sparseheal.heal.lora import LoraHealer, LoraSettings
 from sparseheal.heal.merge import lora_layers, merge_lora, merge_weight
-from sparseheal.heal.settings import HealConfig
 from sparseheal.models import load_model, weight_view
 from sparseheal.sparsity.masks import count_violations
 
@@ -24,12 +23,11 @@ def pruned(llama_dir, tmp_path_factory):
 
 def _adapted(pruned_dir, tmp_path, mask_aware: bool, targets: str = "all-linear", seed: int = 1):
     """A PeftModel on the pruned base whose lora_B is random (as if trained), plus its masks and base."""
-    cfg = HealConfig(str(pruned_dir), str(tmp_path / "unused"), targets=targets, mask_aware=mask_aware,
-                     dropout=0.0, device="cpu")
+    cfg = LoraSettings(targets=targets, mask_aware=mask_aware, dropout=0.0)
     lm, _, _ = load_model(str(pruned_dir), device="cpu")
     masks, _ = model_masks(lm, pruned_dir)
     base = {n: p.detach().clone() for n, p in lm.named_parameters()}
-    model = LoraHealer().prepare(lm, masks, cfg)
+    model = LoraHealer(cfg).prepare(lm, masks, seed=0, gradient_checkpointing=False)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for layer in lora_layers(model).values():

@@ -137,7 +137,7 @@ def test_sparsegpt_at_zero_sparsity_keeps_weights():
     weight = _linear(32, 8).weight.data.clone()
     x = _inputs(2, 20, 32).reshape(-1, 32)
     hessian = 2.0 / x.shape[0] * x.t() @ x
-    new, mask = sparsegpt_prune(weight, hessian, None, 0.0)
+    new, mask = sparsegpt_prune(weight, hessian, None, 0.0, 128, 0.01)
     assert mask.all()
     torch.testing.assert_close(new, weight, rtol=0, atol=0)
 

@@ -15,8 +15,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sparseheal import cli
-from sparseheal.config import ConfigError, parse_pattern, resolve_sparsity
-from sparseheal.sparsity.masks import nm_mask, nm_violations, pack_mask, unpack_mask, unstructured_mask
+from sparseheal.config import ConfigError
+from sparseheal.sparsity.masks import (
+    nm_mask,
+    nm_violations,
+    pack_mask,
+    parse_pattern,
+    resolve_sparsity,
+    unpack_mask,
+    unstructured_mask,
+)
 
 FAST = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -15,11 +15,11 @@ import yaml
 from safetensors import safe_open
 
 import sparseheal
-from sparseheal import api, cli, config, recipe
-from sparseheal.config import ConfigError, weights_bytes
-from sparseheal.heal import settings
-from sparseheal.models import hash_weights
+from sparseheal import api, checks, cli
+from sparseheal.config import ConfigError
+from sparseheal.models import hash_weights, weights_bytes
 from sparseheal.records import MASKS_FILE
+from sparseheal.run import recipe
 from sparseheal.sparsity.store import load_masks, save_masks
 
 TINY_HEAL = dict(block_size=32, max_steps=2, max_eval_samples=2, logging_steps=1, device="cpu")
@@ -192,7 +192,7 @@ def test_allow_pickle_and_trust_remote_code_are_flags_of_every_loading_command()
 @pytest.fixture
 def disk(monkeypatch):
     """Sets the free bytes every file system reports, and drops the fixed minimum, so estimates show."""
-    monkeypatch.setattr(config, "MIN_FREE_BYTES", 0)
+    monkeypatch.setattr(checks, "MIN_FREE_BYTES", 0)
 
     def set_free(free: int) -> None:
         usage = shutil._ntuple_diskusage(2**40, 2**40 - free, free)
@@ -206,7 +206,7 @@ def _space_refusal(call, area: Path, free: int, needed: int, what: str) -> None:
         call()
     assert info.value.flag == "--output"
     message = info.value.message
-    assert f"{config._size(free)} free" in message and f"about {config._size(needed)} is needed" in message
+    assert f"{checks._size(free)} free" in message and f"about {checks._size(needed)} is needed" in message
     assert what in message and "choose another --output" in message
     assert not any(area.iterdir())  # nothing written where the output would go, not even a temporary sibling
 
@@ -218,7 +218,7 @@ def test_prune_needs_room_for_the_model(llama_dir, tmp_path, disk):
     call = lambda: sparseheal.prune(str(llama_dir), str(tmp_path / "o"), method="magnitude")  # noqa: E731
     _space_refusal(call, tmp_path, needed - 1, needed, "weight files")
     disk(needed)
-    config.PruneConfig(str(llama_dir), str(tmp_path / "o"), method="magnitude")  # exactly enough: accepted
+    api.prune.preflight(str(llama_dir), str(tmp_path / "o"), method="magnitude")  # exactly enough: accepted
 
 
 def test_full_heal_needs_room_for_its_checkpoints(pruned, tmp_path, disk):
@@ -229,7 +229,7 @@ def test_full_heal_needs_room_for_its_checkpoints(pruned, tmp_path, disk):
                                    **TINY_HEAL)
     _space_refusal(call, tmp_path, needed - 1, needed, "2 checkpoints")
     disk(weights)  # without checkpoints the model alone must fit
-    settings.HealConfig(str(pruned), str(tmp_path / "o"), method="full", block_size=32)
+    api.heal.preflight(str(pruned), str(tmp_path / "o"), method="full", block_size=32)
 
 
 def test_merge_and_run_need_room_for_their_models(llama_dir, healed, pruned, tmp_path, disk):

@@ -9,8 +9,8 @@ from runs import tiny_run
 
 from sparseheal.cli import main
 from sparseheal.config import ConfigError
-from sparseheal.plots import loss_curves, moving_average
-from sparseheal.report import build_report, gap_closed, write_report
+from sparseheal.run.plots import loss_curves, moving_average
+from sparseheal.run.report import build_report, gap_closed, write_report
 
 PLOTS = ("loss.png", "sparsity.png", "perplexity.png", "zeroshot.png")
 

@@ -11,7 +11,8 @@ import sparseheal
 from sparseheal.cli import main
 from sparseheal.config import ConfigError
 from sparseheal.heal.trainer import HealTrainer
-from sparseheal.recipe import load_recipe, parse_yaml
+from sparseheal.run.recipe import load_recipe
+from sparseheal.settings import parse_yaml
 
 
 @pytest.fixture
@@ -204,7 +205,7 @@ def test_recipes_load_and_state_hardware_and_time():
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["demo-cpu.yaml", "full-ft.yaml", "distill-2of4.yaml"])
 def test_builtin_model_recipes_validate(name, monkeypatch):
-    from sparseheal.recipe import validate_recipe
+    from sparseheal.run.recipe import validate_recipe
 
     monkeypatch.setenv("SPARSEHEAL_DATA_DIR", str(Path(__file__).parent.parent.parent / "shared" / "data"))
     validate_recipe(load_recipe(str(RECIPE_DIR / name), None, None, {}))

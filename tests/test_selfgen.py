@@ -14,13 +14,12 @@ from transformers.generation.logits_process import TopPLogitsWarper
 import sparseheal
 from sparseheal.api import heal
 from sparseheal.config import ConfigError
+from sparseheal.data import blocks_from_sequences
 from sparseheal.heal import selfgen
 from sparseheal.heal.selfgen import (
-    blocks_from_sequences,
+    SelfGenSettings,
     nucleus_filter,
     sample_sequences,
-    self_generated_tokens,
-    self_training_blocks,
     start_tokens,
 )
 from sparseheal.models import cache_dir
@@ -37,6 +36,24 @@ def _cfg(**overrides):
                 self_sequences=5, self_length=12, self_temperature=1.0, self_top_p=0.95, self_seed=0,
                 self_batch_size=16, block_size=16, max_eval_samples=128, max_train_samples=30000)
     return SimpleNamespace(**{**base, **overrides})
+
+
+def _settings(cfg) -> SelfGenSettings:
+    return SelfGenSettings(**{k: v for k, v in vars(cfg).items() if k.startswith("self_")})
+
+
+def self_generated_tokens(cfg, record, tokenizer):
+    """As the heal pipeline calls it: the teacher's dtype and device default to the student's."""
+    dtype = cfg.teacher_dtype or cfg.dtype or "float32"
+    return selfgen.self_generated_tokens(_settings(cfg), cfg.teacher, dtype, cfg.teacher_device or cfg.device,
+                                         record, tokenizer)
+
+
+def self_training_blocks(cfg, record, tokenizer):
+    tokens, made = self_generated_tokens(cfg, record, tokenizer)
+    train, held_out, split = selfgen.self_training_blocks(tokens, cfg.block_size, cfg.max_train_samples,
+                                                          cfg.max_eval_samples)
+    return train, held_out, {**made, **split}
 
 
 def _record(pruned_dir) -> dict:

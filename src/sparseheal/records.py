@@ -16,6 +16,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from sparseheal.checks import MASKS_FILE
+
 __all__ = [
     "RECORD_FILE",
     "MASKS_FILE",
@@ -30,7 +32,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 RECORD_FILE = "sparseheal.json"
-MASKS_FILE = "sparsity_masks.safetensors"
 _PACKAGES = (
     "sparseheal", "torch", "transformers", "peft", "accelerate", "datasets", "safetensors", "lm_eval",
 )

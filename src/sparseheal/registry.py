@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
-from sparseheal.config import ConfigError
+from sparseheal.errors import ConfigError
 
 __all__ = ["Registry", "PRUNERS", "HEALERS"]
 
@@ -27,7 +27,7 @@ class Registry(Generic[T]):
         self._aliases: dict[str, str] = {}
 
     def register(self, name: str, *aliases: str) -> Callable[[T], T]:
-        """Decorator that registers ``obj`` under ``name`` and any ``aliases``."""
+        """Decorator that registers ``obj`` under ``name`` and any ``aliases`` (and sets ``obj.name``)."""
 
         def wrap(obj: T) -> T:
             if name in self._entries or name in self._aliases:
@@ -35,6 +35,7 @@ class Registry(Generic[T]):
             self._entries[name] = obj
             for alias in aliases:
                 self._aliases[alias] = name
+            obj.name = name  # type: ignore[attr-defined]
             return obj
 
         return wrap
@@ -54,6 +55,17 @@ class Registry(Generic[T]):
     def names(self) -> list[str]:
         """All accepted names, canonical names first."""
         return sorted(self._entries) + sorted(self._aliases)
+
+    def describe(self) -> str:
+        """The names for help text: "a, b (alias c) or d"."""
+        aliases = {alias: canonical for alias, canonical in self._aliases.items()}
+        shown = [name + "".join(f" (alias {a})" for a, n in sorted(aliases.items()) if n == name)
+                 for name in sorted(self._entries)]
+        return ", ".join(shown[:-1]) + (" or " if len(shown) > 1 else "") + shown[-1]
+
+    def items(self) -> list[tuple[str, T]]:
+        """(canonical name, implementation) pairs, in name order."""
+        return sorted(self._entries.items())
 
 
 PRUNERS: Registry = Registry("pruning method", "--method")

@@ -18,9 +18,30 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-__all__ = ["PerplexityResult", "window_losses", "perplexity"]
+from sparseheal.checks import positive
+from sparseheal.errors import ConfigError
+from sparseheal.settings import Settings, setting
+
+__all__ = ["PerplexitySettings", "PerplexityResult", "window_losses", "perplexity"]
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class PerplexitySettings(Settings):
+    """What perplexity is measured on, in which windows, and how many windows per forward pass."""
+
+    dataset: str = setting("wikitext2", "wikitext2, c4, ptb or a local file; several separated by commas "
+                                        "(none: no perplexity).")
+    seqlen: int | None = setting(None, "window length (default min(2048, the model's positions)).",
+                                 check=positive)
+    max_windows: int | None = setting(None, "evaluate only the first K windows.", check=positive)
+    batch_size: int = setting(1, "windows (or zero-shot requests) per forward pass.", check=positive)
+
+    @property
+    def datasets(self) -> list[str]:
+        """The data sets named in ``--dataset`` (``none`` names none)."""
+        return [d.strip() for d in self.dataset.split(",") if d.strip() and d.strip() != "none"]
 
 
 @dataclass
@@ -85,8 +106,6 @@ def perplexity(
 ) -> PerplexityResult:
     """Wanda-protocol perplexity of ``model`` on a (1, N) token stream."""
     if tokens.shape[1] < seqlen:
-        from sparseheal.config import ConfigError
-
         n_tokens = tokens.shape[1]
         raise ConfigError("--seqlen", f"{seqlen} is longer than the {dataset} stream ({n_tokens} tokens)")
     was_training = model.training

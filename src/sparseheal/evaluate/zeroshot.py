@@ -34,9 +34,12 @@ from typing import Any
 import yaml
 from torch import nn
 
-from sparseheal.config import ConfigError
+from sparseheal.checks import positive
+from sparseheal.errors import ConfigError
+from sparseheal.settings import Settings, setting
 
-__all__ = ["LOCAL_PREFIX", "LocalTask", "ZeroShotTasks", "local_task_config", "prepare_tasks",
+__all__ = ["ZeroShotSettings", "LOCAL_PREFIX", "LocalTask", "ZeroShotTasks", "local_task_config",
+           "prepare_tasks",
            "run_zeroshot", "summarize_results"]
 
 log = logging.getLogger(__name__)
@@ -46,6 +49,20 @@ _FLAG = "--tasks"
 _METRICS = ("acc", "acc_norm", "acc_stderr", "acc_norm_stderr")
 _HINT = "(standard lm-eval names such as boolq,piqa, or local:PATH.jsonl with lines " \
         '{"context": ..., "choices": [...], "label": i})'
+
+
+@dataclass
+class ZeroShotSettings(Settings):
+    """Which zero-shot tasks lm-evaluation-harness scores, and on how many questions."""
+
+    tasks: str | None = setting(None, "zero-shot tasks, comma-separated: lm-eval names (boolq,piqa) or "
+                                      "local:PATH.jsonl.")
+    limit: int | None = setting(None, "score only the first N questions of each zero-shot task.",
+                                check=positive)
+
+    @property
+    def task_list(self) -> list[str]:
+        return [t.strip() for t in (self.tasks or "").split(",") if t.strip()]
 
 
 @dataclass

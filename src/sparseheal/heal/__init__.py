@@ -1,19 +1,9 @@
-"""Healing: the shared Trainer set-up, one module per healer (registered in ``registry.HEALERS``),
-adapters and merges."""
+"""Healing: the healer contract (base.py), the shared Trainer set-up, one module per healer, adapters,
+distillation, self-generated data and merges.
 
-from __future__ import annotations
+A new healer is one file in this package plus its name in the import below (which registers it).
+"""
 
-import importlib
-import importlib.util
+from sparseheal.heal import full, lora  # noqa: F401  (registers the healers)
 
-__all__ = ["HEALER_MODULES", "load_healers"]
-
-HEALER_MODULES = ("lora", "full")
-
-
-def load_healers() -> None:
-    """Imports every healer module present, so that each registers its method names."""
-    for name in HEALER_MODULES:
-        module = f"sparseheal.heal.{name}"
-        if importlib.util.find_spec(module) is not None:
-            importlib.import_module(module)
+__all__: list[str] = []

@@ -8,9 +8,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from sparseheal.config import ConfigError
+from sparseheal.checks import MASKS_FILE, check_pickle
+from sparseheal.errors import ConfigError
 from sparseheal.models import decoder_layers, prunable_linears, resolve_source
-from sparseheal.records import MASKS_FILE, read_record
+from sparseheal.records import read_record
 from sparseheal.sparsity.store import (
     check_masks_belong,
     check_masks_match,
@@ -71,8 +72,6 @@ def apply_adapter(model: nn.Module, adapter: str, base: str, allow_pickle: bool 
     adapter weights (``adapter_model.bin``) are refused unless ``allow_pickle``.
     """
     from peft import PeftModel
-
-    from sparseheal.config import check_pickle
 
     check_pickle(adapter, allow_pickle, "adapter_model")
     record = check_adapter_base(adapter, base)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -33,17 +34,18 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from sparseheal.config import DTYPES, ConfigError
+from sparseheal.checks import DTYPES, above_zero, check_device, unit_interval
+from sparseheal.errors import ConfigError
 from sparseheal.models import ModelSource, hash_weights, load_model, load_tokenizer, resolve_source
+from sparseheal.settings import Settings, setting
 
 __all__ = [
     "DISTILL_LOSSES",
+    "DistillSettings",
     "kl_distill_loss",
     "KL_CHUNK_TOKENS",
     "squarehead_loss",
     "mix_losses",
-    "parse_distill",
-    "check_distill_settings",
     "resolve_teacher",
     "check_vocabulary",
     "check_teacher_config",
@@ -54,6 +56,35 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 DISTILL_LOSSES = ("kl", "squarehead")
+
+
+@dataclass
+class DistillSettings(Settings):
+    """Learning from the dense model: which losses, the teacher, and how they mix."""
+
+    distill: str | None = setting(None, "distillation loss from the dense teacher: kl, squarehead, or "
+                                        "kl,squarehead.")
+    teacher: str | None = setting(None, "the teacher model (default: the dense model named in the pruned "
+                                        "record).")
+    temperature: float = setting(2.0, "KL distillation temperature (> 0).", check=above_zero)
+    distill_alpha: float = setting(0.5, "weight of the distillation loss against the LM loss, in [0, 1].",
+                                   check=unit_interval(closed_high=True))
+    teacher_dtype: str | None = setting(None, "float32, bfloat16 or float16 for the teacher.", choices=DTYPES)
+    teacher_device: str | None = setting(None, "device of the teacher.", check=check_device, resumable=True)
+
+    def validate(self) -> None:
+        if self.distill is None:
+            return
+        names = [n.strip() for n in str(self.distill).split(",") if n.strip()]
+        if not names or any(n not in DISTILL_LOSSES for n in names):
+            raise ConfigError("--distill", f"choose from {', '.join(DISTILL_LOSSES)} (or both, comma "
+                                           f"separated), got {self.distill!r}")
+        self.distill = ",".join(dict.fromkeys(names))
+
+    @property
+    def losses(self) -> tuple[str, ...]:
+        """The names in ``--distill`` (empty when distillation is off)."""
+        return tuple(self.distill.split(",")) if self.distill else ()
 
 
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -154,28 +185,6 @@ def mix_losses(lm_loss: torch.Tensor, distill_loss: torch.Tensor, alpha: float) 
     return (1.0 - alpha) * lm_loss + alpha * distill_loss
 
 
-def parse_distill(distill: str | Sequence[str] | None) -> tuple[str, ...]:
-    """Parses ``--distill`` ("kl", "squarehead", "kl,squarehead") into a tuple of loss names."""
-    if distill is None:
-        return ()
-    items = distill.split(",") if isinstance(distill, str) else list(distill)
-    names = tuple(dict.fromkeys(item.strip().lower() for item in items if item.strip()))
-    if not names or any(name not in DISTILL_LOSSES for name in names):
-        allowed = ", ".join(DISTILL_LOSSES)
-        raise ConfigError("--distill", f"choose from {allowed} (comma-separated); got {distill!r}")
-    return names
-
-
-def check_distill_settings(temperature: float, alpha: float, teacher_dtype: str | None = None) -> None:
-    """Validates ``--temperature`` (> 0), ``--distill-alpha`` ([0, 1]) and ``--teacher-dtype``."""
-    if not temperature > 0:
-        raise ConfigError("--temperature", f"must be > 0, got {temperature}")
-    if not 0.0 <= alpha <= 1.0:
-        raise ConfigError("--distill-alpha", f"must be in [0, 1], got {alpha}")
-    if teacher_dtype is not None and teacher_dtype not in DTYPES:
-        raise ConfigError("--teacher-dtype", f"choose from {', '.join(DTYPES)}; got {teacher_dtype!r}")
-
-
 def resolve_teacher(teacher: str | None, pruned_record: dict | None) -> tuple[ModelSource, str | None]:
     """Finds the teacher: ``--teacher``, else the base model named by the pruned directory's record.
 
@@ -252,11 +261,9 @@ class Distiller:
         alpha: weight of the distillation part, in [0, 1].
     """
 
-    def __init__(self, teacher: nn.Module, losses: Sequence[str], temperature: float = 2.0,
-                 alpha: float = 0.5) -> None:
-        check_distill_settings(temperature, alpha)
+    def __init__(self, teacher: nn.Module, losses: Sequence[str], temperature: float, alpha: float) -> None:
         self.teacher = teacher.eval().requires_grad_(False)
-        self.losses = parse_distill(list(losses))
+        self.losses = tuple(losses)
         self.temperature = float(temperature)
         self.alpha = float(alpha)
         self.needs_hidden_states = "squarehead" in self.losses
@@ -311,22 +318,22 @@ def load_teacher(source: ModelSource, expected_hash: str | None, dtype: str | No
     return teacher.eval().requires_grad_(False)
 
 
-def build_distiller(cfg: Any, student_model: nn.Module, pruned_record: dict | None) -> Distiller | None:
-    """Builds the Distiller that ``cfg.distill`` asks for, or returns None when it asks for none.
+def build_distiller(settings: DistillSettings, student_model: nn.Module, pruned_dir: str | None,
+                    pruned_record: dict | None) -> Distiller | None:
+    """Builds the Distiller that ``--distill`` asks for, or returns None when it asks for none.
 
-    Resolves the teacher (``cfg.teacher`` or the record's base model), checks its vocabulary (and,
+    Resolves the teacher (``--teacher`` or the record's base model), checks its vocabulary (and,
     for squarehead, its depth and width) against the student's before loading weights, and loads it
-    with ``cfg.teacher_dtype`` / ``cfg.teacher_device`` (default: the student's).
+    with ``--teacher-dtype`` / ``--teacher-device`` (default: the student's).
     """
-    losses = parse_distill(getattr(cfg, "distill", None))
+    losses = settings.losses
     if not losses:
         return None
-    check_distill_settings(cfg.temperature, cfg.distill_alpha, cfg.teacher_dtype)
-    source, expected_hash = resolve_teacher(cfg.teacher, pruned_record)
-    check_teacher_config(source, student_model, cfg.pruned_dir, losses)
+    source, expected_hash = resolve_teacher(settings.teacher, pruned_record)
+    check_teacher_config(source, student_model, pruned_dir, losses)
     param = next(student_model.parameters())
-    dtype = cfg.teacher_dtype or str(param.dtype).removeprefix("torch.")
-    teacher = load_teacher(source, expected_hash, dtype, cfg.teacher_device or str(param.device))
-    log.info("distilling (%s, T=%g, alpha=%g) from %s", ",".join(losses), cfg.temperature, cfg.distill_alpha,
-             source.name)
-    return Distiller(teacher, losses, cfg.temperature, cfg.distill_alpha)
+    dtype = settings.teacher_dtype or str(param.dtype).removeprefix("torch.")
+    teacher = load_teacher(source, expected_hash, dtype, settings.teacher_device or str(param.device))
+    log.info("distilling (%s, T=%g, alpha=%g) from %s", ",".join(losses), settings.temperature,
+             settings.distill_alpha, source.name)
+    return Distiller(teacher, losses, settings.temperature, settings.distill_alpha)

@@ -25,14 +25,16 @@ from __future__ import annotations
 import copy
 import logging
 import os
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from sparseheal.config import ConfigError
+from sparseheal.errors import ConfigError
+from sparseheal.settings import Settings, setting
 
 __all__ = [
+    "FsdpSettings",
     "world_size",
     "check_fsdp",
     "is_sharded",
@@ -57,7 +59,15 @@ def _accelerate_fsdp_requested() -> bool:
     return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes")
 
 
-def check_fsdp(cfg: Any) -> None:
+@dataclass
+class FsdpSettings(Settings):
+    """Fully sharded healing over the ranks of a multi-process launch."""
+
+    fsdp: bool = setting(False, "shard the model over the ranks of a torchrun / accelerate launch (FSDP2; "
+                                "docs/distributed.md).")
+
+
+def check_fsdp(fsdp: bool, merge: str, save_steps: int | None, resume: bool, device: str | None) -> None:
     """Refuses the combinations that fully sharded healing does not support (before any heavy work).
 
     Raises:
@@ -71,18 +81,18 @@ def check_fsdp(cfg: Any) -> None:
         raise ConfigError("--fsdp", "accelerate's FSDP plugin (accelerate launch --use_fsdp, "
                           "ACCELERATE_USE_FSDP=true) is not supported: launch without it and pass --fsdp "
                           f"({_LAUNCH})")
-    if not cfg.fsdp:
+    if not fsdp:
         return
     if world_size() < 2:
         raise ConfigError("--fsdp", f"needs two or more processes; launch with {_LAUNCH}")
-    if cfg.merge != "none":
+    if merge != "none":
         raise ConfigError("--merge", "cannot merge under --fsdp (the base weights are sharded); heal with "
                           "--merge none and run sparseheal merge on the adapter afterwards")
-    if cfg.save_steps or cfg.resume:  # the Trainer refuses optimizer checkpoints of such a model
-        raise ConfigError("--save-steps" if cfg.save_steps else "--resume",
+    if save_steps or resume:  # the Trainer refuses optimizer checkpoints of such a model
+        raise ConfigError("--save-steps" if save_steps else "--resume",
                           "checkpoints and --resume are not available with --fsdp (transformers cannot "
                           "checkpoint the optimizer of a model sharded at load time); leave them unset")
-    if cfg.device is not None:
+    if device is not None:
         raise ConfigError("--device", "leave it unset with --fsdp: each rank uses cuda:LOCAL_RANK (the CPU "
                           "without a GPU)")
 
@@ -127,9 +137,9 @@ def load_sharded(model_dir: str, dtype: str | None, trust_remote_code: bool = Fa
     from transformers import AutoModelForCausalLM
     from transformers.distributed import DistributedConfig
 
-    from sparseheal.models import _DTYPES, default_device, default_dtype
+    from sparseheal.models import torch_dtype as to_torch_dtype
 
-    torch_dtype = _DTYPES[dtype or default_dtype(default_device())]
+    torch_dtype = to_torch_dtype(dtype, None)
     model = AutoModelForCausalLM.from_pretrained(
         model_dir, dtype=torch_dtype, use_safetensors=None if allow_pickle else True,
         trust_remote_code=trust_remote_code, distributed_config=DistributedConfig(fsdp_size=world_size()),

@@ -31,6 +31,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,15 +40,17 @@ from safetensors import safe_open
 from torch import nn
 from transformers import TrainerCallback
 
-from sparseheal.config import ConfigError
+from sparseheal.checks import MASKS_FILE
+from sparseheal.heal.base import Healer
 from sparseheal.heal.fsdp import is_sharded, local, shard_like
 from sparseheal.models import decoder_layers, prunable_linears, save_model
-from sparseheal.records import MASKS_FILE, read_record
 from sparseheal.registry import HEALERS
+from sparseheal.settings import Settings, setting
 from sparseheal.sparsity.masks import count_violations
 from sparseheal.sparsity.store import check_masks_match, save_masks
 
 __all__ = [
+    "FullSettings",
     "masked_gradient",
     "select_trainable",
     "MaskKeeper",
@@ -226,22 +229,33 @@ def verify_saved_masks(model_dir: str | os.PathLike, masks: dict[str, torch.Tens
             "pruned_parameters": pruned_total, "layers_checked": len(masks)}
 
 
+@dataclass
+class FullSettings(Settings):
+    """Which parameters besides the decoder's linears ``--method full`` trains."""
+
+    train_embeddings: bool = setting(False, "full: train the embeddings and lm_head too.")
+    train_norms: bool = setting(True, "full: train the normalisation layers.")
+
+
 @HEALERS.register("full", "dense")
-class FullHealer:
+class FullHealer(Healer):
     """Trains every surviving weight; pruned weights stay exactly zero (see the module docstring)."""
 
-    default_lr: float = 2e-5
-    default_scheduler: str = "cosine"
+    settings = FullSettings
+    defaults = {"lr": 2e-5, "scheduler": "cosine"}
+    requires_sparsity = True
+    writes = "the healed weights themselves"
+    options: FullSettings
 
-    def __init__(self) -> None:
+    def __init__(self, options: FullSettings | None = None) -> None:
+        super().__init__(options)
         self.keeper: MaskKeeper | None = None
         self.roles: dict[str, list[str]] = {}
 
-    def prepare(self, model: nn.Module, masks: dict[str, torch.Tensor], cfg: Any) -> nn.Module:
+    def prepare(self, model: nn.Module, masks: dict[str, torch.Tensor], seed: int,
+                gradient_checkpointing: bool) -> nn.Module:
         """Chooses the trainable parameters, re-masks the weights and installs the gradient hooks."""
-        if not masks or not any(bool((~m).any()) for m in masks.values()):
-            raise ConfigError("PRUNED_DIR", f"{cfg.pruned_dir} is not a pruned model: no masks file and no "
-                              "zero weight in its decoder linears; prune it first (sparseheal prune)")
+        cfg = self.options
         check_masks_match(model, masks)
         self.roles = select_trainable(model, masks, cfg.train_embeddings, cfg.train_norms)
         self.keeper = MaskKeeper(model, masks)
@@ -261,7 +275,7 @@ class FullHealer:
         return [MaskCallback(self.keeper)]
 
     def save(self, model: nn.Module, tokenizer, out_dir: Path, masks: dict[str, torch.Tensor],
-             cfg: Any) -> dict:
+             pattern: str) -> dict:
         """Writes a normal HF directory plus the masks, verifies them bit for bit, returns record fields."""
         if self.keeper is not None:
             self.keeper.remove()
@@ -270,7 +284,6 @@ class FullHealer:
         for param in model.parameters():
             param.requires_grad_(False)
         save_model(model, tokenizer, out_dir)
-        pattern = (read_record(cfg.pruned_dir) or {}).get("pattern", "unstructured")
         save_masks(masks, Path(out_dir) / MASKS_FILE, {"pattern": pattern})
         report = verify_saved_masks(out_dir, masks)
         if not report["ok"]:
@@ -281,5 +294,5 @@ class FullHealer:
         pruned = report["pruned_parameters"]
         return {"mask_verification": report, "parameter_tensors": tensors, "trainable_parameters": trainable,
                 "trainable_surviving_parameters": trainable - pruned, "total_parameters": total,
-                "train_embeddings": cfg.train_embeddings, "train_norms": cfg.train_norms}
+                **self.options.values()}
 

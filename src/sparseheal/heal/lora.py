@@ -12,19 +12,47 @@ With ``--mask-aware`` the update is ``(alpha / r) * (B A ⊙ M) x`` during train
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from sparseheal.config import ConfigError
-from sparseheal.heal.settings import HealConfig
+from sparseheal.checks import above_zero, positive, unit_interval
+from sparseheal.errors import ConfigError
+from sparseheal.heal.base import Healer
 from sparseheal.models import prunable_linears
 from sparseheal.registry import HEALERS
+from sparseheal.settings import Settings, setting
 
-__all__ = ["LoraHealer", "check_targets", "lora_config"]
+__all__ = ["LoraSettings", "LoraHealer", "check_targets", "lora_config"]
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoraSettings(Settings):
+    """The adapters of ``--method lora`` (the Wanda project's recipe by default)."""
+
+    rank: int = setting(8, "LoRA rank r.", check=positive)
+    alpha: float = setting(16, "LoRA alpha (the update is scaled by alpha / r).", check=above_zero)
+    dropout: float = setting(0.05, "LoRA dropout, in [0, 1).", check=unit_interval(closed_high=False))
+    targets: str = setting("q_proj,v_proj", "module names to adapt, comma-separated (q_proj,v_proj), or "
+                                            "all-linear.")
+    mask_aware: bool = setting(False, "mask the LoRA update by the sparsity mask during training, so a "
+                                      "masked merge is exact.")
+
+    def validate(self) -> None:
+        if not self.target_modules:
+            raise ConfigError("--targets", "give module names separated by commas (q_proj,v_proj), "
+                                           "or all-linear")
+
+    @property
+    def target_modules(self) -> list[str] | str:
+        """``--targets`` as PEFT takes it: ``"all-linear"`` or a list of module names."""
+        if self.targets.strip() == "all-linear":
+            return "all-linear"
+        return [t.strip() for t in self.targets.split(",") if t.strip()]
 
 
 def check_targets(model: nn.Module, targets: list[str] | str) -> list[str]:
@@ -48,7 +76,7 @@ def check_targets(model: nn.Module, targets: list[str] | str) -> list[str]:
     return sorted(set(selected), key=list(linears).index)
 
 
-def lora_config(cfg: HealConfig, model: nn.Module):
+def lora_config(cfg: LoraSettings, model: nn.Module):
     """The PEFT ``LoraConfig`` of the recipe."""
     from peft import LoraConfig, TaskType
 
@@ -65,33 +93,44 @@ def lora_config(cfg: HealConfig, model: nn.Module):
 
 
 @HEALERS.register("lora")
-class LoraHealer:
+class LoraHealer(Healer):
     """PEFT LoRA on the frozen sparse base (``--method lora``)."""
 
-    default_lr = 1e-4
-    default_scheduler = "linear"
+    settings = LoraSettings
+    defaults = {"lr": 1e-4, "scheduler": "linear"}
+    can_merge = True
+    packed_masks = True  # the mask-aware hooks and merges unpack one layer's mask at a time
+    writes = "a PEFT adapter"
+    options: LoraSettings
 
-    def __init__(self) -> None:
+    def __init__(self, options: LoraSettings | None = None) -> None:
+        super().__init__(options)
         self.mask_hooks: list = []
         self.adapted: list[str] = []
 
-    def validate(self, model: nn.Module, cfg: HealConfig) -> None:
-        """Checks ``--targets`` against the model's linears (works on a weightless meta-device skeleton)."""
-        check_targets(model, cfg.target_modules)
+    def output_bytes(self, weights: int, checkpoints: int, merged: bool) -> tuple[int, str]:
+        """Adapters are small; a merged copy is a whole model."""
+        return (weights, "a merged copy of the model") if merged else (0, "the adapter")
 
-    def prepare(self, model: nn.Module, masks: dict[str, torch.Tensor], cfg: HealConfig) -> nn.Module:
+    def validate(self, skeleton: nn.Module) -> None:
+        """Checks ``--targets`` against the model's linears (works on a weightless meta-device skeleton)."""
+        check_targets(skeleton, self.options.target_modules)
+
+    def prepare(self, model: nn.Module, masks: dict[str, torch.Tensor], seed: int,
+                gradient_checkpointing: bool) -> nn.Module:
         """Wraps ``model`` in a PeftModel with fresh adapters (seeded); base weights stay frozen."""
         from peft import get_peft_model
         from transformers import set_seed
 
+        cfg = self.options
         self.adapted = check_targets(model, cfg.target_modules)
-        set_seed(cfg.seed)
+        set_seed(seed)
         peft_model = get_peft_model(model, lora_config(cfg, model))
         if cfg.mask_aware:
             from sparseheal.heal.merge import install_mask_aware
 
             self.mask_hooks = install_mask_aware(peft_model, masks)
-        if cfg.gradient_checkpointing:
+        if gradient_checkpointing:
             peft_model.enable_input_require_grads()
         trainable, total = peft_model.get_nb_trainable_parameters()
         log.info("LoRA r=%d alpha=%g on %d linears%s: %d trainable parameters of %d (%.3f%%)", cfg.rank,
@@ -100,7 +139,7 @@ class LoraHealer:
         return peft_model
 
     def save(self, model: nn.Module, tokenizer, out_dir: Path, masks: dict[str, torch.Tensor],
-             cfg: HealConfig) -> dict:
+             pattern: str) -> dict:
         """Writes the PEFT adapter (adapter_config.json + adapter_model.safetensors) to ``out_dir``."""
         model.save_pretrained(out_dir, safe_serialization=True)
         trainable, total = model.get_nb_trainable_parameters()
@@ -108,12 +147,5 @@ class LoraHealer:
             "artifact": "peft-adapter",
             "trainable_parameters": trainable,
             "total_parameters": total,
-            "adapter": {
-                "rank": cfg.rank,
-                "alpha": cfg.alpha,
-                "dropout": cfg.dropout,
-                "targets": cfg.targets,
-                "modules": self.adapted,
-                "mask_aware": cfg.mask_aware,
-            },
+            "adapter": {**self.options.values(), "modules": self.adapted},
         }

@@ -35,15 +35,23 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sparseheal.checks import MASKS_FILE, non_negative, positive
+from sparseheal.models import save_model
+from sparseheal.settings import Settings, setting
 from sparseheal.sparsity.masks import apply_mask, as_bool, sparsity_of
+from sparseheal.sparsity.store import save_masks, weights_hash
 
 __all__ = [
+    "MERGE_MODES",
+    "HealMergeSettings",
+    "MergeSettings",
     "masked_delta",
     "merge_weight",
     "lora_layers",
@@ -59,6 +67,31 @@ log = logging.getLogger(__name__)
 
 _PRUNED_BUFFER = "sparseheal_pruned"
 MERGE_EVAL_WINDOWS = 16  # held-out blocks on which ``heal --merge`` compares adapter and merged model
+MERGE_MODES = ("masked", "dense")
+
+
+@dataclass
+class HealMergeSettings(Settings):
+    """``heal --merge``: a merged model beside the adapter (for healers that can merge)."""
+
+    merge: str = setting("none", "none, masked (pruned weights stay zero) or dense; the merged model goes to "
+                                 "OUTPUT/merged.", choices=("none", *MERGE_MODES), resumable=True)
+
+
+@dataclass
+class MergeSettings(Settings):
+    """``sparseheal merge``: how an adapter is merged into its base, and the comparison that checks it."""
+
+    mode: str = setting("masked", "masked (W + BA * mask: pruned weights stay exactly zero) or dense (plain "
+                                  "merge, not sparse).", choices=MERGE_MODES)
+    base: str | None = setting(None, "the base model directory (default: the one named in the adapter's "
+                                     "record; its hash must match).")
+    eval_data: str = setting("wikitext2", "data set whose first windows compare the adapter model with the "
+                                          "merged model.")
+    eval_seqlen: int | None = setting(None, "window length of that comparison (default min(1024, the model's "
+                                            "positions)).", check=positive)
+    eval_windows: int = setting(4, "windows compared (0 skips the comparison).",
+                                check=non_negative("an integer (0 skips the comparison)"))
 
 
 def masked_delta(weight_b: torch.Tensor, weight_a: torch.Tensor, pruned: torch.Tensor) -> torch.Tensor:
@@ -212,10 +245,6 @@ def save_merged(model: nn.Module, tokenizer, masks: dict[str, torch.Tensor], mod
     Returns:
         Merge statistics for the record.
     """
-    from sparseheal.models import save_model
-    from sparseheal.records import MASKS_FILE
-    from sparseheal.sparsity.store import save_masks, weights_hash
-
     before = mean_window_loss(model, eval_windows) if eval_windows is not None and len(eval_windows) else None
     merged, stats = merge_lora(model, masks, mode)
     if before is not None:

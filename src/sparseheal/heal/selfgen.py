@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,26 +35,21 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from sparseheal.config import ConfigError
+from sparseheal.checks import above_zero, positive, unit_interval
+from sparseheal.data import blocks_from_sequences, split_blocks
+from sparseheal.errors import ConfigError
 from sparseheal.heal.distill import check_vocabulary, load_teacher, resolve_teacher
-from sparseheal.models import (
-    ModelSource,
-    cache_dir,
-    default_device,
-    default_dtype,
-    load_tokenizer,
-    source_hash,
-)
+from sparseheal.models import ModelSource, cache_dir, load_tokenizer, source_hash
+from sparseheal.settings import Settings, setting
 
 __all__ = [
     "SELF_DATA",
-    "GENERATION_BATCH",
+    "SelfGenSettings",
     "selfgen_key",
     "start_tokens",
     "nucleus_filter",
     "NucleusSampling",
     "sample_sequences",
-    "blocks_from_sequences",
     "self_generated_tokens",
     "self_training_blocks",
 ]
@@ -61,9 +57,27 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 SELF_DATA = "self"
-GENERATION_BATCH = 64  # default --self-batch-size; part of the cache key: the batch shapes the random stream
 SAMPLER = "nucleus-topk"  # part of the cache key: names how tokens are drawn (NucleusSampling)
 NUCLEUS_CANDIDATES = 4096  # tokens per row ranked by top-k before a full sort is needed
+
+
+def _top_p(flag: str, value: float) -> None:
+    above_zero(flag, value)
+    unit_interval(closed_high=True)(flag, value)
+
+
+@dataclass
+class SelfGenSettings(Settings):
+    """``--data self``: how many sequences the dense teacher writes, how long, and how it samples.
+    Every setting is part of the cache key (the batch too: it shapes the random stream)."""
+
+    self_sequences: int = setting(64, "--data self: number of generated sequences.", check=positive)
+    self_length: int = setting(256, "--data self: tokens per generated sequence.", check=positive)
+    self_temperature: float = setting(1.0, "--data self: sampling temperature.", check=above_zero)
+    self_top_p: float = setting(0.95, "--data self: nucleus sampling top-p.", check=_top_p)
+    self_seed: int = setting(0, "--data self: sampling seed.")
+    self_batch_size: int = setting(64, "--data self: sequences generated at once (the teacher's KV cache "
+                                       "grows with it).", check=positive)
 
 
 def selfgen_key(teacher_id: str, settings: dict[str, Any]) -> str:
@@ -144,7 +158,7 @@ class NucleusSampling(LogitsProcessor):
 @torch.no_grad()
 def sample_sequences(model: nn.Module, prompts: torch.Tensor, length: int, temperature: float,
                      top_p: float, seed: int, eos_token_id: int | None,
-                     batch_size: int = GENERATION_BATCH) -> torch.Tensor:
+                     batch_size: int) -> torch.Tensor:
     """Continues each prompt by exactly ``length`` sampled tokens (``model.generate``).
 
     Args:
@@ -181,36 +195,10 @@ def sample_sequences(model: nn.Module, prompts: torch.Tensor, length: int, tempe
     return torch.cat(rows)
 
 
-def blocks_from_sequences(sequences: torch.Tensor, block_size: int,
-                          max_blocks: int | None = None) -> torch.Tensor:
-    """Concatenates (N, L) sequences and cuts them into (n_blocks, block_size); the remainder is dropped."""
-    stream = sequences.reshape(-1)  # (N * L,)
-    n_blocks = stream.numel() // block_size
-    if max_blocks is not None:
-        n_blocks = min(n_blocks, max_blocks)
-    if n_blocks == 0:
-        count, length = sequences.shape
-        raise ConfigError("--self-sequences", f"{count} sequences of {length} tokens make no block of "
-                          f"{block_size}; raise --self-sequences or --self-length, or lower --block-size")
-    return stream[: n_blocks * block_size].reshape(n_blocks, block_size)
-
-
-def _settings(cfg: Any, dtype: str, device: str) -> dict[str, Any]:
+def _settings(cfg: SelfGenSettings, dtype: str, device: str) -> dict[str, Any]:
     return {"sequences": cfg.self_sequences, "length": cfg.self_length, "temperature": cfg.self_temperature,
             "top_p": cfg.self_top_p, "seed": cfg.self_seed, "batch": cfg.self_batch_size, "dtype": dtype,
             "device_type": torch.device(device).type, "sampler": SAMPLER}
-
-
-def _check_settings(cfg: Any) -> None:
-    flags = (("--self-sequences", cfg.self_sequences), ("--self-length", cfg.self_length),
-             ("--self-batch-size", cfg.self_batch_size))
-    for flag, value in flags:
-        if isinstance(value, bool) or value < 1:
-            raise ConfigError(flag, f"must be an integer >= 1, got {value}")
-    if not cfg.self_temperature > 0:
-        raise ConfigError("--self-temperature", f"must be > 0, got {cfg.self_temperature}")
-    if not 0 < cfg.self_top_p <= 1:
-        raise ConfigError("--self-top-p", f"must be in (0, 1], got {cfg.self_top_p}")
 
 
 def _read_cache(path: Path) -> torch.Tensor | None:
@@ -232,21 +220,14 @@ def _write_cache(path: Path, tokens: torch.Tensor, meta: dict[str, Any]) -> None
     os.replace(tmp, path)
 
 
-def _teacher_setting(cfg: Any) -> tuple[str, str]:
-    device = cfg.teacher_device or cfg.device or default_device()
-    return cfg.teacher_dtype or cfg.dtype or default_dtype(device), device
-
-
-def self_generated_tokens(cfg: Any, pruned_record: dict | None,
-                          student_tokenizer) -> tuple[torch.Tensor, dict]:
-    """Returns the (N, P + L) self-generated sequences for ``cfg`` (from the cache when present) and
-    the record of how they were made."""
-    _check_settings(cfg)
-    source, _ = resolve_teacher(cfg.teacher, pruned_record)
+def self_generated_tokens(cfg: SelfGenSettings, teacher_name: str | None, dtype: str, device: str,
+                          pruned_record: dict | None, student_tokenizer) -> tuple[torch.Tensor, dict]:
+    """Returns the (N, P + L) sequences the teacher (``--teacher`` or the record's base model) writes
+    in ``dtype`` on ``device`` (from the cache when present), and the record of how they were made."""
+    source, _ = resolve_teacher(teacher_name, pruned_record)
     teacher_tokenizer = _teacher_tokenizer(source)
     check_vocabulary(student_tokenizer, teacher_tokenizer, len(student_tokenizer), len(teacher_tokenizer),
                      source.name)
-    dtype, device = _teacher_setting(cfg)
     settings = _settings(cfg, dtype, device)
     teacher_id = source_hash(source) or source.path
     key = selfgen_key(teacher_id, settings)
@@ -279,21 +260,18 @@ def _teacher_tokenizer(source: ModelSource):
         raise ConfigError("--teacher", f"cannot load the tokenizer of {source.name} ({reason})") from err
 
 
-def self_training_blocks(cfg: Any, pruned_record: dict | None,
-                         student_tokenizer) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
-    """Training and held-out blocks of self-generated text, and the data record.
+def self_training_blocks(tokens: torch.Tensor, block_size: int, max_train: int,
+                         max_eval: int) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
+    """Training and held-out blocks of (N, L) self-generated ``tokens``, and their part of the record.
 
-    The held-out tail follows the same rule as for any other text (``trainer.split_blocks``), so no
+    The held-out tail follows the same rule as for any other text (``data.split_blocks``), so no
     external text is needed at all.
 
     Returns:
         (train (N, block_size), eval (E, block_size) or None, record)
     """
-    from sparseheal.heal.trainer import split_blocks
-
-    tokens, record = self_generated_tokens(cfg, pruned_record, student_tokenizer)
-    blocks = blocks_from_sequences(tokens, cfg.block_size)
-    train, held_out = split_blocks(blocks, cfg.max_train_samples, cfg.max_eval_samples)
-    record = {**record, "train_blocks": int(train.shape[0]),
-              "eval_blocks": 0 if held_out is None else int(held_out.shape[0]), "block_size": cfg.block_size}
+    blocks = blocks_from_sequences(tokens, block_size)
+    train, held_out = split_blocks(blocks, max_train, max_eval)
+    record = {"train_blocks": int(train.shape[0]),
+              "eval_blocks": 0 if held_out is None else int(held_out.shape[0]), "block_size": block_size}
     return train, held_out, record

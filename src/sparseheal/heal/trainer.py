@@ -1,9 +1,9 @@
-"""The one Hugging Face Trainer set-up that every healer shares.
+"""The one Hugging Face Trainer set-up that every healer shares, and its settings.
 
 Data: fixed-length token blocks (run_clm style, see ``data.training_blocks``) served as
 ``{"input_ids", "labels"}``; the model shifts the labels itself. Schedule, clipping, mixed precision,
 gradient checkpointing, logging, evaluation, checkpoints and ``--resume`` are the Trainer's own; this
-module only maps :class:`~sparseheal.heal.settings.HealConfig` onto ``TrainingArguments`` and adds
+module only maps :class:`TrainingSettings` onto ``TrainingArguments`` and adds
 
 - an optional distillation loss (:class:`HealTrainer.compute_loss`), whose parts are logged separately;
 - a guard that drops the update of a step whose loss is not finite and stops after ``--max-bad-steps``
@@ -18,22 +18,25 @@ import logging
 import math
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
 
+from sparseheal.checks import above_zero, non_negative, positive
+from sparseheal.errors import ConfigError
+from sparseheal.heal.base import format_rate
+from sparseheal.heal.checkpoints import RECIPE_FILE, resume_point, tokens_at
 from sparseheal.records import peak_rss_mb
-
-if TYPE_CHECKING:
-    from sparseheal.heal.settings import HealConfig
+from sparseheal.registry import HEALERS
+from sparseheal.settings import Settings, setting
 
 __all__ = [
     "LOG_FILE",
-    "split_blocks",
-    "heal_blocks",
+    "TrainingSettings",
     "BlockDataset",
     "JsonlLogCallback",
     "HealTrainer",
@@ -46,40 +49,76 @@ log = logging.getLogger(__name__)
 LOG_FILE = "train_log.jsonl"
 
 
-def split_blocks(
-    blocks: torch.Tensor, train_limit: int, max_eval: int
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Splits (N, T) blocks into a training head and a held-out evaluation tail.
+def _default_help(what: str, key: str, show=str) -> Any:
+    def text() -> str:
+        per_method = ", ".join(f"{show(h.defaults[key])} for {name}" for name, h in HEALERS.items()
+                               if key in h.defaults)
+        return f"{what} (default {per_method})."
 
-    With enough data the tail is ``max_eval`` blocks; with less, it is the blocks beyond ``train_limit``
-    or a tenth of the data, whichever is more (never more than ``max_eval``, never the only block).
-
-    Returns:
-        ((N - E, T) training blocks, (E, T) evaluation blocks or None when E = 0)
-    """
-    n = blocks.shape[0]
-    n_eval = min(max_eval, max(n - train_limit, n // 10)) if n >= 2 else 0
-    train_part = blocks[: n - n_eval][:train_limit]
-    return train_part, (blocks[n - n_eval :] if n_eval > 0 else None)
+    return text
 
 
-def heal_blocks(cfg: HealConfig, tokenizer) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Training and held-out blocks of ``cfg.data`` (run_clm style: tokenize, concatenate, chunk).
+def _check_scheduler(flag: str, value: str | None) -> None:
+    from transformers.trainer_utils import SchedulerType
 
-    Only as many blocks are tokenized as training can use: ``--max-train-samples``, or fewer when
-    ``--max-steps`` x batch x accumulation needs fewer, plus ``--max-eval-samples`` held out.
-    """
-    from sparseheal.data import load_documents, training_blocks
+    schedulers = [s.value for s in SchedulerType]
+    if value is not None and value not in schedulers:
+        raise ConfigError(flag, f"unknown scheduler {value!r}; choose from {', '.join(schedulers)}")
 
-    limit = cfg.max_train_samples
-    if cfg.max_steps:
-        limit = min(limit, cfg.max_steps * cfg.batch_size * cfg.gradient_accumulation)
-    docs = load_documents(cfg.data, "train", cfg.data_dir, "--data")
-    blocks = training_blocks(docs, tokenizer, cfg.block_size, limit + cfg.max_eval_samples, "--data")
-    train_part, eval_part = split_blocks(blocks, limit, cfg.max_eval_samples)
-    log.info("data %s: %d training blocks and %d held-out blocks of %d tokens", cfg.data, len(train_part),
-             0 if eval_part is None else len(eval_part), cfg.block_size)
-    return train_part, eval_part
+
+@dataclass
+class TrainingSettings(Settings):
+    """Training text, schedule, logging and checkpoints of an end-to-end heal (the Trainer's settings)."""
+
+    data: str = setting("c4", "training text: c4, wikitext2, ptb, a local file or directory, or self "
+                              "(teacher-generated).")
+    max_train_samples: int = setting(30000, "at most this many training blocks.", check=positive)
+    max_eval_samples: int = setting(128, "blocks held out of the training text for the eval loss (0: none).",
+                                    check=non_negative("an integer"))
+    block_size: int = setting(1024, "tokens per training block.", check=positive)
+    max_steps: int | None = setting(None, "optimizer steps (overrides epochs).", check=positive)
+    epochs: float = setting(1.0, "passes over the training blocks.", check=above_zero)
+    batch_size: int = setting(1, "blocks per device and step.", check=positive)
+    gradient_accumulation: int = setting(1, "micro-batches per optimizer step.", check=positive)
+    lr: float | None = setting(None, _default_help("peak learning rate", "lr", format_rate), check=above_zero)
+    weight_decay: float = setting(0.0, "AdamW weight decay.", check=non_negative())
+    scheduler: str | None = setting(None, _default_help("a transformers SchedulerType name", "scheduler"),
+                                    check=_check_scheduler)
+    warmup_steps: int = setting(0, "linear warm-up steps.", check=non_negative("an integer"))
+    max_grad_norm: float = setting(1.0, "gradient clipping norm (0 disables).",
+                                   check=non_negative("a number (0 disables clipping)"))
+    seed: int = setting(0, "seed of adapter initialisation, dropout and data order.")
+    gradient_checkpointing: bool = setting(False, "recompute activations in the backward pass to save "
+                                                  "memory.")
+    bf16: bool = setting(False, "bfloat16 mixed precision (autocast).")
+    logging_steps: int = setting(10, "log the loss every N steps (to train_log.jsonl too).", check=positive,
+                                 resumable=True)
+    eval_steps: int | None = setting(None, "evaluate the held-out loss every N steps (default: only at the "
+                                           "end).", check=positive, resumable=True)
+    save_steps: int | None = setting(None, "write a checkpoint to OUTPUT.ckpt every N steps (kept for "
+                                           "--resume).", check=positive, resumable=True)
+    save_total_limit: int = setting(2, "checkpoints kept.", check=positive, resumable=True)
+    resume: bool = setting(False, "continue an interrupted run from the last checkpoint in OUTPUT.ckpt.",
+                           resumable=True)
+    max_bad_steps: int = setting(10, "non-finite losses in a row tolerated (their updates dropped) before "
+                                     "stopping.", check=non_negative("an integer"), resumable=True)
+
+    def with_method_defaults(self, defaults: dict[str, Any]) -> TrainingSettings:
+        """Fills ``lr`` and ``scheduler`` left unset with the healer's defaults."""
+        if self.lr is None and "lr" in defaults:
+            self.lr = defaults["lr"]
+        if self.scheduler is None and "scheduler" in defaults:
+            self.scheduler = defaults["scheduler"]
+        return self
+
+    @property
+    def block_limit(self) -> int:
+        """Training blocks worth tokenizing: ``--max-train-samples``, or fewer when ``--max-steps`` x
+        batch x accumulation needs fewer."""
+        limit = self.max_train_samples
+        if self.max_steps:
+            limit = min(limit, self.max_steps * self.batch_size * self.gradient_accumulation)
+        return limit
 
 
 class BlockDataset(torch.utils.data.Dataset):
@@ -145,7 +184,7 @@ class HealTrainer(Trainer):
 
     loss_is_scaled_for_ga = False
 
-    def __init__(self, *args: Any, distiller: Any = None, max_bad_steps: int = 10, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, max_bad_steps: int, distiller: Any = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.distiller = distiller
         self.max_bad_steps = max_bad_steps
@@ -190,9 +229,10 @@ class HealTrainer(Trainer):
         super().log(logs, start_time)
 
 
-def training_arguments(cfg: HealConfig, checkpoint_dir: Path, has_eval: bool) -> TrainingArguments:
-    """Maps the heal recipe onto ``TrainingArguments`` (checkpoints go to ``checkpoint_dir``)."""
-    on_cpu = cfg.device == "cpu" or (cfg.device is None and not torch.cuda.is_available())
+def training_arguments(cfg: TrainingSettings, device: str | None, checkpoint_dir: Path,
+                       has_eval: bool) -> TrainingArguments:
+    """Maps the training settings onto ``TrainingArguments`` (checkpoints go to ``checkpoint_dir``)."""
+    on_cpu = device == "cpu" or (device is None and not torch.cuda.is_available())
     eval_every = cfg.eval_steps if has_eval else None
     return TrainingArguments(
         output_dir=str(checkpoint_dir),
@@ -260,15 +300,19 @@ def train(
     model: nn.Module,
     train_blocks: torch.Tensor,
     eval_blocks: torch.Tensor | None,
-    cfg: HealConfig,
+    cfg: TrainingSettings,
+    device: str | None,
     checkpoint_dir: Path,
     distiller: Any = None,
     callbacks: list | None = None,
+    recipe: dict | None = None,
 ) -> dict:
     """Trains ``model`` on (N, T) ``train_blocks`` with the HF Trainer and returns a summary.
 
     Checkpoints (``--save-steps``) and ``train_log.jsonl`` go to ``checkpoint_dir``; with ``cfg.resume``
     training continues from its last checkpoint (optimizer, scheduler, RNG and data position restored).
+    ``recipe`` (every setting of the heal) is written beside the checkpoints of a fresh start, for a
+    later ``--resume`` to be checked against.
 
     Returns:
         {"train_loss", "final_loss", "eval_loss", "steps", "tokens_seen", "train_seconds",
@@ -279,15 +323,11 @@ def train(
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     if not cfg.resume:  # what a later --resume is checked against
-        from dataclasses import asdict
-
-        from sparseheal.heal.settings import RECIPE_FILE
-
-        (checkpoint_dir / RECIPE_FILE).write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+        (checkpoint_dir / RECIPE_FILE).write_text(json.dumps(recipe or {}, indent=2) + "\n")
     has_eval = eval_blocks is not None and len(eval_blocks) > 0
     trainer = HealTrainer(
         model=model,
-        args=training_arguments(cfg, checkpoint_dir, has_eval),
+        args=training_arguments(cfg, device, checkpoint_dir, has_eval),
         data_collator=default_data_collator,
         train_dataset=BlockDataset(train_blocks),
         eval_dataset=BlockDataset(eval_blocks) if has_eval else None,
@@ -297,8 +337,8 @@ def train(
     )
     start_tokens, last = 0, None
     if cfg.resume:
-        last = _resume_point(checkpoint_dir)
-        start_tokens = _tokens_at(last)
+        last = resume_point(checkpoint_dir)
+        start_tokens = tokens_at(last)
     start, start_cpu = time.perf_counter(), time.process_time()
     output = trainer.train(resume_from_checkpoint=str(last) if last is not None else None)
     seconds = (time.perf_counter() - start, time.process_time() - start_cpu)  # wall, CPU of all threads
@@ -309,25 +349,3 @@ def train(
              summary["final_loss"] or float("nan"),
              f", eval loss {summary['eval_loss']:.4f}" if summary["eval_loss"] is not None else "")
     return summary
-
-
-def _resume_point(checkpoint_dir: Path) -> Path:
-    """The last complete checkpoint; newer ones cut short by a kill while saving are removed."""
-    from sparseheal.heal.settings import last_checkpoint
-
-    last = last_checkpoint(checkpoint_dir)
-    if last is None:
-        raise FileNotFoundError(f"no complete checkpoint in {checkpoint_dir}")
-    step = int(last.name.split("-")[1])
-    for partial in checkpoint_dir.glob("checkpoint-*"):
-        number = partial.name.split("-", 1)[1]
-        if partial.is_dir() and number.isdigit() and int(number) > step:
-            log.warning("removing %s: it was cut short while being saved", partial)
-            shutil.rmtree(partial, ignore_errors=True)  # every data-parallel rank may try
-    log.info("resuming from %s", last)
-    return last
-
-
-def _tokens_at(checkpoint: Path) -> int:
-    state = json.loads((checkpoint / "trainer_state.json").read_text())
-    return int(state.get("num_input_tokens_seen", 0))

@@ -1,4 +1,7 @@
-"""Pruning: mask maths, the layer-by-layer driver and one module per method."""
+"""Pruning: mask maths, the layer-by-layer driver and one module per method.
+
+A new method is one file in this package plus its name in the import below (which registers it).
+"""
 
 from sparseheal.sparsity import magnitude, sparsegpt, wanda  # noqa: F401  (registers the methods)
 from sparseheal.sparsity.calibrate import prune_model

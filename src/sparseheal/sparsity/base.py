@@ -1,14 +1,25 @@
-"""The interface between the layer-by-layer driver and a pruning method."""
+"""The pruning-method contract (what the layer-by-layer driver asks of a method) and its settings.
+
+A method is one file: a :class:`LinearPruner` subclass registered with ``@PRUNERS.register(name)``,
+and, when it has options of its own, a :class:`~sparseheal.settings.Settings` group named by its
+``settings`` attribute (SparseGPT's block size and dampening). The prune stage's signature, command
+line and record take the group from there; its values reach the method as ``options``.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 from sparseheal.models import weight_view
-from sparseheal.sparsity.masks import apply_mask
+from sparseheal.registry import PRUNERS
+from sparseheal.settings import Settings, setting
+from sparseheal.sparsity.masks import apply_mask, parse_pattern, resolve_sparsity
 
-__all__ = ["LinearPruner"]
+__all__ = ["LinearPruner", "PruneSettings"]
 
 
 class LinearPruner:
@@ -16,12 +27,20 @@ class LinearPruner:
 
     Attributes:
         needs_calibration: whether the driver must feed layer inputs through ``add_batch``.
+        settings: the method's own settings group (None when it has no options).
+
+    Args:
+        module: the linear layer (nn.Linear or GPT-2's Conv1D).
+        options: the built ``settings`` group (None when the method has none).
     """
 
-    needs_calibration: bool = True
+    name: ClassVar[str]  # set by the registration
+    needs_calibration: ClassVar[bool] = True
+    settings: ClassVar[type[Settings] | None] = None
 
-    def __init__(self, module: nn.Module) -> None:
+    def __init__(self, module: nn.Module, options: Settings | None = None) -> None:
         self.module = module
+        self.options = options
 
     def add_batch(self, inputs: torch.Tensor) -> None:
         """Accumulates statistics of a batch of layer inputs, shaped (B, T, in)."""
@@ -36,3 +55,31 @@ class LinearPruner:
         mask = self.select(weight, nm, sparsity)
         apply_mask(weight, mask)
         return mask if isinstance(self.module, nn.Linear) else mask.t().contiguous()
+
+
+@dataclass
+class PruneSettings(Settings):
+    """What is pruned and how: the method, the ratio and the pattern."""
+
+    method: str = setting("wanda", lambda: PRUNERS.describe() + ".")
+    sparsity: float | None = setting(
+        None, "fraction of each linear's weights pruned, in [0, 1) (default 0.5; implied by N:M).")
+    pattern: str = setting("unstructured", "unstructured, or N:M such as 2:4 (N of every M consecutive "
+                                           "inputs kept).")
+    offload: bool = setting(False, "keep the model in host memory and move one decoder layer at a time to "
+                                   "the device.")
+
+    def validate(self) -> None:
+        self.method = PRUNERS.canonical(self.method)
+        nm = parse_pattern(self.pattern)
+        self.pattern = "unstructured" if nm is None else f"{nm[0]}:{nm[1]}"
+        self.sparsity = resolve_sparsity(nm, self.sparsity)
+
+    @property
+    def nm(self) -> tuple[int, int] | None:
+        """The (N, M) of an N:M pattern; None for unstructured."""
+        return parse_pattern(self.pattern)
+
+    @property
+    def pruner(self) -> type[LinearPruner]:
+        return PRUNERS.get(self.method)

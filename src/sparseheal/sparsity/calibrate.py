@@ -10,18 +10,37 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from sparseheal.checks import positive
 from sparseheal.models import decoder_layers, prunable_linears
+from sparseheal.settings import Settings, setting
 from sparseheal.sparsity.base import LinearPruner
 from sparseheal.sparsity.masks import PackedMask
 
-__all__ = ["capture_layer_inputs", "prune_model"]
+__all__ = ["CalibrationSettings", "capture_layer_inputs", "prune_model"]
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class CalibrationSettings(Settings):
+    """The calibration draw (as the Wanda/SparseGPT reference draws it) and how it is batched."""
+
+    calibration_data: str = setting("c4", "c4, wikitext2, ptb, or a local file or directory.")
+    nsamples: int = setting(128, "calibration samples.", check=positive)
+    seqlen: int = setting(2048, "tokens per calibration sample.", check=positive)
+    seed: int = setting(0, "seed of the calibration draw.")
+    calibration_batch_size: int = setting(2, "samples per forward pass through a layer.", check=positive)
+
+    def spec(self) -> dict:
+        """The draw as the record states it."""
+        return {"source": self.calibration_data, "nsamples": self.nsamples, "seqlen": self.seqlen,
+                "seed": self.seed, "batch_size": self.calibration_batch_size}
 
 
 class _StopForward(Exception):
@@ -107,6 +126,7 @@ def prune_model(
     batch_size: int = 2,
     device: torch.device | str | None = None,
     offload: bool = False,
+    options: Settings | None = None,
 ) -> dict[str, PackedMask]:
     """Prunes every linear of every decoder layer in place.
 
@@ -120,6 +140,7 @@ def prune_model(
         device: compute device for the current layer (default: the model's).
         offload: the model stays in host memory and each decoder layer visits ``device`` only while it
             is pruned; device memory then holds one layer plus the calibration activations.
+        options: the method's own settings (``pruner_cls.settings`` built), passed to each pruner.
 
     Returns:
         Bit-packed keep-masks by qualified module name, each shaped like the module's weight parameter.
@@ -137,7 +158,7 @@ def prune_model(
     home = next(layers[0].parameters()).device
     for index, layer in enumerate(tqdm(layers, desc="pruning layers", unit="layer")):
         layer.to(device)
-        pruners = {name: pruner_cls(mod) for name, mod in prunable_linears(layer).items()}
+        pruners = {name: pruner_cls(mod, options) for name, mod in prunable_linears(layer).items()}
         if batches is not None:
             _collect_statistics(layer, pruners, batches)
         for name, pruner in pruners.items():

@@ -6,9 +6,8 @@ import os
 
 from torch import nn
 
-from sparseheal.config import parse_pattern
 from sparseheal.models import decoder_layers, prunable_linears, weight_view
-from sparseheal.sparsity.masks import count_violations, detect_nm, nm_violations, sparsity_of
+from sparseheal.sparsity.masks import count_violations, detect_nm, nm_violations, parse_pattern, sparsity_of
 from sparseheal.sparsity.store import check_masks_match, load_masks
 
 __all__ = ["inspect_model"]

@@ -10,17 +10,30 @@ Can Be Accurately Pruned in One-Shot", https://arxiv.org/abs/2301.00774.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from sparseheal.checks import non_negative, positive
 from sparseheal.registry import PRUNERS
+from sparseheal.settings import Settings, setting
 from sparseheal.sparsity.base import LinearPruner
 from sparseheal.sparsity.masks import nm_mask, unstructured_mask
 
-__all__ = ["inverse_hessian_factor", "sparsegpt_prune", "SparseGPTPruner"]
+__all__ = ["SparseGPTSettings", "inverse_hessian_factor", "sparsegpt_prune", "SparseGPTPruner"]
+
+
+@dataclass
+class SparseGPTSettings(Settings):
+    """SparseGPT's own options (the reference code's defaults)."""
+
+    sparsegpt_block_size: int = setting(128, "sparsegpt: columns per lazy-update block.", check=positive)
+    sparsegpt_dampening: float = setting(0.01, "sparsegpt: Hessian dampening, a fraction of its mean "
+                                               "diagonal.", check=non_negative())
 
 
 def inverse_hessian_factor(
-    hessian: torch.Tensor, weight: torch.Tensor, percdamp: float = 0.01
+    hessian: torch.Tensor, weight: torch.Tensor, percdamp: float
 ) -> torch.Tensor:
     """Upper Cholesky factor of the dampened inverse Hessian; zeroes weights of dead inputs in place.
 
@@ -51,8 +64,8 @@ def sparsegpt_prune(
     hessian: torch.Tensor,
     nm: tuple[int, int] | None,
     sparsity: float,
-    blocksize: int = 128,
-    percdamp: float = 0.01,
+    blocksize: int,
+    percdamp: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Prunes ``weight`` with OBS reconstruction.
 
@@ -103,11 +116,10 @@ def sparsegpt_prune(
 class SparseGPTPruner(LinearPruner):
     """Accumulates ``H = 2/n sum x x^T`` in float32, then prunes with reconstruction."""
 
-    blocksize = 128
-    percdamp = 0.01
+    settings = SparseGPTSettings
 
-    def __init__(self, module: torch.nn.Module) -> None:
-        super().__init__(module)
+    def __init__(self, module: torch.nn.Module, options: SparseGPTSettings | None = None) -> None:
+        super().__init__(module, options or SparseGPTSettings())
         self.hessian: torch.Tensor | None = None
         self.tokens = 0
 
@@ -121,7 +133,9 @@ class SparseGPTPruner(LinearPruner):
         if self.hessian is None:
             raise RuntimeError("sparsegpt needs calibration inputs before pruning")
         hessian = self.hessian.mul_(2.0 / self.tokens)
-        new_weight, mask = sparsegpt_prune(weight, hessian, nm, sparsity, self.blocksize, self.percdamp)
+        opts = self.options
+        new_weight, mask = sparsegpt_prune(weight, hessian, nm, sparsity, opts.sparsegpt_block_size,
+                                           opts.sparsegpt_dampening)
         weight.copy_(new_weight.to(weight.dtype))
         self.hessian = None
         return mask

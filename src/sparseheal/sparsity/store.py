@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -11,8 +12,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from sparseheal.config import ConfigError
-from sparseheal.models import prunable_linears
+from sparseheal.checks import MASKS_FILE
+from sparseheal.errors import ConfigError
+from sparseheal.models import hash_weights, model_skeleton, prunable_linears
+from sparseheal.records import read_record
 from sparseheal.sparsity.masks import PackedMask, pack_mask, unpack_mask
 
 __all__ = [
@@ -27,6 +30,8 @@ __all__ = [
     "check_masks_belong",
     "check_own_masks",
 ]
+
+log = logging.getLogger(__name__)
 
 _FORMAT = "packbits-msb-v1"
 
@@ -103,8 +108,6 @@ def check_masks_match(model: nn.Module, masks: dict[str, torch.Tensor], source: 
 
 def check_masks_file(path: str | os.PathLike, model: str) -> None:
     """Refuses an unreadable masks file, or one that does not fit ``model``, before any weights load."""
-    from sparseheal.models import model_skeleton
-
     masks, _ = load_masks(path, packed=True)  # shapes only
     check_masks_match(model_skeleton(model), masks, str(path))
 
@@ -114,8 +117,6 @@ _HASHES: dict[tuple, str] = {}
 
 def weights_hash(model_dir: str | os.PathLike) -> str:
     """``models.hash_weights`` of a directory, computed once while its weight files stay unchanged."""
-    from sparseheal.models import hash_weights
-
     root = Path(model_dir).resolve()
     files = sorted(f for f in root.iterdir() if f.suffix in (".safetensors", ".bin") and f.is_file())
     key = (str(root), tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files))
@@ -142,10 +143,6 @@ def check_masks_belong(path: str | os.PathLike, model_dir: str | os.PathLike, fl
     reports what changed, and a warning is logged. Without a record, the weight files themselves
     are the reference. Masks files written before they carried the hash are not checked.
     """
-    import logging
-
-    from sparseheal.records import read_record
-
     expected = (meta if meta is not None else masks_meta(path)).get("weights_hash")
     if expected is None:
         return
@@ -161,13 +158,11 @@ def check_masks_belong(path: str | os.PathLike, model_dir: str | os.PathLike, fl
                                 "masks belong to another model; restore the directory's own masks, or delete "
                                 "the file to take the masks from the zero weights (W != 0)")
     if actual != expected:
-        logging.getLogger(__name__).warning(
+        log.warning(
             "%s: the weights (%s) changed since the masks were written (for %s)", model_dir, actual, expected)
 
 
 def masks_path(model_dir: str | os.PathLike) -> Path:
-    from sparseheal.records import MASKS_FILE
-
     return Path(model_dir) / MASKS_FILE
 
 

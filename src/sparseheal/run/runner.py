@@ -33,12 +33,17 @@ from typing import Any
 
 import yaml
 
-from sparseheal.config import ConfigError
-from sparseheal.heal.settings import checkpoint_dir_for, last_checkpoint
-from sparseheal.recipe import Recipe, check_run_links, section_defaults
+from sparseheal import api
+from sparseheal.checks import check_free_space
+from sparseheal.errors import ConfigError
+from sparseheal.heal.checkpoints import checkpoint_dir_for, last_checkpoint
+from sparseheal.models import weights_bytes
 from sparseheal.records import RECORD_FILE, read_record, versions
+from sparseheal.registry import HEALERS
+from sparseheal.run.recipe import Recipe, check_run_links, section_defaults
 
-__all__ = ["STAGES", "Unit", "plan_units", "decide", "run_recipe", "write_json_atomic", "MemorySampler"]
+__all__ = ["STAGES", "Unit", "plan_units", "decide", "check_run_dir", "run_recipe", "write_json_atomic",
+           "MemorySampler"]
 
 log = logging.getLogger(__name__)
 
@@ -248,8 +253,6 @@ def _kwargs(settings: dict, exclude: tuple[str, ...] = ()) -> dict:
 
 
 def _execute(unit: Unit, recipe: Recipe) -> None:
-    from sparseheal import api
-
     run = recipe.output
     exists = unit.path.exists()
     if unit.name == "prune":
@@ -270,8 +273,6 @@ def _execute(unit: Unit, recipe: Recipe) -> None:
 
 
 def _evaluate(unit: Unit, run: Path) -> None:
-    from sparseheal import api
-
     target = unit.settings["target"]
     model, adapter = target, None
     if target in ("pruned", "healed", "merged"):
@@ -297,21 +298,27 @@ def _run_unit(unit: Unit, recipe: Recipe, record: RunRecord) -> None:
 
 def _check_space(units: list[Unit], recipe: Recipe) -> None:
     """Refuses a run whose remaining stages would not fit on the run directory's file system."""
-    from sparseheal.config import check_free_space, weights_bytes
-    from sparseheal.heal.settings import heal_bytes
-
     weights = weights_bytes(recipe.model) or 0
     needed, names = 0, []
     for unit in (u for u in units if u.todo and u.stage != "evaluate"):
         names.append(unit.name)
         if unit.stage == "heal":
             heal = _filled("heal", recipe.heal)
-            needed += heal_bytes(str(heal["method"]), weights, heal["save_steps"], heal["save_total_limit"],
-                                 "none")[0]
+            kept = heal["save_total_limit"] if heal["save_steps"] else 0
+            needed += HEALERS.get(str(heal["method"]))().output_bytes(weights, kept, False)[0]
         else:  # a pruned or merged model is about as large as the dense one
             needed += weights
     if names:
         check_free_space(recipe.output, needed, f"the stages still to run: {', '.join(names)}")
+
+
+def check_run_dir(run_dir: Path) -> None:
+    """Refuses a run directory that another command wrote, or one with a link that leads out of it."""
+    existing = read_existing(run_dir)
+    if run_dir.is_dir() and any(run_dir.iterdir()) and existing.get("stage") != "run":
+        raise ConfigError("--output", f"{run_dir} is not empty and holds no run record; give a new "
+                                      "directory or one an earlier sparseheal run wrote")
+    check_run_links(run_dir)
 
 
 def run_recipe(recipe: Recipe, force: str | None, after: Callable[[Path], dict] | None = None) -> dict:
@@ -321,11 +328,8 @@ def run_recipe(recipe: Recipe, force: str | None, after: Callable[[Path], dict] 
     result (a dict with "path") replaces "report" in the returned record.
     """
     units = plan_units(recipe)
+    check_run_dir(recipe.output)
     existing = read_existing(recipe.output)
-    if recipe.output.is_dir() and any(recipe.output.iterdir()) and existing.get("stage") != "run":
-        raise ConfigError("--output", f"{recipe.output} is not empty and holds no run record; give a new "
-                                      "directory or one an earlier sparseheal run wrote")
-    check_run_links(recipe.output)
     decide(units, existing, force)
     _check_space(units, recipe)
     recipe.output.mkdir(parents=True, exist_ok=True)

@@ -20,81 +20,44 @@ YAML is read with YAML 1.2 number rules, so ``2:4`` stays a string and ``1e-4`` 
 from __future__ import annotations
 
 import difflib
-import inspect
-import re
-import tempfile
 import typing
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from sparseheal.config import ConfigError
+from sparseheal import api
+from sparseheal.errors import ConfigError
+from sparseheal.settings import Field, Stage, parse_yaml
 
 __all__ = [
     "SECTIONS",
     "Recipe",
     "load_recipe",
-    "parse_yaml",
     "section_defaults",
+    "section_fields",
     "validate_recipe",
     "check_run_links",
 ]
 
 SECTIONS = ("prune", "heal", "evaluate")
 _TOP = ("model", "output", *SECTIONS)
+STAGES: dict[str, Stage] = {"prune": api.PRUNE, "heal": api.HEAL, "evaluate": api.EVALUATE}
 # keys that run sets itself (where a stage writes, and what it reads from the stage before)
 _RUN_KEYS = {
     "prune": {"model", "output", "overwrite"},
     "heal": {"pruned_dir", "output", "overwrite", "resume"},
     "evaluate": {"model", "adapter", "output"},
 }
-_INT = "tag:yaml.org,2002:int"
-_FLOAT = "tag:yaml.org,2002:float"
 
 
-class _Loader(yaml.SafeLoader):
-    """SafeLoader with YAML 1.2 numbers: no sexagesimal ``2:4`` ints, and ``1e-4`` is a float."""
-
-
-_Loader.yaml_implicit_resolvers = {
-    first: [(tag, rx) for tag, rx in resolvers if tag not in (_INT, _FLOAT)]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-_Loader.add_implicit_resolver(_INT, re.compile(r"^[-+]?(?:0|[1-9][0-9_]*)$"), list("-+0123456789"))
-_Loader.add_implicit_resolver(
-    _FLOAT,
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*|\.[0-9_]+)(?:[eE][-+]?[0-9]+)?$"
-               r"|^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"),
-    list("-+0123456789."),
-)
-
-
-def parse_yaml(text: str, flag: str, what: str = "the text") -> Any:
-    """Parses YAML text with the recipe number rules; a syntax error names ``flag`` and ``what``."""
-    try:
-        return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
-    except yaml.YAMLError as err:
-        raise ConfigError(flag, f"{what} is not valid YAML ({err.__class__.__name__})") from err
-
-
-def _api_function(section: str) -> Callable:
-    from sparseheal import api
-
-    return getattr(api, section)
-
-
-def _stage_keys(section: str) -> dict[str, inspect.Parameter]:
-    params = inspect.signature(_api_function(section)).parameters
-    return {name: p for name, p in params.items() if name not in _RUN_KEYS[section]}
+def section_fields(section: str) -> dict[str, Field]:
+    """The recipe keys of ``section``: its stage's settings less those run sets itself."""
+    return {f.name: f for f in STAGES[section].fields() if f.name not in _RUN_KEYS[section]}
 
 
 def section_defaults(section: str) -> dict[str, Any]:
-    """Every recipe key of ``section`` with its default (None where the flag has no default)."""
-    return {name: None if p.default is inspect.Parameter.empty else p.default
-            for name, p in _stage_keys(section).items()}
+    """Every recipe key of ``section`` with its default."""
+    return {name: f.default for name, f in section_fields(section).items()}
 
 
 def _closest(name: str, valid: list[str]) -> str:
@@ -102,10 +65,9 @@ def _closest(name: str, valid: list[str]) -> str:
     return f"; did you mean {close[0].replace('_', '-')!r}?" if close else ""
 
 
-def _coerce(section: str, key: str, value: Any, where: str) -> Any:
-    """Fits a YAML value to the flag's type: numbers from strings, lists joined with commas."""
-    hint = typing.get_type_hints(_api_function(section))[key]
-    types = set(typing.get_args(hint)) or {hint}
+def _coerce(kind: Any, value: Any, where: str) -> Any:
+    """Fits a YAML value to the setting's type: numbers from strings, lists joined with commas."""
+    types = set(typing.get_args(kind)) or {kind}
     if isinstance(value, list) and str in types:
         return ",".join(map(str, value))
     if isinstance(value, str) and (float in types or int in types) and str not in types:
@@ -123,7 +85,7 @@ def _section(section: str, data: Any, where: str) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: {section}", "must be a mapping of flag names to values")
-    keys = _stage_keys(section)
+    keys = section_fields(section)
     valid = sorted(keys)
     out = {}
     for raw, value in data.items():
@@ -135,7 +97,7 @@ def _section(section: str, data: Any, where: str) -> dict[str, Any]:
         if key not in keys:
             listing = ", ".join(k.replace("_", "-") for k in valid)
             raise ConfigError(flag, f"unknown key{_closest(key, valid)} (valid: {listing})")
-        out[key] = _coerce(section, key, value, flag)
+        out[key] = _coerce(keys[key].type, value, flag)
     return out
 
 
@@ -232,32 +194,38 @@ def _as_recipe_error(section: str, err: ConfigError) -> ConfigError:
     return ConfigError(f"{section}.{key}", err.message)
 
 
+def _built(section: str, values: dict[str, Any]) -> dict:
+    """The section's settings groups, built (so each checks its values), without the stage's inputs."""
+    stage = STAGES[section]
+    fields = section_fields(section)
+    groups = [g for g in stage.groups if any(f.name in fields for f in g.fields())]
+    return {g: g(**{k: v for k, v in values.items() if k in g.defaults()}) for g in groups}
+
+
+def _check_section(section: str, recipe: Recipe) -> None:
+    from sparseheal.heal.pipeline import check_heal_model, plan_heal
+
+    built = _built(section, getattr(recipe, section))
+    if section == "prune":
+        api.check_prune_model(recipe.model, built[api.PruneSettings], built[api.CalibrationSettings])
+    elif section == "heal":  # pruned/ does not exist yet: its structure is the dense model's
+        job = plan_heal(str(recipe.output / "pruned"), str(recipe.output / "healed"), False, built)
+        check_heal_model(recipe.model, job)
+    else:
+        api.check_evaluate_model(recipe.model, built[api.PerplexitySettings])
+
+
 def validate_recipe(recipe: Recipe) -> None:
-    """Checks every stage's values with its config dataclass before any model is loaded.
+    """Checks every stage's values (its settings groups) and what can be checked of its inputs now
+    (the dense model's config, data files, zero-shot tasks) before any model is loaded.
 
     Errors name the recipe key (``heal.lr``) rather than the flag.
     """
-    from sparseheal.config import EvaluateConfig, PruneConfig, without_space_checks
-    from sparseheal.heal.settings import HealConfig
-
-    # the probes' outputs are placeholders: run_recipe checks the run directory's free space itself
-    with tempfile.TemporaryDirectory(prefix="sparseheal-recipe-") as tmp, without_space_checks():
-        probe_model = Path(tmp) / "model"  # stands in for pruned/, which does not exist yet
-        probe_model.mkdir()
-        (probe_model / "config.json").write_text("{}")
-        checks = [
-            ("prune", lambda: PruneConfig(model=recipe.model, output=f"{tmp}/p", **recipe.prune)),
-            ("heal", lambda: HealConfig(pruned_dir=str(probe_model), output=f"{tmp}/h", **recipe.heal)),
-            ("evaluate", lambda: EvaluateConfig(model=recipe.model, **recipe.evaluate)),
-        ]
-        for section, check in checks:
-            try:
-                cfg = check()
-            except ConfigError as err:
-                raise _as_recipe_error(section, err) from err
-            if section == "heal" and cfg.merge != "none" and cfg.method != "lora":
-                raise ConfigError("heal.merge", f"merging applies to LoRA adapters; method {cfg.method} "
-                                                "writes a model directly (use merge: none)")
+    for section in SECTIONS:
+        try:
+            _check_section(section, recipe)
+        except ConfigError as err:
+            raise _as_recipe_error(section, err) from err
     tasks = recipe.evaluate.get("tasks")
     if tasks:
         from sparseheal.evaluate.zeroshot import prepare_tasks

@@ -19,9 +19,10 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from sparseheal import plots
-from sparseheal.config import ConfigError
+from sparseheal.errors import ConfigError
 from sparseheal.records import read_record
+from sparseheal.run import plots
+from sparseheal.run.recipe import section_defaults
 
 __all__ = ["gap_closed", "build_report", "write_report", "render_markdown", "results_table", "commands"]
 
@@ -126,8 +127,6 @@ def _flags(settings: dict, defaults: dict, skip: tuple[str, ...] = ()) -> list[s
 
 def commands(run_dir: Path, run_record: dict) -> list[str]:
     """Shell commands that reproduce the run: the one ``run`` command, then the stage-by-stage ones."""
-    from sparseheal.recipe import section_defaults
-
     stages = run_record.get("stages", {})
     run = str(run_dir)
     lines = [["sparseheal", "run", "--config", f"{run}/recipe.yaml", "--output", run]]

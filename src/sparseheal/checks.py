@@ -1,0 +1,165 @@
+"""Reusable checks of user input: numbers, names, devices, paths, outputs and free space.
+
+The ground floor: this module imports nothing of sparseheal but :mod:`sparseheal.errors`. Each check
+raises a :class:`ConfigError` that names the flag and says what is allowed. The value checks
+(``positive``, ``non_negative``, ...) are the ``check=`` of a setting's declaration
+(:mod:`sparseheal.settings`); the path checks run in a stage's preflight.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from sparseheal.errors import ConfigError
+
+__all__ = [
+    "DTYPES",
+    "MASKS_FILE",
+    "MIN_FREE_BYTES",
+    "Check",
+    "positive",
+    "non_negative",
+    "above_zero",
+    "unit_interval",
+    "one_of",
+    "check_device",
+    "check_model_dir",
+    "check_pickle",
+    "check_output",
+    "check_free_space",
+]
+
+DTYPES = ("float32", "bfloat16", "float16")
+MASKS_FILE = "sparsity_masks.safetensors"  # never counted as model weights
+MIN_FREE_BYTES = 32 * 2**20  # what any output needs at least (config, tokenizer, record, logs)
+
+Check = Callable[[str, Any], None]  # (flag, value) -> None, or raises ConfigError
+
+
+def positive(flag: str, value: int | None) -> None:
+    """An integer >= 1 (None passes: the setting is unset)."""
+    if value is not None and (isinstance(value, bool) or value < 1):
+        raise ConfigError(flag, f"must be an integer >= 1, got {value}")
+
+
+def non_negative(what: str = "a number") -> Check:
+    """A number >= 0; ``what`` names it in the message ("an integer")."""
+
+    def check(flag: str, value: float) -> None:
+        if isinstance(value, bool) or value < 0:
+            raise ConfigError(flag, f"must be {what} >= 0, got {value}")
+
+    return check
+
+
+def above_zero(flag: str, value: float | None) -> None:
+    """A number > 0 (None passes: the setting is unset)."""
+    if value is not None and not value > 0:
+        raise ConfigError(flag, f"must be > 0, got {value}")
+
+
+def unit_interval(closed_high: bool) -> Check:
+    """A number in [0, 1] (``closed_high``) or [0, 1)."""
+
+    def check(flag: str, value: float) -> None:
+        if not (0.0 <= value <= 1.0) or (value == 1.0 and not closed_high):
+            raise ConfigError(flag, f"must be in [0, 1{']' if closed_high else ')'}, got {value}")
+
+    return check
+
+
+def one_of(choices: Sequence[str]) -> Check:
+    """One of ``choices`` (None passes: the setting is unset)."""
+
+    def check(flag: str, value: str | None) -> None:
+        if value is not None and value not in choices:
+            raise ConfigError(flag, f"choose from {', '.join(choices)}; got {value!r}")
+
+    return check
+
+
+def check_device(flag: str, device: str | None) -> None:
+    """Refuses a device string torch cannot parse, or an accelerator this machine does not have."""
+    if device is None:
+        return
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as err:
+        raise ConfigError(flag, f"unknown device {device!r}; use cpu, cuda, cuda:N or mps") from err
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (dev.index is not None and dev.index >= count):
+            raise ConfigError(flag, f"{device} is not available here ({count} CUDA devices); use cpu")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(flag, f"{device} is not available here; use cpu")
+    elif dev.type not in ("cpu", "cuda", "mps", "xpu"):
+        raise ConfigError(flag, f"unsupported device {device!r}; use cpu, cuda, cuda:N or mps")
+
+
+def check_model_dir(path: str, flag: str) -> None:
+    """Refuses a path that is not a directory with a config.json."""
+    root = Path(path).expanduser()
+    if not root.is_dir() or not (root / "config.json").is_file():
+        raise ConfigError(flag, f"{path} is not a model directory (no config.json)")
+
+
+def check_pickle(model: str | os.PathLike | None, allow_pickle: bool, stem: str = "") -> None:
+    """Refuses a local directory whose weights are pickle-only (``.bin``, which can run code when
+    loaded) unless ``--allow-pickle``; ``stem`` narrows the files looked at (``adapter_model``)."""
+    if model is None or allow_pickle:
+        return
+    root = Path(model).expanduser()
+    if not root.is_dir():
+        return
+    safe = [f for f in root.glob(f"{stem}*.safetensors") if f.name != MASKS_FILE]
+    if not safe and list(root.glob(f"{stem}*.bin")):
+        raise ConfigError("--allow-pickle", f"{root} holds only pickle (.bin) weights, which can run code "
+                                            "when loaded; pass --allow-pickle if you trust them")
+
+
+def check_output(output: str | os.PathLike, overwrite: bool, flag: str = "--output") -> Path:
+    """Refuses an existing output (unless overwrite) and an unwritable parent, before any work."""
+    path = Path(output).expanduser()
+    if not str(output):
+        raise ConfigError(flag, "an output directory is required")
+    if path.exists() and not overwrite:
+        raise ConfigError(flag, f"{path} already exists; pass --overwrite to replace it")
+    if path.exists() and not path.is_dir():
+        raise ConfigError(flag, f"{path} exists and is not a directory")
+    parent = path.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK):
+        raise ConfigError(flag, f"cannot write under {parent} (permission denied)")
+    try:  # a real write: read-only mounts and special file systems pass os.access
+        os.rmdir(tempfile.mkdtemp(prefix=".sparseheal-write-test-", dir=parent))
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+        raise ConfigError(flag, f"cannot write under {parent} ({reason})") from err
+    return path
+
+
+def _size(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def check_free_space(
+    output: str | os.PathLike, needed: int | None, what: str, flag: str = "--output"
+) -> None:
+    """Refuses an output whose file system has less free space than ``needed`` bytes (at least
+    ``MIN_FREE_BYTES``), before any work; ``what`` says what the estimate is."""
+    parent = Path(output).expanduser().absolute()
+    while not parent.exists():
+        parent = parent.parent
+    needed = max(needed or 0, MIN_FREE_BYTES)
+    free = shutil.disk_usage(parent).free
+    if free < needed:
+        raise ConfigError(flag, f"{parent} has {_size(free)} free, but about {_size(needed)} is needed "
+                                f"({what}); free some space or choose another {flag}")

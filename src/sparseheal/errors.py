@@ -1,0 +1,14 @@
+"""The one error type of bad user input (the ground floor: imports nothing of sparseheal)."""
+
+from __future__ import annotations
+
+__all__ = ["ConfigError"]
+
+
+class ConfigError(ValueError):
+    """Bad user input. ``flag`` names the flag or key; the message says what is allowed."""
+
+    def __init__(self, flag: str, message: str) -> None:
+        super().__init__(f"{flag}: {message}")
+        self.flag = flag
+        self.message = message

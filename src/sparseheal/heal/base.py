@@ -1,0 +1,101 @@
+"""The healer contract: what the heal pipeline asks of a healing method (the twin of sparsity/base.py).
+
+A healer is one file: a :class:`Healer` subclass registered with ``@HEALERS.register(name)`` and
+imported in ``heal/__init__.py``. The pipeline never tests a healer's name; it reads the class:
+
+- ``settings``: the healer's own settings group (its flags; refused with another ``--method``);
+- ``defaults``: its defaults of shared training settings that depend on the method (``lr``, ``scheduler``);
+- ``can_merge``: whether ``--merge`` applies (an adapter merged into the sparse base);
+- ``requires_sparsity``: whether the input must hold pruned weights (masks or zeros);
+- ``packed_masks``: whether it wants bit-packed masks (one layer unpacked at a time);
+- ``writes``: what its output holds, for messages;
+- :meth:`output_bytes` (how large the output and checkpoints are), :meth:`validate` (on a weightless
+  skeleton, in the preflight), :meth:`prepare`, :meth:`callbacks` and :meth:`save`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from sparseheal.errors import ConfigError
+from sparseheal.registry import HEALERS
+from sparseheal.settings import Settings, flag_of, setting
+
+__all__ = ["Healer", "HealMethodSettings", "refuse_foreign_settings", "format_rate"]
+
+
+class Healer:
+    """Base of a healing method.
+
+    Args:
+        options: the built ``settings`` group (None when the healer has none; defaults when omitted).
+    """
+
+    name: ClassVar[str]  # set by the registration
+    settings: ClassVar[type[Settings] | None] = None
+    defaults: ClassVar[dict[str, Any]] = {}
+    can_merge: ClassVar[bool] = False
+    requires_sparsity: ClassVar[bool] = False
+    packed_masks: ClassVar[bool] = False
+    writes: ClassVar[str] = "a model directory"
+
+    def __init__(self, options: Settings | None = None) -> None:
+        self.options = options if options is not None or self.settings is None else self.settings()
+
+    def output_bytes(self, weights: int, checkpoints: int, merged: bool) -> tuple[int, str]:
+        """Estimated bytes of the output (a model of ``weights`` bytes) plus ``checkpoints`` kept
+        checkpoints, and how the estimate was made. Default: the model, checkpoints of 3x its size
+        (weights and two AdamW moments)."""
+        what = f"the model's weights, plus {checkpoints} checkpoints of 3x that"
+        return weights * (1 + 3 * checkpoints), what
+
+    def validate(self, skeleton: nn.Module) -> None:
+        """Checks the settings against the model's structure (a meta-device skeleton, no weights)."""
+
+    def prepare(self, model: nn.Module, masks: dict[str, torch.Tensor], seed: int,
+                gradient_checkpointing: bool) -> nn.Module:
+        """Returns the module the Trainer trains (the model itself, or a wrapper of it)."""
+        raise NotImplementedError
+
+    def callbacks(self) -> list:
+        """Trainer callbacks the healer needs (none by default)."""
+        return []
+
+    def save(self, model: nn.Module, tokenizer, out_dir: Path, masks: dict[str, torch.Tensor],
+             pattern: str) -> dict:
+        """Writes the healed artifacts into ``out_dir``; returns fields for the record."""
+        raise NotImplementedError
+
+
+def format_rate(value: float) -> str:
+    """A learning rate as people write it: 1e-4, 2e-5, 3e-4 (``%g`` when it needs more digits)."""
+    mantissa, exponent = f"{value:.0e}".split("e")
+    return f"{mantissa}e{int(exponent)}" if float(f"{value:.0e}") == value else f"{value:g}"
+
+
+@dataclass
+class HealMethodSettings(Settings):
+    """Which healer runs."""
+
+    method: str = setting("lora", lambda: HEALERS.describe() + ".")
+
+    def validate(self) -> None:
+        self.method = HEALERS.canonical(self.method)
+
+    @property
+    def healer(self) -> type[Healer]:
+        return HEALERS.get(self.method)
+
+
+def refuse_foreign_settings(group: Settings, owner: str, chosen: str, chosen_writes: str) -> None:
+    """Refuses a value other than its default in ``group``, the settings of healer ``owner``, when
+    ``chosen`` runs instead (they would be silently ignored)."""
+    for name, default in type(group).defaults().items():
+        if getattr(group, name) != default:
+            raise ConfigError(flag_of(name), f"applies to --method {owner} only (--method {chosen} writes "
+                                             f"{chosen_writes})")

@@ -1,0 +1,93 @@
+"""Orchestration of ``sparseheal merge``: the adapter's base and masks -> a masked or dense merge -> a
+normal model directory with its record. The merge maths lives in :mod:`sparseheal.heal.merge`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from sparseheal.checks import check_free_space, check_model_dir, check_output, check_pickle
+from sparseheal.data import eval_tokens
+from sparseheal.errors import ConfigError
+from sparseheal.heal.adapters import apply_adapter, check_adapter_base, model_masks
+from sparseheal.heal.merge import MergeSettings, save_merged
+from sparseheal.models import (
+    ComputeSettings,
+    TrustSettings,
+    check_positions,
+    load_config,
+    load_model,
+    load_tokenizer,
+    resolve_source,
+    weights_bytes,
+)
+from sparseheal.records import Stopwatch, atomic_dir, peak_rss_mb, read_record, write_record
+from sparseheal.sparsity.store import check_own_masks, weights_hash
+
+__all__ = ["preflight_merge", "run_merge", "merge_record"]
+
+
+def preflight_merge(adapter: str, output: str, overwrite: bool, settings: MergeSettings,
+                    allow_pickle: bool, data_dir: str | None) -> tuple[str, torch.Tensor | None]:
+    """Every check of the merge before any weights load; returns the base directory and the (W, T)
+    comparison windows (None when ``--eval-windows 0``)."""
+    if not (Path(adapter).expanduser() / "adapter_config.json").is_file():
+        raise ConfigError("ADAPTER_DIR", f"{adapter} is not a PEFT adapter directory "
+                                         "(no adapter_config.json)")
+    if settings.base is not None:
+        check_model_dir(settings.base, "--base")
+    check_output(output, overwrite)
+    base = settings.base or (read_record(adapter) or {}).get("base_path")
+    check_pickle(base, allow_pickle)
+    check_pickle(adapter, allow_pickle, "adapter_model")
+    check_free_space(output, weights_bytes(base) if base else None, "the size of the base's weights")
+    if not base or not (Path(base) / "config.json").is_file():
+        raise ConfigError("--base", f"the adapter's record names no usable base ({base}); pass --base DIR")
+    check_adapter_base(adapter, base, "--base")
+    check_own_masks(resolve_source(base).path, "--base")
+    windows = _merge_windows(base, settings, data_dir) if settings.eval_windows else None
+    return base, windows
+
+
+def run_merge(adapter: str, output: str, overwrite: bool, settings: MergeSettings, compute: ComputeSettings,
+              trust: TrustSettings, data_dir: str | None) -> Path:
+    """Merges ``adapter`` into its base (see ``sparseheal.api.merge``); returns the output."""
+    base_dir, windows = preflight_merge(adapter, output, overwrite, settings, trust.allow_pickle, data_dir)
+    source = resolve_source(base_dir)
+    watch = Stopwatch()
+    with watch("load"):
+        lm, tokenizer, _ = load_model(base_dir, compute.dtype, compute.device, trust.trust_remote_code,
+                                      trust.allow_pickle)
+    masks, mask_source = model_masks(lm, source.path, "--base", packed=True)
+    peft_model = apply_adapter(lm, adapter, base_dir, trust.allow_pickle)
+    with atomic_dir(output, overwrite) as tmp, watch("merge"):
+        stats = save_merged(peft_model, tokenizer, masks, settings.mode, tmp, windows, settings.eval_data)
+        base_hash = weights_hash(source.path)
+        record = merge_record(read_record(source.path), stats, source, base_hash, adapter, mask_source)
+        write_record(tmp, {**record, "weights_hash": weights_hash(tmp), "timings": watch.times,
+                           "previous": read_record(adapter) or {}})
+    return Path(output)
+
+
+def merge_record(base_record: dict | None, stats: dict, source, base_hash: str, adapter: str,
+                 mask_source: str) -> dict:
+    """The record of a merged model: the base's pruning facts, the merge statistics, provenance."""
+    keys = ("method", "pattern", "sparsity", "calibration")
+    keep = {k: v for k, v in (base_record or {}).items() if k in keys}
+    return {"stage": "merge", **keep, "merge": stats, "masks_from": mask_source, "base_model": source.name,
+            "base_path": str(Path(source.path).resolve()), "base_hash": base_hash, "adapter": str(adapter),
+            "sparsity_achieved": stats["sparsity_after"], "peak_rss_mb": round(peak_rss_mb(), 1)}
+
+
+def _merge_windows(base: str, settings: MergeSettings, data_dir: str | None) -> torch.Tensor:
+    """The first ``--eval-windows`` windows of ``--eval-data`` for the unmerged/merged comparison."""
+    source = resolve_source(base)
+    config = load_config(source)
+    seqlen = settings.eval_seqlen or min(1024, check_positions(config, 1, "--eval-seqlen") or 1024)
+    check_positions(config, seqlen, "--eval-seqlen")
+    tokens = eval_tokens(settings.eval_data, load_tokenizer(source), seqlen, data_dir)  # (1, N)
+    n = min(settings.eval_windows, tokens.shape[1] // seqlen)
+    if n == 0:
+        raise ConfigError("--eval-seqlen", f"{seqlen} is longer than the {settings.eval_data} stream")
+    return tokens[0, : n * seqlen].reshape(n, seqlen)  # (W, T)

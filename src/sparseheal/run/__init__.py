@@ -1,0 +1,69 @@
+"""Orchestration above the stages: a recipe run end to end (``run``) and its report (``report``).
+
+This package imports the stage API (:mod:`sparseheal.api`); nothing below it imports this package.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sparseheal.settings import REQUIRED, Settings, Stage, setting
+
+__all__ = ["RUN", "REPORT", "run", "report"]
+
+
+@dataclass
+class RunSettings(Settings):
+    config: str | None = setting(None, "YAML recipe with sections model, prune, heal, evaluate and output "
+                                       "(keys are the flags).")
+    output: str | None = setting(None, "the run directory (overrides the recipe's output); re-running "
+                                       "resumes it.")
+    model: str | None = setting(None, "the dense model (overrides the recipe's model).")
+    prune: list[str] | None = setting(None, "a prune setting as KEY=VALUE, repeatable (e.g. --prune "
+                                            "sparsity=0.6).")
+    heal: list[str] | None = setting(None, "a heal setting as KEY=VALUE, repeatable (e.g. --heal "
+                                           "max-steps=50).")
+    evaluate: list[str] | None = setting(None, "an evaluate setting as KEY=VALUE, repeatable (e.g. "
+                                               "--evaluate tasks=boolq,piqa).")
+    force: str | None = setting(None, "redo this stage (prune, heal, merge or evaluate) and every stage that "
+                                      "uses its output.")
+
+
+@dataclass
+class ReportSettings(Settings):
+    run_dir: str = setting(REQUIRED, "the output directory of sparseheal run.", positional=True)
+
+
+RUN = Stage("run", [RunSettings])
+REPORT = Stage("report", [ReportSettings])
+
+
+@RUN.api()
+def run(built: dict) -> dict:
+    """Runs a recipe: prune, heal, merge (when asked), evaluate every model with one protocol, report.
+
+    Returns:
+        The run record; "report" holds the report (its "path" is report.md).
+    """
+    from sparseheal.run.recipe import load_recipe, validate_recipe
+    from sparseheal.run.report import write_report
+    from sparseheal.run.runner import check_run_dir, run_recipe
+
+    s = built[RunSettings]
+    overrides = {"prune": s.prune, "heal": s.heal, "evaluate": s.evaluate}
+    recipe = load_recipe(s.config, s.output, s.model, overrides)
+    check_run_dir(recipe.output)  # where it writes, then what it runs
+    validate_recipe(recipe)
+    return run_recipe(recipe, s.force, after=write_report)
+
+
+@REPORT.api()
+def report(built: dict) -> dict:
+    """Regenerates report.md, report.json and the PNG plots of a run directory from its records.
+
+    Returns:
+        The report ("path" is report.md).
+    """
+    from sparseheal.run.report import write_report
+
+    return write_report(built[ReportSettings].run_dir)

@@ -1,0 +1,98 @@
+"""The prune stage's work, after its preflight: calibration tokens -> the dense model -> the layer-by-layer
+driver -> the pruned model, its masks and its record, written atomically."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from sparseheal.checks import MASKS_FILE
+from sparseheal.data import calibration_samples, load_documents
+from sparseheal.models import (
+    ComputeSettings,
+    TrustSettings,
+    default_device,
+    default_dtype,
+    load_model,
+    load_tokenizer,
+    resolve_source,
+    save_model,
+    source_hash,
+)
+from sparseheal.records import Stopwatch, atomic_dir, peak_rss_mb, read_record, write_record
+from sparseheal.settings import Settings
+from sparseheal.sparsity.base import PruneSettings
+from sparseheal.sparsity.calibrate import CalibrationSettings, prune_model
+from sparseheal.sparsity.masks import sparsity_of
+from sparseheal.sparsity.store import save_masks, weights_hash
+
+__all__ = ["calibration_tokens", "run_prune"]
+
+log = logging.getLogger(__name__)
+
+
+def calibration_tokens(model: str, calibration: CalibrationSettings, data_dir: str | None) -> torch.Tensor:
+    """Draws the (nsamples, seqlen) calibration windows with the tokenizer alone, before any weights load."""
+    tokenizer = load_tokenizer(resolve_source(model))
+    docs = load_documents(calibration.calibration_data, "train", data_dir, "--calibration-data")
+    return calibration_samples(docs, tokenizer, calibration.nsamples, calibration.seqlen, calibration.seed)
+
+
+def _prune_record(model: str, how: PruneSettings, calibration: CalibrationSettings, options: Settings | None,
+                  source, lm, masks: dict, watch: Stopwatch) -> dict:
+    modules = dict(lm.named_modules())
+    layers = {name: round(sparsity_of(modules[name].weight), 6) for name in masks}
+    total = sum(m.numel() for m in masks.values())
+    pruned = total - sum(m.kept() for m in masks.values())
+    record = {
+        "stage": "prune",
+        "base_model": model,
+        "base_path": source.path,
+        "base_hash": source_hash(source),
+        "method": how.method,
+        "pattern": how.pattern,
+        "sparsity": how.sparsity,
+        "calibration": calibration.spec(),
+        "dtype": str(next(lm.parameters()).dtype).removeprefix("torch."),
+        "sparsity_achieved": round(pruned / max(total, 1), 6),
+        "pruned_parameters": pruned,
+        "prunable_parameters": total,
+        "layers": layers,
+        "timings": watch.times,
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "previous": read_record(source.path) if source.kind == "local" else None,
+    }
+    if options is not None:
+        record["options"] = options.values()
+    return record
+
+
+def run_prune(model: str, output: str, overwrite: bool, how: PruneSettings, calibration: CalibrationSettings,
+              options: Settings | None, compute: ComputeSettings, trust: TrustSettings,
+              data_dir: str | None) -> Path:
+    """Prunes ``model`` and writes ``output`` (see ``sparseheal.api.prune``); returns the output."""
+    watch = Stopwatch()
+    tokens = None
+    if how.pruner.needs_calibration:  # first, so that data that cannot serve fails before the weights load
+        with watch("calibration_data"):
+            tokens = calibration_tokens(model, calibration, data_dir)
+    with watch("load"):
+        device = compute.device or default_device()
+        lm, tokenizer, source = load_model(model, compute.dtype or default_dtype(device),
+                                           "cpu" if how.offload else device, trust.trust_remote_code,
+                                           trust.allow_pickle)
+    with watch("prune"):
+        masks = prune_model(lm, how.pruner, tokens, how.nm, how.sparsity, calibration.calibration_batch_size,
+                            device, offload=how.offload, options=options)
+    record = _prune_record(model, how, calibration, options, source, lm, masks, watch)
+    with atomic_dir(output, overwrite) as tmp:
+        save_model(lm, tokenizer, tmp)
+        record["weights_hash"] = weights_hash(tmp)  # the masks belong to these weights (checked on load)
+        save_masks(masks, tmp / MASKS_FILE, {"base_hash": record["base_hash"], "pattern": how.pattern,
+                                             "weights_hash": record["weights_hash"]})
+        write_record(tmp, record)
+    log.info("pruned %s with %s (%s) -> %s: %.2f%% of prunable weights are zero", model, how.method,
+             how.pattern, output, 100 * record["sparsity_achieved"])
+    return Path(output)
