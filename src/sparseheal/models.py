@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -36,6 +37,7 @@ __all__ = [
     "model_skeleton",
     "load_tokenizer",
     "save_model",
+    "write_weights_index",
     "decoder_layers",
     "prunable_linears",
     "weight_view",
@@ -268,9 +270,51 @@ def load_model(
     return lm, load_tokenizer(source, trust_remote_code), source
 
 
+WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"
+_ENGINE_REFUSED = ("quantization_config", "sparsity_config")  # serving engines refuse or misread these
+
+
+def write_weights_index(path: str | os.PathLike) -> None:
+    """Writes ``model.safetensors.index.json`` naming every tensor of a single-file checkpoint.
+
+    Engines that load every ``*.safetensors`` file of a folder without an index (vLLM) would read the
+    masks file as model weights; with an index they read only the files it names. transformers still
+    loads ``model.safetensors`` directly. A sharded checkpoint has its own index already.
+    """
+    from safetensors import safe_open
+
+    root = Path(path)
+    if (root / WEIGHTS_INDEX).exists() or not (root / WEIGHTS_FILE).is_file():
+        return
+    total, weight_map = 0, {}
+    with safe_open(str(root / WEIGHTS_FILE), framework="pt") as fh:
+        for name in fh.keys():
+            view = fh.get_slice(name)
+            numel = 1
+            for size in view.get_shape():
+                numel *= size
+            total += numel * torch.empty((), dtype=_SAFETENSORS_DTYPES[view.get_dtype()]).element_size()
+            weight_map[name] = WEIGHTS_FILE
+    (root / WEIGHTS_INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                                 indent=2) + "\n")
+
+
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}
+
+
 def save_model(model: nn.Module, tokenizer, path: str | os.PathLike) -> None:
-    """Writes a normal HF directory (config, safetensors weights, tokenizer)."""
+    """Writes a normal HF directory (config, safetensors weights and their index, tokenizer) that loads
+    unchanged in transformers and in engines that read a folder's weights (vLLM): the config carries no
+    quantization or sparsity config, and the index names only the model's own weight files."""
+    for key in _ENGINE_REFUSED:
+        if getattr(model.config, key, None) is not None:
+            log.warning("dropping %s from the saved config: the saved weights are plain tensors", key)
+            delattr(model.config, key)
     model.save_pretrained(path, safe_serialization=True)
+    write_weights_index(path)
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
 
