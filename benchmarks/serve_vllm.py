@@ -104,7 +104,8 @@ def _expected_zeros(model_dir: Path) -> dict[str, int]:
 def _vllm_side(python: str, model_dir: Path, tokens, prompts, new_tokens: int) -> dict:
     job = {"model": str(model_dir), "tokens": tokens.tolist(), "prompts": prompts, "new_tokens": new_tokens,
            "masks": {}}
-    proc = subprocess.run([python, "-c", CHILD, json.dumps(job)], capture_output=True, text=True, timeout=1800)
+    proc = subprocess.run([python, "-c", CHILD, json.dumps(job)], capture_output=True, text=True,
+                          timeout=1800)
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
     if proc.returncode != 0 or line is None:
         raise RuntimeError(f"vLLM failed on {model_dir} ({proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -140,7 +141,8 @@ def main() -> None:
     models = _prepare(work, args.nsamples, args.heal_steps)
     stream = eval_tokens("wikitext2", load_tokenizer(resolve_source("smollm2-135m")), args.seqlen)[0]  # (N,)
     tokens = stream[: args.seqlen]
-    prompts = [stream[args.seqlen + 32 * i : args.seqlen + 32 * (i + 1)].tolist() for i in range(args.prompts)]
+    starts = [args.seqlen + 32 * i for i in range(args.prompts)]  # prompts follow the scored window
+    prompts = [stream[start : start + 32].tolist() for start in starts]
     rows = []
     for name, model_dir in models.items():
         ours = _transformers_side(model_dir, tokens, prompts, args.new_tokens)
@@ -154,7 +156,8 @@ def main() -> None:
                      "zeros": _zeros_match(theirs["zeros"], _expected_zeros(model_dir))})
     print_table(rows, ["model", "ppl_transformers", "ppl_vllm", "relative_difference", "greedy_identical",
                        "zeros"])
-    write_json(Path(args.output), {"seqlen": args.seqlen, "tokens": "first WikiText-2 test tokens", "rows": rows,
+    write_json(Path(args.output), {"seqlen": args.seqlen, "tokens": "first WikiText-2 test tokens",
+                                   "rows": rows,
                              "command": " ".join(sys.argv)})
     if any(r["relative_difference_value"] >= 1e-4 for r in rows):
         sys.exit(1)

@@ -296,12 +296,12 @@ def write_weights_index(path: str | os.PathLike) -> None:
                 numel *= size
             total += numel * torch.empty((), dtype=_SAFETENSORS_DTYPES[view.get_dtype()]).element_size()
             weight_map[name] = WEIGHTS_FILE
-    (root / WEIGHTS_INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
-                                                 indent=2) + "\n")
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (root / WEIGHTS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
 
 
-_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
-                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "F64": torch.float64, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
                        "U8": torch.uint8, "BOOL": torch.bool}
 
 
