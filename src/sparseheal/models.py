@@ -301,8 +301,8 @@ def write_weights_index(path: str | os.PathLike) -> None:
 
 
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                       "F64": torch.float64, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-                       "U8": torch.uint8, "BOOL": torch.bool}
+                       "F64": torch.float64, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
+                       "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 
 
 def save_model(model: nn.Module, tokenizer, path: str | os.PathLike) -> None:
