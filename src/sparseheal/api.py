@@ -8,14 +8,20 @@ from the same stages.
 
 from __future__ import annotations
 
-import json
+import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import sparseheal.heal  # noqa: F401  (registers the healers before the heal stage lists their settings)
 import sparseheal.sparsity  # noqa: F401  (registers the pruning methods likewise)
-from sparseheal.checks import check_free_space, check_output, check_pickle
+from sparseheal.checks import (
+    check_free_space,
+    check_not_an_input,
+    check_output,
+    check_pickle,
+    check_weight_files,
+)
 from sparseheal.data import DataSettings, check_source
 from sparseheal.errors import ConfigError
 from sparseheal.evaluate.perplexity import PerplexitySettings
@@ -26,11 +32,13 @@ from sparseheal.heal.fsdp import FsdpSettings
 from sparseheal.heal.merge import HealMergeSettings, MergeSettings
 from sparseheal.heal.selfgen import SelfGenSettings
 from sparseheal.heal.trainer import TrainingSettings
-from sparseheal.models import ComputeSettings, TrustSettings, check_seqlen, weights_bytes
+from sparseheal.models import ComputeSettings, TrustSettings, check_seqlen, input_path, weights_bytes
+from sparseheal.records import output_lock, write_json_atomic
 from sparseheal.registry import HEALERS, PRUNERS
 from sparseheal.settings import REQUIRED, Settings, Stage, setting
 from sparseheal.sparsity.base import PruneSettings
 from sparseheal.sparsity.calibrate import CalibrationSettings
+from sparseheal.sparsity.owl import LayerSparsitySettings
 
 __all__ = ["PRUNE", "HEAL", "MERGE", "EVALUATE", "INSPECT", "prune", "heal", "merge", "evaluate", "inspect",
            "check_prune_model", "check_evaluate_model"]
@@ -82,22 +90,29 @@ def _method_groups(registry) -> list[type[Settings]]:
     return [impl.settings for _, impl in registry.items() if impl.settings is not None]
 
 
-PRUNE = Stage("prune", [PruneIO, PruneSettings, CalibrationSettings, *_method_groups(PRUNERS),
-                        ComputeSettings, DataSettings, TrustSettings, Overwrite])
+PRUNE = Stage("prune", [PruneIO, PruneSettings, LayerSparsitySettings, CalibrationSettings,
+                        *_method_groups(PRUNERS), ComputeSettings, DataSettings, TrustSettings, Overwrite])
 HEAL = Stage("heal", [HealIO, HealMethodSettings, TrainingSettings, *_method_groups(HEALERS),
                       HealMergeSettings, DistillSettings, SelfGenSettings, FsdpSettings, ComputeSettings,
                       DataSettings, TrustSettings, Overwrite])
 MERGE = Stage("merge", [MergeIO, MergeSettings, ComputeSettings, DataSettings, TrustSettings, Overwrite])
 EVALUATE = Stage("evaluate", [EvaluateIO, PerplexitySettings, ZeroShotSettings, ComputeSettings, DataSettings,
-                              TrustSettings])
+                              TrustSettings, Overwrite])
 INSPECT = Stage("inspect", [InspectIO, TrustSettings])
 
 
 def check_prune_model(model: str, how: PruneSettings, calibration: CalibrationSettings) -> None:
-    """The prune checks that read the model's config and the calibration data's files."""
+    """The prune checks that read the model's config and the calibration data's files. A method without
+    calibration ignores the calibration settings: given anyway, they are warned about (and the record
+    leaves them out)."""
     if how.pruner.needs_calibration:
         check_seqlen(model, calibration.seqlen)
         check_source(calibration.calibration_data, "--calibration-data")
+        return
+    changed = [k for k, v in calibration.values().items() if v != CalibrationSettings.defaults()[k]]
+    if changed:
+        log.warning("--method %s uses no calibration data; ignoring %s", how.method,
+                    ", ".join("--" + k.replace("_", "-") for k in changed))
 
 
 def _method_options(how: PruneSettings, built: dict) -> Settings | None:
@@ -114,7 +129,12 @@ def _prune_preflight(built: dict) -> Settings | None:
     """The prune checks of files and model configs; returns the method's own settings."""
     io, how, calibration = built[PruneIO], built[PruneSettings], built[CalibrationSettings]
     options = _method_options(how, built)
+    spread = built[LayerSparsitySettings]
+    spread.check_against(how.sparsity, how.pattern, how.pruner.needs_calibration, how.method)
     check_output(io.output, built[Overwrite].overwrite)
+    calibration_file = calibration.calibration_data if how.pruner.needs_calibration else None
+    check_not_an_input(io.output, {"MODEL": input_path(io.model), "--calibration-data": calibration_file})
+    check_weight_files(input_path(io.model) if Path(io.model).is_dir() else None, "MODEL")
     check_prune_model(io.model, how, calibration)
     check_free_space(io.output, weights_bytes(io.model), "the size of the model's weight files")
     return options
@@ -131,9 +151,10 @@ def prune(built: dict) -> Path:
 
     options = _prune_preflight(built)
     io = built[PruneIO]
-    return run_prune(io.model, io.output, built[Overwrite].overwrite, built[PruneSettings],
-                     built[CalibrationSettings], options, built[ComputeSettings], built[TrustSettings],
-                     built[DataSettings].data_dir)
+    with output_lock(io.output):
+        return run_prune(io.model, io.output, built[Overwrite].overwrite, built[PruneSettings],
+                         built[CalibrationSettings], options, built[LayerSparsitySettings],
+                         built[ComputeSettings], built[TrustSettings], built[DataSettings].data_dir)
 
 
 def _heal_preflight(built: dict):
@@ -156,7 +177,9 @@ def heal(built: dict) -> Path:
     """
     from sparseheal.heal.pipeline import run_heal
 
-    return run_heal(_heal_preflight(built))
+    job = _heal_preflight(built)
+    with output_lock(job.output):
+        return run_heal(job)
 
 
 @MERGE.api()
@@ -169,8 +192,9 @@ def merge(built: dict) -> Path:
     from sparseheal.heal.merge_stage import run_merge
 
     io = built[MergeIO]
-    return run_merge(io.adapter, io.output, built[Overwrite].overwrite, built[MergeSettings],
-                     built[ComputeSettings], built[TrustSettings], built[DataSettings].data_dir)
+    with output_lock(io.output):
+        return run_merge(io.adapter, io.output, built[Overwrite].overwrite, built[MergeSettings],
+                         built[ComputeSettings], built[TrustSettings], built[DataSettings].data_dir)
 
 
 def check_evaluate_model(model: str | None, ppl: PerplexitySettings) -> None:
@@ -181,7 +205,30 @@ def check_evaluate_model(model: str | None, ppl: PerplexitySettings) -> None:
         check_seqlen(model, ppl.seqlen)
 
 
-@EVALUATE.api()
+def _evaluate_preflight(built: dict) -> None:
+    """The evaluate checks of files and model configs: the results file, the model, adapter and data."""
+    io, ppl = built[EvaluateIO], built[PerplexitySettings]
+    if io.adapter is not None and not Path(io.adapter).is_dir():
+        raise ConfigError("--adapter", f"{io.adapter} is not a directory")
+    if io.adapter is not None and not (Path(io.adapter) / "adapter_config.json").is_file():
+        raise ConfigError("--adapter", f"{io.adapter} is not a PEFT adapter directory "
+                                       "(no adapter_config.json)")
+    if io.output is not None:
+        out = Path(io.output)
+        if out.is_dir():
+            raise ConfigError("--output", f"{out} is a directory; give a .json file path")
+        inputs = [("MODEL", input_path(io.model)), ("--adapter", io.adapter)]
+        check_not_an_input(out, inputs + [("--dataset", d) for d in ppl.datasets])
+        if out.exists() and not built[Overwrite].overwrite:
+            raise ConfigError("--output", f"{out} already exists; pass --overwrite to replace it")
+        check_output(out.parent if str(out.parent) else ".", overwrite=True)
+        check_free_space(out, None, "a results file", minimum=2 * 2**20)
+    check_weight_files(io.model if Path(io.model).is_dir() else None, "MODEL")
+    check_weight_files(io.adapter, "--adapter", stem="adapter_model")
+    check_evaluate_model(io.model, ppl)
+
+
+@EVALUATE.api(preflight=_evaluate_preflight)
 def evaluate(built: dict) -> dict:
     """Measures perplexity with the Wanda protocol, and zero-shot accuracy with lm-eval when asked.
 
@@ -190,20 +237,15 @@ def evaluate(built: dict) -> dict:
     """
     from sparseheal.evaluate.pipeline import run_evaluate
 
-    io, ppl = built[EvaluateIO], built[PerplexitySettings]
-    if io.adapter is not None and not Path(io.adapter).is_dir():
-        raise ConfigError("--adapter", f"{io.adapter} is not a directory")
-    if io.output is not None:
-        out = Path(io.output)
-        if out.is_dir():
-            raise ConfigError("--output", f"{out} is a directory; give a .json file path")
-        check_output(out.parent if str(out.parent) else ".", overwrite=True)
-        check_free_space(out, None, "a results file")
-    check_evaluate_model(io.model, ppl)
-    report = run_evaluate(io.model, io.adapter, ppl, built[ZeroShotSettings], built[ComputeSettings],
-                          built[TrustSettings], built[DataSettings].data_dir)
-    if io.output:
-        Path(io.output).write_text(json.dumps(report, indent=2) + "\n")
+    _evaluate_preflight(built)
+    io = built[EvaluateIO]
+    with contextlib.ExitStack() as stack:
+        if io.output:
+            stack.enter_context(output_lock(io.output))
+        report = run_evaluate(io.model, io.adapter, built[PerplexitySettings], built[ZeroShotSettings],
+                              built[ComputeSettings], built[TrustSettings], built[DataSettings].data_dir)
+        if io.output:
+            write_json_atomic(Path(io.output), report)
     return report
 
 
@@ -221,6 +263,7 @@ def inspect(built: dict) -> dict:
 
     io, trust = built[InspectIO], built[TrustSettings]
     check_pickle(io.model, trust.allow_pickle)
+    check_weight_files(io.model if Path(io.model).is_dir() else None, "MODEL")
     if io.masks is not None and not Path(io.masks).is_file():
         raise ConfigError("--masks", f"{io.masks} is not a file")
     if io.masks is not None:

@@ -8,6 +8,8 @@ raises a :class:`ConfigError` that names the flag and says what is allowed. The 
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import shutil
 import tempfile
@@ -32,6 +34,11 @@ __all__ = [
     "check_pickle",
     "check_output",
     "check_free_space",
+    "check_not_an_input",
+    "check_safetensors",
+    "check_weight_files",
+    "check_gguf",
+    "finite",
 ]
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -39,6 +46,12 @@ MASKS_FILE = "sparsity_masks.safetensors"  # never counted as model weights
 MIN_FREE_BYTES = 32 * 2**20  # what any output needs at least (config, tokenizer, record, logs)
 
 Check = Callable[[str, Any], None]  # (flag, value) -> None, or raises ConfigError
+
+
+def finite(flag: str, value: float | None) -> None:
+    """A finite number (None passes); every float setting is checked by it."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(flag, f"must be a finite number, got {value}")
 
 
 def positive(flag: str, value: int | None) -> None:
@@ -151,15 +164,112 @@ def _size(n: float) -> str:
 
 
 def check_free_space(
-    output: str | os.PathLike, needed: int | None, what: str, flag: str = "--output"
+    output: str | os.PathLike, needed: int | None, what: str, flag: str = "--output",
+    minimum: int | None = None,
 ) -> None:
     """Refuses an output whose file system has less free space than ``needed`` bytes (at least
-    ``MIN_FREE_BYTES``), before any work; ``what`` says what the estimate is."""
+    ``minimum``, by default ``MIN_FREE_BYTES``), before any work; ``what`` says what the estimate is."""
     parent = Path(output).expanduser().absolute()
     while not parent.exists():
         parent = parent.parent
-    needed = max(needed or 0, MIN_FREE_BYTES)
+    needed = max(needed or 0, MIN_FREE_BYTES if minimum is None else minimum)
     free = shutil.disk_usage(parent).free
     if free < needed:
         raise ConfigError(flag, f"{parent} has {_size(free)} free, but about {_size(needed)} is needed "
                                 f"({what}); free some space or choose another {flag}")
+
+
+def _inside(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
+
+
+Inputs = dict[str, "str | os.PathLike | None"] | Sequence[tuple[str, "str | os.PathLike | None"]]
+
+
+def check_not_an_input(output: str | os.PathLike, inputs: Inputs, flag: str = "--output") -> None:
+    """Refuses an output that is, contains or lies inside one of the command's inputs (``{flag: path}``
+    or (flag, path) pairs; paths that do not exist are skipped) or the working directory: writing it
+    would delete or overwrite what the command reads."""
+    out = Path(output).expanduser().resolve()
+    cwd = Path.cwd().resolve()
+    if _inside(cwd, out):
+        raise ConfigError(flag, f"{output} is {'' if out == cwd else 'a directory above '}the working "
+                                "directory; writing it would replace the files there: choose another "
+                                f"{flag}")
+    for input_flag, path in inputs.items() if isinstance(inputs, dict) else inputs:
+        if path is None or not str(path) or not Path(path).expanduser().exists():
+            continue
+        source = Path(path).expanduser().resolve()
+        if out == source:
+            where = "is"
+        elif _inside(source, out):
+            where = "contains"
+        elif _inside(out, source):
+            where = "lies inside"
+        else:
+            continue
+        raise ConfigError(flag, f"{output} {where} the input {input_flag} ({path}); the command never "
+                                f"writes over its inputs: choose another {flag}")
+
+
+def check_safetensors(path: str | os.PathLike, flag: str) -> None:
+    """Refuses a safetensors file whose header is unreadable or whose data ends before the last tensor
+    the header lists (a file cut short), without reading any tensor."""
+    path = Path(path)
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as fh:
+            length = int.from_bytes(fh.read(8), "little")
+            if size < 8 or length <= 0 or 8 + length > size:
+                raise ValueError("the header is cut short")
+            header = json.loads(fh.read(length))
+        ends = [int(entry["data_offsets"][1]) for key, entry in header.items() if key != "__metadata__"]
+    except (ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError) as err:
+        raise ConfigError(flag, f"{path} is not a readable safetensors file ({_reason(err)})") from err
+    if 8 + length + max(ends, default=0) > size:
+        needed = 8 + length + max(ends)
+        raise ConfigError(flag, f"{path} is cut short: its header lists {needed} bytes, the file has {size}; "
+                                "copy or download it again")
+
+
+def check_weight_files(model_dir: str | os.PathLike | None, flag: str, stem: str = "") -> None:
+    """Refuses a local model (or adapter, ``stem="adapter_model"``) directory with no weight files, or
+    with a safetensors file that is unreadable or cut short (None, a Hub id or a file: nothing to check)."""
+    if model_dir is None:
+        return
+    root = Path(model_dir).expanduser()
+    if not root.is_dir() or not (root / ("adapter_config.json" if stem else "config.json")).is_file():
+        return  # not a model directory: the loader's own check says so
+    weights = [f for f in sorted(root.glob(f"{stem}*.safetensors")) if f.name != MASKS_FILE]
+    if not weights and not list(root.glob(f"{stem}*.bin")):
+        raise ConfigError(flag, f"{root} has no weights ({stem or 'model'}*.safetensors or .bin files)")
+    for file in weights:
+        check_safetensors(file, flag)
+
+
+def _reason(err: BaseException) -> str:
+    text = " ".join(str(err).split())[:120]
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def check_gguf(path: str | os.PathLike, flag: str = "MODEL") -> None:
+    """Refuses a file that is not GGUF (magic, version) or whose tensors reach past its end."""
+    path = Path(path)
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+    if len(head) < 8 or head[:4] != b"GGUF":
+        raise ConfigError(flag, f"{path} is not a GGUF file (it does not start with the GGUF magic)")
+    version = int.from_bytes(head[4:8], "little")
+    if version not in (2, 3):
+        raise ConfigError(flag, f"{path} is GGUF version {version}; versions 2 and 3 are supported")
+    try:
+        from gguf import GGUFReader
+
+        reader = GGUFReader(str(path))
+        end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
+    except Exception as err:  # the reader raises whatever its parser meets in a damaged file
+        raise ConfigError(flag, f"{path} is not a readable GGUF file: damaged or cut short "
+                                f"({_reason(err)})") from err
+    if end > path.stat().st_size:
+        raise ConfigError(flag, f"{path} is cut short: its tensors need {end} bytes, the file has "
+                                f"{path.stat().st_size}")

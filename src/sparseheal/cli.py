@@ -11,6 +11,8 @@ import difflib
 import inspect
 import logging
 import os
+import shlex
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -20,7 +22,7 @@ import typer
 from typer.exceptions import TyperException
 
 from sparseheal import api
-from sparseheal.errors import ConfigError
+from sparseheal.errors import ConfigError, StageError
 from sparseheal.records import read_record
 from sparseheal.run import report as report_stage
 from sparseheal.run import run as run_stage
@@ -34,6 +36,7 @@ app = typer.Typer(
     help="Prune Hugging Face causal LMs and heal them, keeping every pruned weight exactly zero.",
 )
 _SHORT = {"output": "-o"}
+_ARGV: list[str] = []  # the arguments of the running command, for the message of an interrupted one
 
 
 def _config_callback(ctx: typer.Context, _param: typer.CallbackParam, value: str | None) -> None:
@@ -94,7 +97,12 @@ def command(func: Callable, printer: Callable[[Any], int | None], name: str | No
     def run(**kwargs: Any) -> int:
         if not own_config:
             kwargs.pop("config", None)
-        result = func(**kwargs)
+        try:
+            result = func(**kwargs)
+        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (see main): say what was kept and how to go on
+            _close_progress_bars()
+            print(_interrupted(_ARGV), file=sys.stderr)
+            raise typer.Exit(130) from None
         if int(os.environ.get("RANK", "0")) != 0:  # under torchrun / accelerate only rank 0 reports
             return 0
         return printer(result) or 0
@@ -182,22 +190,63 @@ command(run_stage, _print_run)
 command(report_stage, _print_report)
 
 
+def _output_of(argv: list[str]) -> str | None:
+    for i, arg in enumerate(argv):
+        if arg in ("-o", "--output") and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--output="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def _interrupted(argv: list[str]) -> str:
+    """One line: what was interrupted, what was kept, and how to go on."""
+    from sparseheal.heal.checkpoints import checkpoint_dir_for, last_checkpoint
+
+    command, output = (argv[0] if argv else "sparseheal"), _output_of(argv)
+    line = f"sparseheal: interrupted: {command}" + (f" of {output}" if output else "")
+    if command == "run":
+        return f"{line}; finished stages are kept: run the same command again to go on"
+    last = last_checkpoint(checkpoint_dir_for(output)) if command == "heal" and output else None
+    if last is not None:
+        resume = shlex.join(["sparseheal", *argv, *([] if "--resume" in argv else ["--resume"])])
+        return f"{line}; nothing written, checkpoint {last} kept: resume with {resume}"
+    return f"{line}; nothing was written"
+
+
+def _close_progress_bars() -> None:
+    """Closes the progress bars an interrupted stage left open, so that the last line is the message."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
+def _terminate(signum: int, _frame: Any) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``sparseheal`` and ``python -m sparseheal``."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _ARGV[:] = argv
+    previous = signal.signal(signal.SIGTERM, _terminate)  # SIGTERM ends a stage as Ctrl-C does
     try:
         code = typer.main.get_command(app).main(args=argv, prog_name="sparseheal", standalone_mode=False)
     except typer.Exit as exc:
         code = exc.exit_code
-    except typer.Abort:
+    except (typer.Abort, KeyboardInterrupt):
         code = 130
-    except ConfigError as exc:
+    except (ConfigError, StageError) as exc:
         print(f"sparseheal: error: {exc}", file=sys.stderr)
-        code = 2
+        code = 2 if isinstance(exc, ConfigError) else 1
     except TyperException as exc:  # usage errors: unknown option, bad type, missing value
         message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
         print(f"sparseheal: error: {' '.join(message.split())}", file=sys.stderr)
         code = getattr(exc, "exit_code", 2)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     sys.exit(code if isinstance(code, int) else 0)

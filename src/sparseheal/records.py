@@ -17,8 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from sparseheal.checks import MASKS_FILE
+from sparseheal.errors import ConfigError
 
 __all__ = [
+    "output_lock",
+    "lock_path",
+    "write_json_atomic",
     "RECORD_FILE",
     "MASKS_FILE",
     "read_record",
@@ -110,3 +114,51 @@ class Stopwatch:
             yield
         finally:
             self.times[name] = round(self.times.get(name, 0.0) + time.perf_counter() - start, 3)
+
+
+def lock_path(target: str | os.PathLike) -> Path:
+    """The lock file of an output: named by the hash of its absolute path, in the temporary directory
+    (so that a process killed with -9 leaves nothing beside its output)."""
+    import hashlib
+    import tempfile
+
+    key = hashlib.sha256(str(Path(target).expanduser().resolve()).encode()).hexdigest()[:24]
+    return Path(tempfile.gettempdir()) / "sparseheal-locks" / f"{key}.lock"
+
+
+@contextlib.contextmanager
+def output_lock(target: str | os.PathLike, flag: str = "--output") -> Iterator[None]:
+    """Holds an exclusive lock on the output ``target`` while the block runs (the lock file holds this
+    process id); a second command on the same output fails at once naming the holder's process id. In a
+    distributed launch only the first process, the one that writes, takes it."""
+    import fcntl
+
+    if int(os.environ.get("RANK", "0")) != 0:
+        yield
+        return
+    path = lock_path(target)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise ConfigError(flag, f"{target} is being written by another sparseheal command (process "
+                                f"{holder}); wait for it to finish or choose another {flag}") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    """Writes JSON to a temporary sibling and renames it into place (never a half-written file)."""
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)

@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from sparseheal.checks import Check, one_of
+from sparseheal.checks import Check, finite, one_of
 from sparseheal.errors import ConfigError
 
 __all__ = ["REQUIRED", "setting", "Settings", "Field", "Stage", "flag_of", "parse_yaml"]
@@ -89,6 +89,7 @@ class Settings:
             if value is REQUIRED:
                 raise ConfigError(flag_of(f.name), "is required")
             flag = f.name.upper() if f.metadata.get("positional") else flag_of(f.name)
+            finite(flag, value)
             if f.metadata.get("choices"):
                 one_of(f.metadata["choices"])(flag, value)
             if f.metadata.get("check"):
@@ -214,9 +215,33 @@ _Loader.add_implicit_resolver(
 )
 
 
+MAX_YAML_VALUES = 10_000  # values a settings file may expand to, aliases counted each time they are used
+MAX_YAML_DEPTH = 20
+
+
+def _check_size(data: Any, flag: str, what: str) -> None:
+    """Refuses YAML whose aliases expand it beyond ``MAX_YAML_VALUES`` values or ``MAX_YAML_DEPTH`` levels
+    (an alias bomb parses in microseconds and takes forever to use)."""
+    count, stack = 0, [(data, 0)]
+    while stack:
+        node, depth = stack.pop()
+        count += 1
+        if count > MAX_YAML_VALUES or depth > MAX_YAML_DEPTH:
+            limit = f"{MAX_YAML_VALUES} values" if count > MAX_YAML_VALUES else f"{MAX_YAML_DEPTH} levels"
+            raise ConfigError(flag, f"{what} expands to more than {limit} (repeated YAML aliases?); "
+                                    "write the values out")
+        if isinstance(node, dict):
+            stack += [(v, depth + 1) for kv in node.items() for v in kv]
+        elif isinstance(node, list):
+            stack += [(v, depth + 1) for v in node]
+
+
 def parse_yaml(text: str, flag: str, what: str = "the text") -> Any:
-    """Parses YAML text with the recipe number rules; a syntax error names ``flag`` and ``what``."""
+    """Parses YAML text with the recipe number rules; a syntax error names ``flag`` and ``what``, and
+    so does YAML that expands to more than a settings file can hold."""
     try:
-        return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+        data = yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError as err:
         raise ConfigError(flag, f"{what} is not valid YAML ({err.__class__.__name__})") from err
+    _check_size(data, flag, what)
+    return data

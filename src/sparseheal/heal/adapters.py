@@ -41,7 +41,7 @@ def model_masks(
     """
     path = Path(model_dir) / MASKS_FILE
     if path.is_file():
-        masks, meta = load_masks(path, packed)
+        masks, meta = load_masks(path, packed, flag)
         check_masks_belong(path, model_dir, flag, meta)
         check_masks_match(model, masks, str(path))
         return masks, "file"
@@ -74,9 +74,9 @@ def apply_adapter(model: nn.Module, adapter: str, base: str, allow_pickle: bool 
     from peft import PeftModel
 
     check_pickle(adapter, allow_pickle, "adapter_model")
-    record = check_adapter_base(adapter, base)
     if not (Path(adapter) / "adapter_config.json").is_file():
         raise ConfigError("--adapter", f"{adapter} is not a PEFT adapter directory (no adapter_config.json)")
+    record = check_adapter_base(adapter, base)
     mask_aware = bool((record.get("recipe") or {}).get("mask_aware"))
     masks = model_masks(model, resolve_source(base).path, packed=True)[0] if mask_aware else {}
     try:

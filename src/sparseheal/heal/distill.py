@@ -229,9 +229,10 @@ def _text_config_value(config, key: str) -> Any:
     return getattr(config.get_text_config(), key, None)
 
 
-def check_teacher_config(source: ModelSource, student_model: nn.Module, student_dir: str | None,
+def check_teacher_config(source: ModelSource, student_config: Any, student_dir: str | None,
                          losses: Sequence[str]) -> None:
-    """Compares the teacher's config and tokenizer with the student's, before any weights load."""
+    """Compares the teacher's config and tokenizer with the student's (``student_config``), before any
+    weights load."""
     from transformers import AutoConfig
 
     try:
@@ -241,11 +242,11 @@ def check_teacher_config(source: ModelSource, student_model: nn.Module, student_
         reason = type(err).__name__
         raise ConfigError("--teacher", f"cannot read {source.name} ({reason}); pass --teacher MODEL") from err
     student_tok = load_tokenizer(resolve_source(student_dir)) if student_dir else None
-    vocabs = [_text_config_value(c, "vocab_size") for c in (student_model.config, config)]
+    vocabs = [_text_config_value(c, "vocab_size") for c in (student_config, config)]
     check_vocabulary(student_tok, teacher_tok, vocabs[0], vocabs[1], source.name)
     if "squarehead" in losses:
         for key in ("num_hidden_layers", "hidden_size"):
-            mine, theirs = _text_config_value(student_model.config, key), _text_config_value(config, key)
+            mine, theirs = _text_config_value(student_config, key), _text_config_value(config, key)
             if mine != theirs:
                 raise ConfigError("--distill", f"squarehead needs the teacher's {key} ({theirs}) to equal "
                                   f"the student's ({mine}); use --distill kl")
@@ -319,18 +320,20 @@ def load_teacher(source: ModelSource, expected_hash: str | None, dtype: str | No
 
 
 def build_distiller(settings: DistillSettings, student_model: nn.Module, pruned_dir: str | None,
-                    pruned_record: dict | None) -> Distiller | None:
+                    pruned_record: dict | None, checked: bool = False) -> Distiller | None:
     """Builds the Distiller that ``--distill`` asks for, or returns None when it asks for none.
 
     Resolves the teacher (``--teacher`` or the record's base model), checks its vocabulary (and,
     for squarehead, its depth and width) against the student's before loading weights, and loads it
-    with ``--teacher-dtype`` / ``--teacher-device`` (default: the student's).
+    with ``--teacher-dtype`` / ``--teacher-device`` (default: the student's). With ``checked`` the
+    teacher's config was compared already (the heal preflight does it before the student loads).
     """
     losses = settings.losses
     if not losses:
         return None
     source, expected_hash = resolve_teacher(settings.teacher, pruned_record)
-    check_teacher_config(source, student_model, pruned_dir, losses)
+    if not checked:
+        check_teacher_config(source, student_model.config, pruned_dir, losses)
     param = next(student_model.parameters())
     dtype = settings.teacher_dtype or str(param.dtype).removeprefix("torch.")
     teacher = load_teacher(source, expected_hash, dtype, settings.teacher_device or str(param.device))

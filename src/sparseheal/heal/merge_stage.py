@@ -7,7 +7,14 @@ from pathlib import Path
 
 import torch
 
-from sparseheal.checks import check_free_space, check_model_dir, check_output, check_pickle
+from sparseheal.checks import (
+    check_free_space,
+    check_model_dir,
+    check_not_an_input,
+    check_output,
+    check_pickle,
+    check_weight_files,
+)
 from sparseheal.data import eval_tokens
 from sparseheal.errors import ConfigError
 from sparseheal.heal.adapters import apply_adapter, check_adapter_base, model_masks
@@ -39,6 +46,7 @@ def preflight_merge(adapter: str, output: str, overwrite: bool, settings: MergeS
         check_model_dir(settings.base, "--base")
     check_output(output, overwrite)
     base = settings.base or (read_record(adapter) or {}).get("base_path")
+    check_not_an_input(output, {"ADAPTER_DIR": adapter, "--base": base})
     check_pickle(base, allow_pickle)
     check_pickle(adapter, allow_pickle, "adapter_model")
     check_free_space(output, weights_bytes(base) if base else None, "the size of the base's weights")
@@ -46,6 +54,8 @@ def preflight_merge(adapter: str, output: str, overwrite: bool, settings: MergeS
         raise ConfigError("--base", f"the adapter's record names no usable base ({base}); pass --base DIR")
     check_adapter_base(adapter, base, "--base")
     check_own_masks(resolve_source(base).path, "--base")
+    check_weight_files(base, "--base")
+    check_weight_files(adapter, "ADAPTER_DIR", stem="adapter_model")
     windows = _merge_windows(base, settings, data_dir) if settings.eval_windows else None
     return base, windows
 
@@ -58,7 +68,7 @@ def run_merge(adapter: str, output: str, overwrite: bool, settings: MergeSetting
     watch = Stopwatch()
     with watch("load"):
         lm, tokenizer, _ = load_model(base_dir, compute.dtype, compute.device, trust.trust_remote_code,
-                                      trust.allow_pickle)
+                                      trust.allow_pickle, flag="--base")
     masks, mask_source = model_masks(lm, source.path, "--base", packed=True)
     peft_model = apply_adapter(lm, adapter, base_dir, trust.allow_pickle)
     with atomic_dir(output, overwrite) as tmp, watch("merge"):

@@ -8,7 +8,11 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import torch
+from safetensors import safe_open
+
 from sparseheal.checks import MASKS_FILE
+from sparseheal.errors import StageError
 from sparseheal.heal.job import HealJob
 from sparseheal.heal.merge import MERGE_EVAL_WINDOWS, save_merged
 from sparseheal.heal.merge_stage import merge_record
@@ -16,7 +20,24 @@ from sparseheal.heal.trainer import LOG_FILE
 from sparseheal.records import Stopwatch, atomic_dir, write_record
 from sparseheal.sparsity.store import stamp_masks, weights_hash
 
-__all__ = ["write_heal_output"]
+__all__ = ["write_heal_output", "check_finite_weights"]
+
+
+def check_finite_weights(directory: Path) -> None:
+    """Refuses (before the output is renamed into place) written weights that are not all finite."""
+    bad, first = 0, None
+    for path in sorted(directory.glob("*.safetensors")):
+        if path.name == MASKS_FILE:
+            continue
+        with safe_open(str(path), framework="pt") as fh:
+            for name in fh.keys():
+                tensor = fh.get_tensor(name)
+                count = int((~torch.isfinite(tensor)).sum()) if tensor.is_floating_point() else 0
+                bad += count
+                first = first or (name if count else None)
+    if bad:
+        raise StageError("--lr", f"training left {bad} weights that are not finite (first in {first}); "
+                                 "nothing was written: lower --lr or use float32")
 
 
 def write_heal_output(job: HealJob, student, tokenizer, ctx: dict, watch: Stopwatch) -> None:
@@ -26,12 +47,14 @@ def write_heal_output(job: HealJob, student, tokenizer, ctx: dict, watch: Stopwa
     pattern = (ctx["pruned_record"] or {}).get("pattern", "unstructured")
     with atomic_dir(job.output, job.overwrite) as tmp, watch("save"):
         extra = {"masks_from": ctx["mask_source"], **job.healer.save(student, tokenizer, tmp, masks, pattern)}
+        check_finite_weights(tmp)
         if (tmp / MASKS_FILE).is_file():  # masks saved beside trained weights name those weights
             extra["weights_hash"] = weights_hash(tmp)
             stamp_masks(tmp / MASKS_FILE, extra["weights_hash"])
         shutil.copyfile(job.checkpoint_dir / LOG_FILE, tmp / LOG_FILE)
         if job.merge != "none":
             extra["merged"] = _merge_after_heal(job, student, tokenizer, ctx, tmp, base_hash)
+            check_finite_weights(tmp / "merged")
         write_record(tmp, _heal_record(job, ctx, extra, watch, base_hash))
 
 

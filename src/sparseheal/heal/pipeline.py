@@ -20,13 +20,21 @@ from typing import Any
 
 import torch
 
-from sparseheal.checks import check_free_space, check_model_dir, check_output, check_pickle
+from sparseheal.checks import (
+    MASKS_FILE,
+    check_free_space,
+    check_model_dir,
+    check_not_an_input,
+    check_output,
+    check_pickle,
+    check_weight_files,
+)
 from sparseheal.data import DataSettings, training_split
-from sparseheal.errors import ConfigError
+from sparseheal.errors import ConfigError, StageError
 from sparseheal.heal import trainer
 from sparseheal.heal.base import HealMethodSettings, refuse_foreign_settings
 from sparseheal.heal.checkpoints import RECIPE_FILE, last_checkpoint
-from sparseheal.heal.distill import DistillSettings, build_distiller, resolve_teacher
+from sparseheal.heal.distill import DistillSettings, build_distiller, check_teacher_config, resolve_teacher
 from sparseheal.heal.fsdp import FsdpSettings, check_fsdp
 from sparseheal.heal.job import HealJob
 from sparseheal.heal.merge import HealMergeSettings
@@ -48,7 +56,7 @@ from sparseheal.models import (
 from sparseheal.records import Stopwatch, read_record
 from sparseheal.registry import HEALERS
 from sparseheal.settings import Settings
-from sparseheal.sparsity.store import check_own_masks
+from sparseheal.sparsity.store import check_masks_file, check_own_masks
 
 __all__ = ["HealJob", "plan_heal", "preflight_heal", "check_heal_model", "run_heal"]
 
@@ -111,14 +119,30 @@ def preflight_heal(job: HealJob, resumable: set[str]) -> None:
     check_model_dir(job.pruned_dir, "PRUNED_DIR")
     check_pickle(job.pruned_dir, job.trust.allow_pickle)
     check_output(job.output, job.overwrite)
+    _check_not_inputs(job)
     _check_checkpoints(job, resumable)
     kept = job.training.save_total_limit if job.training.save_steps else 0
     needed, what = job.healer.output_bytes(weights_bytes(job.pruned_dir) or 0, kept, job.merge != "none")
     check_free_space(job.output, needed, what)
+    check_weight_files(job.pruned_dir, "PRUNED_DIR")
     check_heal_model(job.pruned_dir, job)
-    check_own_masks(resolve_source(job.pruned_dir).path, "PRUNED_DIR")
-    if job.distill.losses:  # an unresolvable teacher fails here, before data and weights load
-        resolve_teacher(job.distill.teacher, read_record(job.pruned_dir))
+    masks_file = Path(job.pruned_dir) / MASKS_FILE
+    if masks_file.is_file():  # readable, of the model's shapes, and written beside these weights
+        check_masks_file(masks_file, job.pruned_dir, "PRUNED_DIR")
+        check_own_masks(resolve_source(job.pruned_dir).path, "PRUNED_DIR")
+    if job.distill.losses:  # the teacher is found and fits, before data and weights load
+        source, _ = resolve_teacher(job.distill.teacher, read_record(job.pruned_dir))
+        check_teacher_config(source, load_config(job.pruned_dir), job.pruned_dir, job.distill.losses)
+
+
+def _check_not_inputs(job: HealJob) -> None:
+    """Neither the output nor its checkpoints may replace what the heal reads."""
+    from sparseheal.models import input_path
+
+    data = job.training.data if Path(job.training.data).expanduser().exists() else None
+    inputs = {"PRUNED_DIR": job.pruned_dir, "--teacher": input_path(job.distill.teacher), "--data": data}
+    check_not_an_input(job.output, inputs)
+    check_not_an_input(job.checkpoint_dir, inputs)
 
 
 def run_heal(job: HealJob) -> Path:
@@ -140,11 +164,14 @@ def run_heal(job: HealJob) -> Path:
         masks = full_masks(masks)
     _check_sparse(job, masks)
     student = job.healer.prepare(lm, masks, job.training.seed, job.training.gradient_checkpointing)
-    distiller = build_distiller(job.distill, student, job.pruned_dir, pruned_record)
+    distiller = build_distiller(job.distill, student, job.pruned_dir, pruned_record, checked=True)
     with watch("train"):
         summary = trainer.train(student, train_blocks, eval_blocks, job.training, job.compute.device,
                                 job.checkpoint_dir, distiller=distiller, callbacks=job.healer.callbacks(),
                                 recipe=job.recipe)
+    if 0 < summary["steps_run"] <= summary["bad_steps"]:  # nothing learnt: the output would be the input
+        raise StageError("--lr", f"every one of the {summary['steps_run']} steps had a non-finite loss and "
+                                 "was dropped; nothing was written: lower --lr or use float32")
     student = _writer_model(student, job.fsdp)
     if student is None:  # another rank writes
         return Path(job.output)
@@ -198,7 +225,7 @@ def _load_student(job: HealJob, source) -> tuple[torch.nn.Module, Any]:
 
         return load_sharded(job.pruned_dir, job.compute.dtype), load_tokenizer(source)
     lm, tokenizer, _ = load_model(job.pruned_dir, job.compute.dtype, job.compute.device,
-                                  job.trust.trust_remote_code, job.trust.allow_pickle)
+                                  job.trust.trust_remote_code, job.trust.allow_pickle, flag="PRUNED_DIR")
     return lm, tokenizer
 
 

@@ -27,7 +27,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
 
 from sparseheal.checks import above_zero, non_negative, positive
-from sparseheal.errors import ConfigError
+from sparseheal.errors import ConfigError, StageError
 from sparseheal.heal.base import format_rate
 from sparseheal.heal.checkpoints import RECIPE_FILE, resume_point, tokens_at
 from sparseheal.records import peak_rss_mb
@@ -215,8 +215,9 @@ class HealTrainer(Trainer):
         log.warning("step %d: loss is %s; its update is dropped (%d in a row)", self.state.global_step,
                     loss.item(), self._bad_in_a_row)
         if self._bad_in_a_row > self.max_bad_steps:
-            raise RuntimeError(f"training diverged: {self._bad_in_a_row} steps in a row had a non-finite "
-                               f"loss (--max-bad-steps {self.max_bad_steps}); lower --lr or use float32")
+            raise StageError("--max-bad-steps", f"training diverged: {self._bad_in_a_row} steps in a row "
+                             f"had a non-finite loss (--max-bad-steps {self.max_bad_steps}); nothing was "
+                             "written: lower --lr or use float32")
         return loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -344,6 +345,8 @@ def train(
     seconds = (time.perf_counter() - start, time.process_time() - start_cpu)  # wall, CPU of all threads
     eval_metrics = trainer.evaluate() if has_eval else {}
     summary = _summary(trainer, output, eval_metrics, seconds, start_tokens)
+    resumed_at = int(last.name.split("-")[1]) if last is not None else 0
+    summary["steps_run"] = trainer.state.global_step - resumed_at
     log.info("trained %d steps (%d tokens, %.1f tokens/s): loss %.4f -> %.4f%s", summary["steps"],
              summary["tokens_seen"], summary["tokens_per_second"], summary["first_loss"] or float("nan"),
              summary["final_loss"] or float("nan"),

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from sparseheal.checks import check_not_an_input
+from sparseheal.records import output_lock
 from sparseheal.settings import REQUIRED, Settings, Stage, setting
 
 __all__ = ["RUN", "REPORT", "run", "report"]
@@ -45,16 +47,18 @@ def run(built: dict) -> dict:
     Returns:
         The run record; "report" holds the report (its "path" is report.md).
     """
-    from sparseheal.run.recipe import load_recipe, validate_recipe
+    from sparseheal.run.recipe import load_recipe, recipe_inputs, validate_recipe
     from sparseheal.run.report import write_report
     from sparseheal.run.runner import check_run_dir, run_recipe
 
     s = built[RunSettings]
     overrides = {"prune": s.prune, "heal": s.heal, "evaluate": s.evaluate}
     recipe = load_recipe(s.config, s.output, s.model, overrides)
-    check_run_dir(recipe.output)  # where it writes, then what it runs
+    check_not_an_input(recipe.output, recipe_inputs(recipe))  # where it writes, then what it runs
+    check_run_dir(recipe.output)
     validate_recipe(recipe)
-    return run_recipe(recipe, s.force, after=write_report)
+    with output_lock(recipe.output):
+        return run_recipe(recipe, s.force, after=write_report)
 
 
 @REPORT.api()

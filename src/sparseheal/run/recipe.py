@@ -36,6 +36,7 @@ __all__ = [
     "section_defaults",
     "section_fields",
     "validate_recipe",
+    "recipe_inputs",
     "check_run_links",
 ]
 
@@ -46,7 +47,7 @@ STAGES: dict[str, Stage] = {"prune": api.PRUNE, "heal": api.HEAL, "evaluate": ap
 _RUN_KEYS = {
     "prune": {"model", "output", "overwrite"},
     "heal": {"pruned_dir", "output", "overwrite", "resume"},
-    "evaluate": {"model", "adapter", "output"},
+    "evaluate": {"model", "adapter", "output", "overwrite"},
 }
 
 
@@ -169,6 +170,17 @@ def load_recipe(
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError("--output", f"{run_dir} exists and is not a directory")
     return Recipe(model=model, output=run_dir, source=config, **sections)
+
+
+def recipe_inputs(recipe: Recipe) -> list[tuple[str, str | None]]:
+    """What a run reads from outside its directory: the model, the recipe file and the data files."""
+    from sparseheal.models import input_path
+
+    files = [("model", input_path(recipe.model)), ("--config", recipe.source)]
+    named = [("prune.calibration-data", recipe.prune.get("calibration_data")),
+             ("heal.data", recipe.heal.get("data")), ("heal.teacher", input_path(recipe.heal.get("teacher")))]
+    named += [("evaluate.dataset", d) for d in str(recipe.evaluate.get("dataset") or "").split(",")]
+    return files + [(key, path) for key, path in named if path and Path(path).expanduser().exists()]
 
 
 def check_run_links(run_dir: Path) -> None:

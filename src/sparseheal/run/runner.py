@@ -38,12 +38,11 @@ from sparseheal.checks import check_free_space
 from sparseheal.errors import ConfigError
 from sparseheal.heal.checkpoints import checkpoint_dir_for, last_checkpoint
 from sparseheal.models import weights_bytes
-from sparseheal.records import RECORD_FILE, read_record, versions
+from sparseheal.records import RECORD_FILE, read_record, versions, write_json_atomic
 from sparseheal.registry import HEALERS
 from sparseheal.run.recipe import Recipe, check_run_links, section_defaults
 
-__all__ = ["STAGES", "Unit", "plan_units", "decide", "check_run_dir", "run_recipe", "write_json_atomic",
-           "MemorySampler"]
+__all__ = ["STAGES", "Unit", "plan_units", "decide", "check_run_dir", "run_recipe", "MemorySampler"]
 
 log = logging.getLogger(__name__)
 
@@ -107,13 +106,6 @@ class MemorySampler:
         self.cpu_seconds = round(self._cpu() - self._cpu_start, 1)
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             self.peak_gpu_mb = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    """Writes JSON to a temporary sibling and renames it into place."""
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def _filled(section: str, values: dict[str, Any]) -> dict[str, Any]:

