@@ -2,6 +2,7 @@
 
 # The subpackages named like API functions load first, so that the names below stay the functions
 # (importing a subpackage later would otherwise rebind ``sparseheal.heal`` to the package).
+import sparseheal.config  # where ConfigError was first importable from: sparseheal.config.ConfigError
 import sparseheal.evaluate
 import sparseheal.heal
 import sparseheal.run  # noqa: F401
