@@ -151,6 +151,10 @@ def _print_inspect(report: dict) -> int:
         shape = "x".join(map(str, r["shape"]))
         print(f"{r['name']:<48} {shape:<14} {r['sparsity']:>8.4f} {r['nm_detected'] or '-':>5} "
               f"{r.get('nm_violations', '-'):>7} {r.get('mask_violations', '-'):>8}")
+    spread = report.get("layer_sparsity") or {}
+    if spread.get("mode") == "owl":
+        shown = ", ".join(f"{i}: {x:.3f}" for i, x in enumerate(spread["sparsities"]))
+        print(f"owl layer sparsities (M={spread['m']:g}, lambda={spread['lambda']:g}): {shown}")
     print(f"total sparsity {report['total_sparsity']:.4f}; pattern {report['pattern']}; "
           f"N:M violations {report['nm_violations']}; mask violations {report['mask_violations']}; "
           f"{'OK' if report['ok'] else 'FAILED'}")

@@ -65,5 +65,6 @@ def inspect_model(model: nn.Module, record: dict | None, masks_file: str | os.Pa
         "nm_violations": nm_bad if nm is not None else None,
         "mask_violations": mask_bad if masks is not None else None,
         "masks_file": str(masks_file) if masks_file is not None else None,
+        "layer_sparsity": (record or {}).get("layer_sparsity"),  # per decoder layer, as pruned (OWL)
         "ok": nm_bad == 0 and mask_bad == 0,
     }
