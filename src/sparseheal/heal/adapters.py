@@ -20,7 +20,7 @@ from sparseheal.sparsity.store import (
     weights_hash,
 )
 
-__all__ = ["model_masks", "check_adapter_base", "apply_adapter"]
+__all__ = ["model_masks", "check_sparse", "check_adapter_base", "apply_adapter"]
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,15 @@ def model_masks(
     names = [f"{prefix}.{name}" for name in prunable_linears(layers)]
     log.warning("%s has no %s; taking the masks from the zero weights (W != 0)", model_dir, MASKS_FILE)
     return masks_from_zeros(model, names, packed), "zeros"
+
+
+def check_sparse(model_dir: str, masks: dict) -> None:
+    """Refuses a model with nothing pruned: no masks file and no zero weight in its decoder linears."""
+    from sparseheal.sparsity.masks import as_bool
+
+    if not any(bool((~as_bool(m)).any()) for m in masks.values()):
+        raise ConfigError("PRUNED_DIR", f"{model_dir} is not a pruned model: no masks file and no zero "
+                                        "weight in its decoder linears; prune it first (sparseheal prune)")
 
 
 def check_adapter_base(adapter: str | Path, base: str, flag: str = "--adapter") -> dict:

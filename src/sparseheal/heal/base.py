@@ -10,7 +10,9 @@ imported in ``heal/__init__.py``. The pipeline never tests a healer's name; it r
 - ``packed_masks``: whether it wants bit-packed masks (one layer unpacked at a time);
 - ``writes``: what its output holds, for messages;
 - :meth:`output_bytes` (how large the output and checkpoints are), :meth:`validate` (on a weightless
-  skeleton, in the preflight), :meth:`prepare`, :meth:`callbacks` and :meth:`save`.
+  skeleton, in the preflight), :meth:`prepare`, :meth:`callbacks` and :meth:`save`;
+- or, with ``trainer_based = False``, :meth:`run` (its own loop and output) and
+  :meth:`latest_checkpoint` (what ``--resume`` continues from).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ class Healer:
     can_merge: ClassVar[bool] = False
     requires_sparsity: ClassVar[bool] = False
     packed_masks: ClassVar[bool] = False
+    trainer_based: ClassVar[bool] = True  # False: the healer runs its own loop and writes its output (run)
     writes: ClassVar[str] = "a model directory"
 
     def __init__(self, options: Settings | None = None) -> None:
@@ -65,6 +68,16 @@ class Healer:
     def callbacks(self) -> list:
         """Trainer callbacks the healer needs (none by default)."""
         return []
+
+    def latest_checkpoint(self, checkpoint_dir: Path) -> Path | None:
+        """The newest complete checkpoint in ``checkpoint_dir`` (the Trainer's, by default)."""
+        from sparseheal.heal.checkpoints import last_checkpoint
+
+        return last_checkpoint(checkpoint_dir)
+
+    def run(self, job: Any) -> Path:
+        """The whole heal, for a healer that is not ``trainer_based``."""
+        raise NotImplementedError
 
     def save(self, model: nn.Module, tokenizer, out_dir: Path, masks: dict[str, torch.Tensor],
              pattern: str) -> dict:

@@ -32,8 +32,9 @@ from sparseheal.checks import (
 from sparseheal.data import DataSettings, training_split
 from sparseheal.errors import ConfigError, StageError
 from sparseheal.heal import trainer
+from sparseheal.heal.adapters import check_sparse
 from sparseheal.heal.base import HealMethodSettings, refuse_foreign_settings
-from sparseheal.heal.checkpoints import RECIPE_FILE, last_checkpoint
+from sparseheal.heal.checkpoints import RECIPE_FILE
 from sparseheal.heal.distill import DistillSettings, build_distiller, check_teacher_config, resolve_teacher
 from sparseheal.heal.fsdp import FsdpSettings, check_fsdp
 from sparseheal.heal.job import HealJob
@@ -88,7 +89,7 @@ def plan_heal(pruned_dir: str, output: str, overwrite: bool, built: dict[type, S
 
 def _check_checkpoints(job: HealJob, resumable: set[str]) -> None:
     ckpt = job.checkpoint_dir
-    last = last_checkpoint(ckpt)
+    last = job.healer.latest_checkpoint(ckpt)
     resume = job.training.resume
     if resume and last is None:
         raise ConfigError("--resume", f"no checkpoint to resume from in {ckpt}; run without --resume "
@@ -109,7 +110,9 @@ def _check_checkpoints(job: HealJob, resumable: set[str]) -> None:
 
 def check_heal_model(model: str, job: HealJob) -> None:
     """Checks the settings against the model's structure (its config and a weightless skeleton)."""
-    check_positions(load_config(model, job.trust.trust_remote_code), job.training.block_size, "--block-size")
+    if job.healer.trainer_based:  # the Trainer's blocks; a healer of its own loop checks its own lengths
+        check_positions(load_config(model, job.trust.trust_remote_code), job.training.block_size,
+                        "--block-size")
     job.healer.validate(model_skeleton(model, job.trust.trust_remote_code))
 
 
@@ -150,6 +153,8 @@ def run_heal(job: HealJob) -> Path:
     from sparseheal.heal.adapters import model_masks
     from sparseheal.heal.output import write_heal_output
 
+    if not job.healer.trainer_based:  # a healer with a loop of its own (blockwise)
+        return job.healer.run(job)
     watch = Stopwatch()
     source = resolve_source(job.pruned_dir)
     pruned_record = read_record(source.path)
@@ -162,7 +167,8 @@ def run_heal(job: HealJob) -> Path:
         from sparseheal.heal.fsdp import full_masks
 
         masks = full_masks(masks)
-    _check_sparse(job, masks)
+    if job.healer.requires_sparsity:
+        check_sparse(job.pruned_dir, masks)
     student = job.healer.prepare(lm, masks, job.training.seed, job.training.gradient_checkpointing)
     distiller = build_distiller(job.distill, student, job.pruned_dir, pruned_record, checked=True)
     with watch("train"):
@@ -182,19 +188,6 @@ def run_heal(job: HealJob) -> Path:
         shutil.rmtree(job.checkpoint_dir, ignore_errors=True)
     log.info("healed %s with %s -> %s", job.pruned_dir, job.healer.name, job.output)
     return Path(job.output)
-
-
-def _check_sparse(job: HealJob, masks: dict) -> None:
-    """A healer that keeps a sparsity needs one: masks, or zeros in the decoder's linears."""
-    if job.healer.requires_sparsity and not any(bool((~_dense(m)).any()) for m in masks.values()):
-        raise ConfigError("PRUNED_DIR", f"{job.pruned_dir} is not a pruned model: no masks file and no "
-                          "zero weight in its decoder linears; prune it first (sparseheal prune)")
-
-
-def _dense(mask: Any) -> torch.Tensor:
-    from sparseheal.sparsity.masks import as_bool
-
-    return as_bool(mask)
 
 
 def _training_data(job: HealJob, source, pruned_record: dict | None) -> tuple[Any, Any, dict]:

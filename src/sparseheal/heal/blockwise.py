@@ -1,0 +1,317 @@
+"""Block-wise reconstruction healing (``--method blockwise``): one decoder layer at a time.
+
+Following EBFT (Guo et al. 2024, https://arxiv.org/abs/2402.12419), each sparse decoder layer l learns
+to reproduce its dense twin's output, layer after layer, on calibration samples:
+
+    min_{W_l ⊙ M_l}  mean_b || f_l(X̂_l^b; W_l ⊙ M_l) - f_l^dense(X_l^b) ||²
+
+where ``X_l`` are the dense model's own hidden states entering layer l and ``X̂_l`` the sparse model's,
+produced by the layers already healed before it (``X̂_{l+1} = f_l(X̂_l)`` after training). Only that
+layer's weights train (AdamW with the ``--lr``/``--scheduler``/``--warmup-steps``/``--weight-decay``/
+``--max-grad-norm`` of the training settings, ``--epochs`` passes over the samples in batches of
+``--batch-size``, a fresh optimizer and schedule per layer); every pruned weight stays exactly +0.0 by the
+full healer's mechanism (masked gradients, re-masked after each step). Both activation streams live on
+the host; the student layer and its dense twin, built from the teacher's safetensors files one layer at a
+time, are the only layers on the compute device, so the dense model is never resident beside the sparse
+one.
+
+Memory, for L layers of P parameters, N samples of T tokens, width d (float32): host ≈ the sparse model
+(4 L P) + two streams (2 · 4 N T d) + one target batch; device ≈ two layers (2 · 4 P) + AdamW state of
+one layer (12 P) + one batch's activations. Full fine-tuning needs ≈ 17 bytes per trainable parameter of
+the whole model at once.
+
+After each layer its weights go to ``OUTPUT.ckpt/layer-I.safetensors``; ``--resume`` loads the finished
+layers, replays their forward passes (deterministic on the CPU) and continues at the first unfinished
+layer, so the result is bit-identical to an uninterrupted run. The output is a pruned-model directory
+(weights, masks, record naming the dense model), so any healer can run after it.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from sparseheal.checks import positive
+from sparseheal.errors import ConfigError
+from sparseheal.heal.base import Healer
+from sparseheal.heal.checkpoints import RECIPE_FILE
+from sparseheal.heal.full import MaskKeeper
+from sparseheal.models import decoder_layers
+from sparseheal.registry import HEALERS
+from sparseheal.settings import Settings, setting
+
+__all__ = ["BlockwiseSettings", "BlockwiseHealer", "layer_loss", "teacher_tensor_files", "DenseLayers",
+           "run_blockwise", "to_device"]
+
+log = logging.getLogger(__name__)
+
+PROGRESS_FILE = "blockwise_progress.json"
+
+
+@dataclass
+class BlockwiseSettings(Settings):
+    """The calibration draw of ``--method blockwise`` (default: the pruned model's own)."""
+
+    calibration_data: str | None = setting(None, "blockwise: calibration text (default: the pruned model's).")
+    nsamples: int | None = setting(None, "blockwise: calibration samples (default: the pruned model's).",
+                                   check=positive)
+    seqlen: int | None = setting(None, "blockwise: tokens per sample (default: the pruned model's).",
+                                 check=positive)
+    calibration_seed: int | None = setting(None, "blockwise: seed of the calibration draw (default: the "
+                                                 "pruned model's).")
+
+
+def layer_loss(layer: nn.Module, inputs: list, targets: list[torch.Tensor], device: torch.device) -> float:
+    """Mean over batches of MSE(f(X̂_b), Y_b); ``inputs`` holds (hidden (B, T, d), kwargs) pairs."""
+    with torch.no_grad():
+        losses = [F.mse_loss(_forward(layer, x, kw, device).float(), y.to(device).float())
+                  for (x, kw), y in zip(inputs, targets, strict=True)]
+    return float(torch.stack(losses).mean())
+
+
+def _forward(layer: nn.Module, hidden: torch.Tensor, kwargs: dict, device: torch.device) -> torch.Tensor:
+    out = layer(hidden.to(device), **{k: _to(v, device) for k, v in kwargs.items()})
+    return out[0] if isinstance(out, tuple) else out  # (B, T, d)
+
+
+def _to(value: Any, device: torch.device) -> Any:
+    if torch.is_tensor(value):
+        return value.to(device)
+    if isinstance(value, tuple):
+        return tuple(_to(v, device) for v in value)
+    return value
+
+
+def teacher_tensor_files(model_dir: str) -> dict[str, Path]:
+    """Tensor name -> safetensors file of a model directory (read from the files' headers only)."""
+    found: dict[str, Path] = {}
+    for path in sorted(Path(model_dir).glob("*.safetensors")):
+        if path.name == "sparsity_masks.safetensors":
+            continue
+        with safe_open(str(path), framework="pt") as fh:
+            found.update({key: path for key in fh.keys()})
+    return found
+
+
+class DenseLayers:
+    """Builds the dense twin of a decoder layer from the teacher's files, one layer at a time.
+
+    Args:
+        model_dir: the teacher's directory (safetensors weights, same architecture as the student).
+        prefix: the qualified name of the decoder stack (``model.layers``).
+    """
+
+    def __init__(self, model_dir: str, prefix: str) -> None:
+        self.files = teacher_tensor_files(model_dir)
+        self.prefix = prefix
+
+    def check(self, student_layers: nn.ModuleList) -> None:
+        """Refuses a teacher whose decoder layers differ in count or shape (headers only)."""
+        for index, layer in enumerate(student_layers):
+            for name, param in layer.state_dict().items():
+                key = f"{self.prefix}.{index}.{name}"
+                if key not in self.files:
+                    raise ConfigError("--teacher", f"the teacher has no {key}: its layers differ from the "
+                                                   "student's (another depth or architecture)")
+                with safe_open(str(self.files[key]), framework="pt") as fh:
+                    shape = tuple(fh.get_slice(key).get_shape())
+                if shape != tuple(param.shape):
+                    raise ConfigError("--teacher", f"the teacher's {key} has shape {shape}, the student's "
+                                                   f"{tuple(param.shape)}")
+
+    def build(self, student_layer: nn.Module, index: int, device: torch.device) -> nn.Module:
+        """A copy of ``student_layer`` holding the teacher's weights for layer ``index``, on ``device``."""
+        twin = copy.deepcopy(student_layer).to(device)
+        state = {}
+        for name in twin.state_dict():
+            key = f"{self.prefix}.{index}.{name}"
+            with safe_open(str(self.files[key]), framework="pt") as fh:
+                state[name] = fh.get_tensor(key)
+        twin.load_state_dict(state)
+        return twin.eval().requires_grad_(False)
+
+
+@HEALERS.register("blockwise")
+class BlockwiseHealer(Healer):
+    """Trains each sparse decoder layer to reproduce its dense twin (see the module docstring)."""
+
+    settings = BlockwiseSettings
+    defaults = {"lr": 2e-4, "scheduler": "cosine"}
+    requires_sparsity = True
+    trainer_based = False
+    writes = "a pruned model directory with reconstructed layers"
+    options: BlockwiseSettings
+
+    def output_bytes(self, weights: int, checkpoints: int, merged: bool) -> tuple[int, str]:
+        return 2 * weights, "the model's weights, plus the finished layers' checkpoint"
+
+    def latest_checkpoint(self, checkpoint_dir: Path) -> Path | None:
+        path = Path(checkpoint_dir) / PROGRESS_FILE
+        return path if path.is_file() else None
+
+    def run(self, job: Any) -> Path:
+        """Heals ``job.pruned_dir`` into ``job.output`` layer by layer; returns the output."""
+        return run_blockwise(job, self)
+
+    def fit_layer(self, layer: nn.Module, masks: dict[str, torch.Tensor], inputs: list,
+                  targets: list[torch.Tensor], training: Any, index: int, device: torch.device) -> dict:
+        """Trains one layer on (input, target) batches; returns its loss before and after."""
+        from transformers import get_scheduler
+
+        before = layer_loss(layer, inputs, targets, device)
+        keeper = MaskKeeper(layer, masks)
+        keeper.apply()
+        keeper.install_grad_hooks()
+        params = [p for p in layer.parameters()]
+        for p in params:
+            p.requires_grad_(True)
+        steps = max(1, round(training.epochs * len(inputs)))
+        optimizer = torch.optim.AdamW(params, lr=training.lr, weight_decay=training.weight_decay)
+        keeper.attach(optimizer)
+        schedule = get_scheduler(training.scheduler, optimizer, training.warmup_steps, steps)
+        generator = torch.Generator().manual_seed(training.seed * 1_000_003 + index)
+        order = torch.cat([torch.randperm(len(inputs), generator=generator)
+                           for _ in range(math.ceil(steps / len(inputs)))])[:steps]
+        layer.train()
+        for step in tqdm(order.tolist(), desc=f"blockwise: layer {index}", unit="step", leave=False):
+            x, kwargs = inputs[step]
+            # MSE between the sparse layer's output and the dense twin's, on this batch
+            loss = F.mse_loss(_forward(layer, x, kwargs, device).float(), targets[step].to(device).float())
+            loss.backward()  # the keeper's hooks zero the gradients of pruned weights
+            if training.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, training.max_grad_norm)
+            optimizer.step()  # then it re-masks: pruned weights stay exactly +0.0
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+        layer.eval()
+        keeper.remove()
+        for p in params:
+            p.requires_grad_(False)
+        after = layer_loss(layer, inputs, targets, device)
+        return {"index": index, "loss_before": before, "loss_after": after, "steps": steps}
+
+
+def save_layer(layer: nn.Module, checkpoint_dir: Path, index: int, result: dict, recipe: dict) -> None:
+    """Writes a finished layer's weights, then the progress file that names it (the last write)."""
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in layer.state_dict().items()}
+    save_file(state, str(checkpoint_dir / f"layer-{index}.safetensors"))
+    progress_path = checkpoint_dir / PROGRESS_FILE
+    progress = json.loads(progress_path.read_text()) if progress_path.is_file() else {"layers": []}
+    progress["layers"] = [r for r in progress["layers"] if r["index"] < index] + [result]
+    progress.update(recipe=recipe, updated=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    tmp = progress_path.with_name(progress_path.name + ".partial")
+    tmp.write_text(json.dumps(progress, indent=2) + "\n")
+    tmp.replace(progress_path)
+
+
+def load_progress(checkpoint_dir: Path) -> list[dict]:
+    path = checkpoint_dir / PROGRESS_FILE
+    return json.loads(path.read_text())["layers"] if path.is_file() else []
+
+
+def _calibration(job: Any, options: BlockwiseSettings, pruned_record: dict,
+                 tokenizer) -> tuple[torch.Tensor, dict]:
+    """The (N, T) calibration tokens: the pruned model's own draw unless the settings say otherwise."""
+    from sparseheal.data import calibration_samples, load_documents
+
+    recorded = (pruned_record or {}).get("calibration") or {}
+    spec = {"source": options.calibration_data or recorded.get("source", "c4"),
+            "nsamples": options.nsamples or recorded.get("nsamples", 128),
+            "seqlen": options.seqlen or recorded.get("seqlen", 2048),
+            "seed": recorded.get("seed", 0) if options.calibration_seed is None else options.calibration_seed}
+    docs = load_documents(spec["source"], "train", job.data_dir, "--calibration-data")
+    return calibration_samples(docs, tokenizer, spec["nsamples"], spec["seqlen"], spec["seed"]), spec
+
+
+def _layer_masks(masks: dict, prefix: str) -> dict[str, torch.Tensor]:
+    from sparseheal.sparsity.masks import as_bool
+
+    return {name[len(prefix):]: as_bool(mask) for name, mask in masks.items() if name.startswith(prefix)}
+
+
+def to_device(layer: nn.Module, device: torch.device) -> nn.Module:
+    """Moves a layer to the compute device (one place, so that tests can count the layers there)."""
+    return layer.to(device)
+
+
+def run_blockwise(job: Any, healer: BlockwiseHealer) -> Path:
+    """The block-wise heal: calibration stream -> per layer, dense target, fit, next stream -> output."""
+    from sparseheal.heal.adapters import check_sparse, model_masks
+    from sparseheal.heal.distill import resolve_teacher
+    from sparseheal.heal.output import write_blockwise_output
+    from sparseheal.models import default_device, load_model, resolve_source
+    from sparseheal.records import Stopwatch, read_record
+    from sparseheal.sparsity.calibrate import capture_layer_inputs
+
+    watch, source = Stopwatch(), resolve_source(job.pruned_dir)
+    pruned_record = read_record(source.path) or {}
+    teacher, _ = resolve_teacher(job.distill.teacher, pruned_record)
+    lm, tokenizer, _ = load_model(job.pruned_dir, job.compute.dtype, "cpu", job.trust.trust_remote_code,
+                                  job.trust.allow_pickle, flag="PRUNED_DIR")
+    prefix, layers = decoder_layers(lm)
+    dense = DenseLayers(teacher.path, prefix)
+    dense.check(layers)
+    masks, mask_source = model_masks(lm, source.path, "PRUNED_DIR")
+    check_sparse(job.pruned_dir, masks)
+    device = torch.device(job.compute.device or default_device())
+    tokens, spec = _calibration(job, healer.options, pruned_record, tokenizer)
+    sparse_stream = capture_layer_inputs(lm, layers[0], tokens, job.training.batch_size, torch.device("cpu"))
+    dense_stream = [(x.clone(), kw) for x, kw in sparse_stream]  # the embeddings are the dense model's
+    done = load_progress(job.checkpoint_dir) if job.training.resume else []
+    if not job.training.resume:  # a fresh start: what a later --resume is checked against
+        shutil.rmtree(job.checkpoint_dir, ignore_errors=True)
+        job.checkpoint_dir.mkdir(parents=True)
+        (job.checkpoint_dir / RECIPE_FILE).write_text(json.dumps(job.recipe, indent=2) + "\n")
+    streams = {"dense": dense_stream, "sparse": sparse_stream}
+    with watch("layers"):
+        results = [_heal_layer(healer, job, layer, i, dense, streams, masks, f"{prefix}.{i}.", done, device)
+                   for i, layer in enumerate(layers)]
+    context = {"source": source, "pruned_record": pruned_record, "masks": masks, "mask_source": mask_source,
+               "teacher": teacher, "calibration": spec, "layers": results}
+    out = write_blockwise_output(job, lm, tokenizer, context, watch)
+    shutil.rmtree(job.checkpoint_dir, ignore_errors=True)  # the finished layers are in the output now
+    return out
+
+
+def _heal_layer(healer: BlockwiseHealer, job: Any, layer: nn.Module, index: int, dense: DenseLayers,
+                streams: dict, masks: dict, prefix: str, done: list[dict], device: torch.device) -> dict:
+    """Layer ``index``: its dense targets, then its fit (or its finished weights), then the next inputs."""
+    twin = dense.build(layer, index, device)
+    with torch.no_grad():  # the dense twin's outputs: this layer's targets and the next dense input
+        targets = [_forward(twin, x, kw, device).cpu() for x, kw in streams["dense"]]
+    del twin
+    streams["dense"] = [(y, kw) for y, (_, kw) in zip(targets, streams["dense"], strict=True)]
+    to_device(layer, device)
+    if index < len(done):  # finished before an interruption: its healed weights, as trained
+        layer.load_state_dict(load_file_state(job.checkpoint_dir / f"layer-{index}.safetensors"))
+        result = done[index]
+    else:
+        result = healer.fit_layer(layer, _layer_masks(masks, prefix), streams["sparse"], targets,
+                                  job.training, index, device)
+        save_layer(layer, job.checkpoint_dir, index, result, job.recipe)
+    with torch.no_grad():  # the healed layer's outputs feed the next sparse layer
+        streams["sparse"] = [(_forward(layer, x, kw, device).cpu(), kw) for x, kw in streams["sparse"]]
+    layer.to("cpu")
+    log.info("blockwise layer %d: MSE %.6g -> %.6g", index, result["loss_before"], result["loss_after"])
+    return result
+
+
+def load_file_state(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
