@@ -253,7 +253,6 @@ def run_blockwise(job: Any, healer: BlockwiseHealer) -> Path:
     """The block-wise heal: calibration stream -> per layer, dense target, fit, next stream -> output."""
     from sparseheal.heal.adapters import check_sparse, model_masks
     from sparseheal.heal.distill import resolve_teacher
-    from sparseheal.heal.output import write_blockwise_output
     from sparseheal.models import default_device, load_model, resolve_source
     from sparseheal.records import Stopwatch, read_record
     from sparseheal.sparsity.calibrate import capture_layer_inputs
@@ -309,6 +308,45 @@ def _heal_layer(healer: BlockwiseHealer, job: Any, layer: nn.Module, index: int,
     layer.to("cpu")
     log.info("blockwise layer %d: MSE %.6g -> %.6g", index, result["loss_before"], result["loss_after"])
     return result
+
+
+def write_blockwise_output(job: Any, lm, tokenizer, ctx: dict, watch: Any) -> Path:
+    """A pruned-model directory with the reconstructed layers: weights, masks, record naming the dense
+    model (so that a later heal finds its teacher), written atomically."""
+    from sparseheal.checks import MASKS_FILE
+    from sparseheal.errors import StageError
+    from sparseheal.heal.full import verify_saved_masks
+    from sparseheal.heal.output import check_finite_weights
+    from sparseheal.models import save_model, source_hash
+    from sparseheal.records import atomic_dir, peak_rss_mb, write_record
+    from sparseheal.sparsity.masks import as_bool, sparsity_of
+    from sparseheal.sparsity.store import save_masks, weights_hash
+
+    pruned, teacher = ctx["pruned_record"], ctx["teacher"]
+    modules = dict(lm.named_modules())
+    with atomic_dir(job.output, job.overwrite) as tmp, watch("save"):
+        save_model(lm, tokenizer, tmp)
+        check_finite_weights(tmp)
+        weights = weights_hash(tmp)
+        save_masks(ctx["masks"], tmp / MASKS_FILE, {"pattern": pruned.get("pattern", "unstructured"),
+                                                    "weights_hash": weights})
+        verification = verify_saved_masks(tmp, {n: as_bool(m) for n, m in ctx["masks"].items()})
+        if not verification["ok"]:
+            raise StageError("--lr", f"{verification['mask_violations']} pruned weights are not +0.0; "
+                                     "nothing was written")
+        keep = ("method", "pattern", "sparsity", "layer_sparsity", "pruned_parameters", "prunable_parameters")
+        record = {"stage": "heal", **{k: pruned.get(k) for k in keep}, "heal_method": job.healer.name,
+                  "base_model": teacher.name, "base_path": teacher.path,
+                  "base_hash": source_hash(teacher), "pruned_from": job.pruned_dir, "weights_hash": weights,
+                  "calibration": ctx["calibration"], "masks_from": ctx["mask_source"],
+                  "layers": {n: round(sparsity_of(modules[n].weight), 6) for n in ctx["masks"]},
+                  "sparsity_achieved": pruned.get("sparsity_achieved"), "mask_verification": verification,
+                  "blockwise": {"layers": ctx["layers"], "epochs": job.training.epochs, "lr": job.training.lr,
+                                "batch_size": job.training.batch_size, "scheduler": job.training.scheduler},
+                  "recipe": job.recipe, "timings": watch.times, "peak_rss_mb": round(peak_rss_mb(), 1),
+                  "previous": pruned}
+        write_record(tmp, record)
+    return Path(job.output)
 
 
 def load_file_state(path: Path) -> dict[str, torch.Tensor]:

@@ -20,7 +20,7 @@ from sparseheal.heal.trainer import LOG_FILE
 from sparseheal.records import Stopwatch, atomic_dir, write_record
 from sparseheal.sparsity.store import stamp_masks, weights_hash
 
-__all__ = ["write_heal_output", "write_blockwise_output", "check_finite_weights"]
+__all__ = ["write_heal_output", "check_finite_weights"]
 
 
 def check_finite_weights(directory: Path) -> None:
@@ -89,39 +89,3 @@ def _heal_record(job: HealJob, ctx: dict, extra: dict, watch: Stopwatch, base_ha
         "wall_seconds": round(sum(watch.times.values()), 3),
         "previous": pruned_record,
     }
-
-
-def write_blockwise_output(job: HealJob, lm, tokenizer, ctx: dict, watch: Stopwatch) -> Path:
-    """A pruned-model directory with the reconstructed layers: weights, masks, record naming the dense
-    model (so that a later heal finds its teacher), written atomically."""
-    from sparseheal.heal.full import verify_saved_masks
-    from sparseheal.models import save_model, source_hash
-    from sparseheal.records import peak_rss_mb
-    from sparseheal.sparsity.masks import as_bool, sparsity_of
-    from sparseheal.sparsity.store import save_masks
-
-    pruned, teacher = ctx["pruned_record"], ctx["teacher"]
-    modules = dict(lm.named_modules())
-    with atomic_dir(job.output, job.overwrite) as tmp, watch("save"):
-        save_model(lm, tokenizer, tmp)
-        check_finite_weights(tmp)
-        weights = weights_hash(tmp)
-        save_masks(ctx["masks"], tmp / MASKS_FILE, {"pattern": pruned.get("pattern", "unstructured"),
-                                                    "weights_hash": weights})
-        verification = verify_saved_masks(tmp, {n: as_bool(m) for n, m in ctx["masks"].items()})
-        if not verification["ok"]:
-            raise StageError("--lr", f"{verification['mask_violations']} pruned weights are not +0.0; "
-                                     "nothing was written")
-        keep = ("method", "pattern", "sparsity", "layer_sparsity", "pruned_parameters", "prunable_parameters")
-        record = {"stage": "heal", **{k: pruned.get(k) for k in keep}, "heal_method": job.healer.name,
-                  "base_model": teacher.name, "base_path": teacher.path,
-                  "base_hash": source_hash(teacher), "pruned_from": job.pruned_dir, "weights_hash": weights,
-                  "calibration": ctx["calibration"], "masks_from": ctx["mask_source"],
-                  "layers": {n: round(sparsity_of(modules[n].weight), 6) for n in ctx["masks"]},
-                  "sparsity_achieved": pruned.get("sparsity_achieved"), "mask_verification": verification,
-                  "blockwise": {"layers": ctx["layers"], "epochs": job.training.epochs, "lr": job.training.lr,
-                                "batch_size": job.training.batch_size, "scheduler": job.training.scheduler},
-                  "recipe": job.recipe, "timings": watch.times, "peak_rss_mb": round(peak_rss_mb(), 1),
-                  "previous": pruned}
-        write_record(tmp, record)
-    return Path(job.output)
