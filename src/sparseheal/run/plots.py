@@ -11,7 +11,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-__all__ = ["loss_curves", "moving_average", "plot_loss", "plot_sparsity", "plot_perplexity", "plot_zeroshot"]
+__all__ = ["loss_curves", "moving_average", "plot_loss", "plot_layer_losses", "plot_sparsity",
+           "plot_perplexity", "plot_zeroshot"]
 
 _COLORS = {"dense": "#4c72b0", "pruned": "#c44e52", "healed": "#55a868", "merged": "#8172b2"}
 _LAYER_RE = re.compile(r"\.(\d+)\.")
@@ -72,6 +73,24 @@ def plot_loss(log_lines: list[dict], path: Path, title: str) -> Path | None:
                 color="#dd8452")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("cross-entropy loss (nats / token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save(fig, path)
+
+
+def plot_layer_losses(layers: list[dict], path: Path, title: str) -> Path | None:
+    """Block-wise healing: each decoder layer's reconstruction MSE before and after its training."""
+    if not layers:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    index = [r["index"] for r in layers]
+    ax.plot(index, [r["loss_before"] for r in layers], marker="o", markersize=3, label="before (pruned)")
+    ax.plot(index, [r["loss_after"] for r in layers], marker="s", markersize=3, label="after (healed)")
+    ax.set_yscale("log")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("decoder layer")
+    ax.set_ylabel("MSE to the dense layer's output, log scale")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()

@@ -85,6 +85,7 @@ def _sparsity(pruned: dict, healed: dict, merged: dict) -> dict:
                "count": len(values)} if values else {}
     return {
         "method": pruned.get("method"), "pattern": pruned.get("pattern"), "target": pruned.get("sparsity"),
+        "layer_sparsity": (pruned.get("layer_sparsity") or {}).get("mode", "uniform"),
         "achieved": pruned.get("sparsity_achieved"), "pruned_parameters": pruned.get("pruned_parameters"),
         "prunable_parameters": pruned.get("prunable_parameters"), "layers": summary,
         "healed_mask_check": (healed.get("mask_verification") or {}).get("ok"),
@@ -180,6 +181,7 @@ def build_report(run_dir: str | Path) -> dict[str, Any]:
         "commands": commands(run_dir, run_record),
         "train_log": _read_log(run_dir / "healed" / "train_log.jsonl"),
         "layers": pruned.get("layers") or {},
+        "layer_losses": (healed.get("blockwise") or {}).get("layers") or [],
     }
 
 
@@ -307,7 +309,10 @@ def _plots(report: dict, run_dir: Path) -> dict[str, str]:
             f"Healing ({report['healing'].get('method')}) of {model}"),
         "per-layer sparsity": plots.plot_sparsity(
             report["layers"], s["target"], run_dir / "sparsity.png",
-            f"Per-layer sparsity of {model}: {s['method']} {s['pattern']}, {_pct(s['achieved'], 2)} overall"),
+            f"Per-layer sparsity of {model}: {s['method']} {s['pattern']} ({s['layer_sparsity']} layers), "
+            f"{_pct(s['achieved'], 2)} overall"),
+        "per-layer reconstruction loss": plots.plot_layer_losses(
+            report["layer_losses"], run_dir / "layer_losses.png", f"Block-wise healing of {model}"),
         "perplexity": plots.plot_perplexity(
             {d: {m: row[m] for m in MODELS if m in row} for d, row in report["perplexity"].items()},
             run_dir / "perplexity.png", f"Perplexity of {model}"),
