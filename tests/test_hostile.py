@@ -152,7 +152,8 @@ def test_a_truncated_weights_file_is_refused(own_copy, capsys, command, tmp_path
 @pytest.mark.parametrize("command", ["prune", "inspect"])
 def test_a_directory_without_weights_is_refused(own_copy, capsys, command, tmp_path):
     (own_copy / "model.safetensors").unlink()
-    argv = ["inspect", own_copy] if command == "inspect" else ["prune", own_copy, "-o", tmp_path / "o"]
+    argv = ["inspect", own_copy] if command == "inspect" else ["prune", own_copy, "-o", tmp_path / "o",
+                                                               "--nsamples", "2", "--seqlen", "32"]
     _refused(argv, capsys, "MODEL", "has no weights", inputs=(own_copy,))
 
 

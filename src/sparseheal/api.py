@@ -134,8 +134,8 @@ def _prune_preflight(built: dict) -> Settings | None:
     check_output(io.output, built[Overwrite].overwrite)
     calibration_file = calibration.calibration_data if how.pruner.needs_calibration else None
     check_not_an_input(io.output, {"MODEL": input_path(io.model), "--calibration-data": calibration_file})
+    check_prune_model(io.model, how, calibration)  # the config first: a broken one says so
     check_weight_files(input_path(io.model) if Path(io.model).is_dir() else None, "MODEL")
-    check_prune_model(io.model, how, calibration)
     check_free_space(io.output, weights_bytes(io.model), "the size of the model's weight files")
     return options
 

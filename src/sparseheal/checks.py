@@ -212,9 +212,9 @@ def check_not_an_input(output: str | os.PathLike, inputs: Inputs, flag: str = "-
                                 f"writes over its inputs: choose another {flag}")
 
 
-def check_safetensors(path: str | os.PathLike, flag: str) -> None:
-    """Refuses a safetensors file whose header is unreadable or whose data ends before the last tensor
-    the header lists (a file cut short), without reading any tensor."""
+def check_safetensors(path: str | os.PathLike, flag: str, what: str = "safetensors file") -> None:
+    """Refuses a safetensors file (``what`` names it) whose header is unreadable or whose data ends before
+    the last tensor the header lists (a file cut short), without reading any tensor."""
     path = Path(path)
     size = path.stat().st_size
     try:
@@ -225,11 +225,11 @@ def check_safetensors(path: str | os.PathLike, flag: str) -> None:
             header = json.loads(fh.read(length))
         ends = [int(entry["data_offsets"][1]) for key, entry in header.items() if key != "__metadata__"]
     except (ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError) as err:
-        raise ConfigError(flag, f"{path} is not a readable safetensors file ({_reason(err)})") from err
+        raise ConfigError(flag, f"{path} is not a readable {what} ({_reason(err)})") from err
     if 8 + length + max(ends, default=0) > size:
         needed = 8 + length + max(ends)
-        raise ConfigError(flag, f"{path} is cut short: its header lists {needed} bytes, the file has {size}; "
-                                "copy or download it again")
+        raise ConfigError(flag, f"{path} ({what}) is cut short: its header lists {needed} bytes, the file "
+                                f"has {size}; copy or download it again")
 
 
 def check_weight_files(model_dir: str | os.PathLike | None, flag: str, stem: str = "") -> None:

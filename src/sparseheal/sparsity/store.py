@@ -73,10 +73,7 @@ def load_masks(
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Loads keep-masks (bool tensors by module name, or :class:`PackedMask` with ``packed``, an eighth
     of the memory) and the file's metadata; a damaged file is a ConfigError naming ``flag``."""
-    try:
-        check_safetensors(path, flag)
-    except ConfigError as err:
-        raise ConfigError(flag, f"not a readable masks file: {err.message}") from err
+    check_safetensors(path, flag, "masks file")
     try:
         with safe_open(str(path), framework="pt") as fh:
             meta = fh.metadata() or {}
