@@ -21,9 +21,10 @@ BLOCK = dict(method="blockwise", epochs=3, lr=1e-3, device="cpu")
 
 
 @pytest.fixture(scope="module")
-def pruned(llama_dir, tmp_path_factory):
+def pruned(llama_dir, data_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("bw") / "pruned"
-    return sparseheal.prune(str(llama_dir), str(out), method="wanda", sparsity=0.7, nsamples=4, seqlen=32)
+    return sparseheal.prune(str(llama_dir), str(out), method="wanda", sparsity=0.7, nsamples=4, seqlen=32,
+                            data_dir=str(data_dir))
 
 
 def _violations(model_dir) -> int:

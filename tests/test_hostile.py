@@ -58,10 +58,10 @@ def pruned(llama_dir, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def adapter(pruned, tmp_path_factory) -> Path:
+def adapter(pruned, data_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("a") / "adapter"
     return sparseheal.heal(str(pruned), str(out), block_size=32, max_steps=1, max_eval_samples=2,
-                           device="cpu")
+                           device="cpu", data_dir=str(data_dir))
 
 
 @pytest.fixture()

@@ -26,12 +26,13 @@ def engine_weight_files(model_dir: Path) -> list[Path]:
 
 
 @pytest.fixture(scope="module")
-def written(llama_dir, tmp_path_factory) -> dict[str, Path]:
+def written(llama_dir, data_dir, tmp_path_factory) -> dict[str, Path]:
     """A pruned, a fully healed and a masked-merged directory, as the commands write them."""
     tmp = tmp_path_factory.mktemp("serve")
     pruned = sparseheal.prune(str(llama_dir), str(tmp / "pruned"), method="magnitude")
-    full = sparseheal.heal(str(pruned), str(tmp / "full"), method="full", **HEAL)
-    adapter = sparseheal.heal(str(pruned), str(tmp / "lora"), method="lora", merge="masked", **HEAL)
+    heal = {**HEAL, "data_dir": str(data_dir)}  # a module fixture runs before the test's own environment
+    full = sparseheal.heal(str(pruned), str(tmp / "full"), method="full", **heal)
+    adapter = sparseheal.heal(str(pruned), str(tmp / "lora"), method="lora", merge="masked", **heal)
     merged = sparseheal.merge(str(adapter), str(tmp / "merged"), eval_windows=0)
     return {"pruned": pruned, "full": full, "merged": merged, "heal-merged": adapter / "merged"}
 
