@@ -49,12 +49,12 @@ from sparseheal.checks import positive
 from sparseheal.errors import ConfigError
 from sparseheal.heal.base import Healer
 from sparseheal.heal.checkpoints import RECIPE_FILE
-from sparseheal.heal.full import MaskKeeper
+from sparseheal.heal.full import MaskKeeper, weight_files
 from sparseheal.models import decoder_layers
 from sparseheal.registry import HEALERS
 from sparseheal.settings import Settings, setting
 
-__all__ = ["BlockwiseSettings", "BlockwiseHealer", "layer_loss", "teacher_tensor_files", "DenseLayers",
+__all__ = ["BlockwiseSettings", "BlockwiseHealer", "layer_loss", "DenseLayers",
            "run_blockwise", "to_device"]
 
 log = logging.getLogger(__name__)
@@ -96,17 +96,6 @@ def _to(value: Any, device: torch.device) -> Any:
     return value
 
 
-def teacher_tensor_files(model_dir: str) -> dict[str, Path]:
-    """Tensor name -> safetensors file of a model directory (read from the files' headers only)."""
-    found: dict[str, Path] = {}
-    for path in sorted(Path(model_dir).glob("*.safetensors")):
-        if path.name == "sparsity_masks.safetensors":
-            continue
-        with safe_open(str(path), framework="pt") as fh:
-            found.update({key: path for key in fh.keys()})
-    return found
-
-
 class DenseLayers:
     """Builds the dense twin of a decoder layer from the teacher's files, one layer at a time.
 
@@ -116,7 +105,7 @@ class DenseLayers:
     """
 
     def __init__(self, model_dir: str, prefix: str) -> None:
-        self.files = teacher_tensor_files(model_dir)
+        self.files = weight_files(Path(model_dir))  # tensor name -> file, from the headers
         self.prefix = prefix
 
     def check(self, student_layers: nn.ModuleList) -> None:

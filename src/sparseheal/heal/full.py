@@ -56,6 +56,7 @@ __all__ = [
     "MaskKeeper",
     "MaskCallback",
     "verify_saved_masks",
+    "weight_files",
     "FullHealer",
 ]
 
@@ -195,7 +196,7 @@ class MaskCallback(TrainerCallback):
         self.keeper.apply()
 
 
-def _weight_files(model_dir: Path) -> dict[str, Path]:
+def weight_files(model_dir: Path) -> dict[str, Path]:
     """Maps each tensor name of a saved HF directory to its safetensors file."""
     found: dict[str, Path] = {}
     for path in sorted(model_dir.glob("*.safetensors")):
@@ -213,7 +214,7 @@ def verify_saved_masks(model_dir: str | os.PathLike, masks: dict[str, torch.Tens
         {"ok", "mask_violations" (pruned positions not +0.0), "negative_zeros" (of those, -0.0),
         "pruned_parameters", "layers_checked"}
     """
-    files = _weight_files(Path(model_dir))
+    files = weight_files(Path(model_dir))
     violations = negative = pruned_total = 0
     for name, mask in masks.items():
         key = f"{name}.weight"
