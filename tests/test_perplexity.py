@@ -91,3 +91,15 @@ def test_low_precision_dtype_recorded(llama_dir, lm_and_tokens):
     lm, _, _ = load_model(str(llama_dir), dtype="bfloat16", device="cpu")
     result = perplexity(lm, tokens, "wikitext2", 32, max_windows=2)
     assert result.dtype == "bfloat16" and math.isfinite(result.ppl)
+
+
+def test_window_loss_in_chunks_equals_one_call_bit_for_bit(monkeypatch):
+    import torch.nn.functional as F
+
+    from sparseheal.evaluate import perplexity as module
+
+    logits = torch.randn(3, 40, 96, generator=torch.Generator().manual_seed(1))  # (B, T, V)
+    inputs = torch.randint(0, 96, (3, 40), generator=torch.Generator().manual_seed(2))
+    whole = F.cross_entropy(logits[:, :-1].reshape(-1, 96), inputs[:, 1:].reshape(-1), reduction="none")
+    monkeypatch.setattr(module, "_CHUNK_BYTES", 4 * 96 * 7)  # 7 rows per call: 17 calls, the last one short
+    assert torch.equal(module._window_loss(logits, inputs), whole.view(3, 39).mean(dim=1))

@@ -28,6 +28,9 @@ class LinearPruner:
     Attributes:
         needs_calibration: whether the driver must feed layer inputs through ``add_batch``.
         settings: the method's own settings group (None when it has no options).
+        statistics: the attributes ``add_batch`` accumulates. Linears that read the same input (q, k and
+            v; gate and up) then share one accumulation: the driver feeds one of them and the others
+            ``adopt`` its statistics. Empty: every linear is fed its own.
 
     Args:
         module: the linear layer (nn.Linear or GPT-2's Conv1D).
@@ -37,6 +40,7 @@ class LinearPruner:
     name: ClassVar[str]  # set by the registration
     needs_calibration: ClassVar[bool] = True
     settings: ClassVar[type[Settings] | None] = None
+    statistics: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, module: nn.Module, options: Settings | None = None) -> None:
         self.module = module
@@ -44,6 +48,13 @@ class LinearPruner:
 
     def add_batch(self, inputs: torch.Tensor) -> None:
         """Accumulates statistics of a batch of layer inputs, shaped (B, T, in)."""
+
+    def adopt(self, other: LinearPruner) -> None:
+        """Takes the statistics ``other`` accumulated from the same inputs (tensors copied, so that each
+        pruner may consume its own)."""
+        for attr in self.statistics:
+            value = getattr(other, attr)
+            setattr(self, attr, value.clone() if isinstance(value, torch.Tensor) else value)
 
     def select(self, weight: torch.Tensor, nm: tuple[int, int] | None, sparsity: float) -> torch.Tensor:
         """Returns the (out, in) keep-mask for ``weight``; may update kept weights in place."""

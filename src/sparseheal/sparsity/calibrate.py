@@ -1,13 +1,18 @@
 """The layer-by-layer driver shared by every pruning method.
 
 Captures the inputs of the first decoder layer for all calibration samples, then for each layer:
-collects statistics for all its linears from the dense layer (forward hooks), prunes them, recomputes
-the layer's outputs with the pruned layer and passes them on as the next layer's inputs. Samples go
-through each layer in batches; only the current layer needs to be on the compute device.
+collects statistics for all its linears from the dense layer (forward pre-hooks), prunes them,
+recomputes the layer's outputs with the pruned layer and passes them on as the next layer's inputs.
+Samples go through each layer in batches; only the current layer needs to be on the compute device.
+
+No work whose result is unused: the statistics pass stops each layer's forward at its last linear's
+input, linears that read one input share one statistic (see ``LinearPruner.statistics``), and the
+last layer's pruned outputs are not computed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -88,16 +93,57 @@ def run_layer(layer: nn.Module, batches: list[tuple[torch.Tensor, dict]], in_pla
             hidden.copy_(out[0] if isinstance(out, tuple) else out)
 
 
-def _collect_statistics(layer: nn.Module, pruners: dict[str, LinearPruner], batches: list) -> None:
-    def make_hook(pruner: LinearPruner) -> Callable:
-        return lambda _m, inputs, _out: pruner.add_batch(inputs[0].detach())
+class _Feeder:
+    """Forward pre-hooks on a layer's linears that feed each distinct input to one pruner.
 
-    handles = [pruner.module.register_forward_hook(make_hook(pruner)) for pruner in pruners.values()]
+    Within one batch a linear whose input tensor is the very object an earlier linear received (q, k and
+    v read the same normed hidden states; gate and up likewise) is not fed: after the pass it adopts
+    the statistics of that earlier linear. Once every linear has received its input the layer's forward
+    is stopped, so the last linear's product and the rest of the layer (whose outputs nothing reads:
+    they are recomputed after pruning) are never computed.
+    """
+
+    def __init__(self, pruners: dict[str, LinearPruner], share: bool) -> None:
+        self.pruners, self.share = pruners, share
+        self.batch: list[tuple[torch.Tensor, str, str]] = []  # (input, linear, linear fed): inputs are held
+        # for the whole batch, so an `is` comparison never meets a freed tensor's reused identity
+        self.leaders: dict[str, str] | None = None  # follower -> the linear it shares an input with
+
+    def hook(self, name: str) -> Callable:
+        def feed(_module: nn.Module, inputs: tuple) -> None:
+            x = inputs[0]
+            same = next((fed for seen, _, fed in self.batch if seen is x), None) if self.share else None
+            self.batch.append((x, name, name if same is None else same))
+            if same is None:
+                self.pruners[name].add_batch(x.detach())
+            if len({fed_name for _, fed_name, _ in self.batch}) == len(self.pruners):
+                raise _StopForward
+        return feed
+
+    def end_batch(self) -> None:
+        """Checks that every batch groups the linears alike (the adopted statistics cover every batch)."""
+        leaders = {name: fed for _x, name, fed in self.batch if fed != name}
+        if self.leaders is not None and leaders != self.leaders:
+            raise RuntimeError(f"linears shared inputs differently between batches: {self.leaders} against "
+                               f"{leaders}")
+        self.leaders, self.batch = leaders, []
+
+
+def _collect_statistics(layer: nn.Module, pruners: dict[str, LinearPruner], batches: list) -> None:
+    """Feeds every calibration batch through ``layer`` (up to its last linear) to the pruners' statistics."""
+    share = all(bool(p.statistics) for p in pruners.values())
+    feeder = _Feeder(pruners, share)
+    handles = [p.module.register_forward_pre_hook(feeder.hook(name)) for name, p in pruners.items()]
     try:
-        run_layer(layer, batches)
+        for hidden, kwargs in batches:
+            with contextlib.suppress(_StopForward):
+                layer(hidden, **kwargs)
+            feeder.end_batch()
     finally:
         for handle in handles:
             handle.remove()
+    for follower, leader in (feeder.leaders or {}).items():
+        pruners[follower].adopt(pruners[leader])
 
 
 def _stack_parent(model: nn.Module, stack_name: str) -> tuple[nn.Module, str]:
@@ -149,7 +195,6 @@ def prune_model(
     """
     stack_name, layers = decoder_layers(model)
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    masks: dict[str, PackedMask] = {}
     batches = None
     if pruner_cls.needs_calibration:
         if tokens is None:
@@ -158,19 +203,28 @@ def prune_model(
             _move_all_but_layers(model, stack_name, device)
         batches = capture_layer_inputs(model, layers[0], tokens, batch_size, device)
     home = next(layers[0].parameters()).device
+    masks: dict[str, PackedMask] = {}
     for index, layer in enumerate(tqdm(layers, desc="pruning layers", unit="layer")):
         layer.to(device)
-        pruners = {name: pruner_cls(mod, options) for name, mod in prunable_linears(layer).items()}
-        if batches is not None:
-            _collect_statistics(layer, pruners, batches)
-        for name, pruner in pruners.items():
-            ratio = sparsity if layer_sparsity is None else layer_sparsity[index]
-            masks[f"{stack_name}.{index}.{name}"] = PackedMask.pack(pruner.prune(nm, ratio))
-        del pruners
-        if batches is not None:
+        ratio = sparsity if layer_sparsity is None else layer_sparsity[index]
+        for name, mask in _prune_layer(layer, pruner_cls, options, batches, nm, ratio).items():
+            masks[f"{stack_name}.{index}.{name}"] = mask
+        if batches is not None and index < len(layers) - 1:  # the last layer's outputs feed nothing
             run_layer(layer, batches, in_place=True)
         if offload:
             layer.to(home)
     if offload:
         model.to(home)
+    return masks
+
+
+def _prune_layer(layer: nn.Module, pruner_cls: type[LinearPruner], options: Settings | None,
+                 batches: list | None, nm: tuple[int, int] | None, sparsity: float) -> dict[str, PackedMask]:
+    """Prunes every linear of one decoder layer (statistics from ``batches`` first) and packs its masks."""
+    pruners = {name: pruner_cls(mod, options) for name, mod in prunable_linears(layer).items()}
+    if batches is not None:
+        _collect_statistics(layer, pruners, batches)
+    masks = {}
+    for name in list(pruners):
+        masks[name] = PackedMask.pack(pruners.pop(name).prune(nm, sparsity))  # statistics freed as we go
     return masks

@@ -117,6 +117,7 @@ class SparseGPTPruner(LinearPruner):
     """Accumulates ``H = 2/n sum x x^T`` in float32, then prunes with reconstruction."""
 
     settings = SparseGPTSettings
+    statistics = ("hessian", "tokens")
 
     def __init__(self, module: torch.nn.Module, options: SparseGPTSettings | None = None) -> None:
         super().__init__(module, options or SparseGPTSettings())

@@ -34,6 +34,8 @@ def wanda_scores(weight: torch.Tensor, mean_sq_input: torch.Tensor) -> torch.Ten
 class WandaPruner(LinearPruner):
     """Accumulates the per-column sum of squared inputs, then prunes per output row."""
 
+    statistics = ("sq_sum", "tokens")
+
     def __init__(self, module: torch.nn.Module, options: None = None) -> None:
         super().__init__(module, options)
         self.sq_sum: torch.Tensor | None = None
