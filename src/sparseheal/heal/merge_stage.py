@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from sparseheal.cards import write_card
 from sparseheal.checks import (
     check_free_space,
     check_model_dir,
@@ -77,6 +78,7 @@ def run_merge(adapter: str, output: str, overwrite: bool, settings: MergeSetting
         record = merge_record(read_record(source.path), stats, source, base_hash, adapter, mask_source)
         write_record(tmp, {**record, "weights_hash": weights_hash(tmp), "timings": watch.times,
                            "previous": read_record(adapter) or {}})
+        write_card(tmp, name=Path(output).name)
     return Path(output)
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from sparseheal.cards import write_card
 from sparseheal.checks import MASKS_FILE
 from sparseheal.errors import StageError
 from sparseheal.heal.job import HealJob
@@ -56,6 +57,9 @@ def write_heal_output(job: HealJob, student, tokenizer, ctx: dict, watch: Stopwa
             extra["merged"] = _merge_after_heal(job, student, tokenizer, ctx, tmp, base_hash)
             check_finite_weights(tmp / "merged")
         write_record(tmp, _heal_record(job, ctx, extra, watch, base_hash))
+        if "merged" in extra:  # the merged copy's card reads the heal's record beside it
+            write_card(tmp / "merged")
+        write_card(tmp, name=Path(job.output).name)  # replaces the generic card an adapter's save writes
 
 
 def _merge_after_heal(job: HealJob, student, tokenizer, ctx: dict, tmp: Path, base_hash: str) -> dict:

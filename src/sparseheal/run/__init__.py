@@ -42,11 +42,13 @@ REPORT = Stage("report", [ReportSettings])
 
 @RUN.api()
 def run(built: dict) -> dict:
-    """Runs a recipe: prune, heal, merge (when asked), evaluate every model with one protocol, report.
+    """Runs a recipe: prune, heal, merge (when asked), evaluate every model with one protocol, report,
+    and regenerates each stage directory's model card with the evaluations of its model.
 
     Returns:
         The run record; "report" holds the report (its "path" is report.md).
     """
+    from sparseheal.cards import write_run_cards
     from sparseheal.run.recipe import load_recipe, recipe_inputs, validate_recipe
     from sparseheal.run.report import write_report
     from sparseheal.run.runner import check_run_dir, run_recipe
@@ -58,16 +60,22 @@ def run(built: dict) -> dict:
     check_run_dir(recipe.output)
     validate_recipe(recipe)
     with output_lock(recipe.output):
-        return run_recipe(recipe, s.force, after=write_report)
+        result = run_recipe(recipe, s.force, after=write_report)
+        write_run_cards(recipe.output)
+        return result
 
 
 @REPORT.api()
 def report(built: dict) -> dict:
-    """Regenerates report.md, report.json and the PNG plots of a run directory from its records.
+    """Regenerates report.md, report.json and the PNG plots of a run directory from its records, and
+    the model cards of its stage directories.
 
     Returns:
         The report ("path" is report.md).
     """
+    from sparseheal.cards import write_run_cards
     from sparseheal.run.report import write_report
 
-    return write_report(built[ReportSettings].run_dir)
+    result = write_report(built[ReportSettings].run_dir)
+    write_run_cards(built[ReportSettings].run_dir)
+    return result

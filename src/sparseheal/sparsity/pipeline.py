@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from sparseheal.cards import write_card
 from sparseheal.checks import MASKS_FILE
 from sparseheal.data import calibration_samples, load_documents
 from sparseheal.models import (
@@ -112,6 +113,7 @@ def run_prune(model: str, output: str, overwrite: bool, how: PruneSettings, cali
         save_masks(masks, tmp / MASKS_FILE, {"base_hash": record["base_hash"], "pattern": how.pattern,
                                              "weights_hash": record["weights_hash"]})
         write_record(tmp, record)
+        write_card(tmp, name=Path(output).name)
     log.info("pruned %s with %s (%s) -> %s: %.2f%% of prunable weights are zero", model, how.method,
              how.pattern, output, 100 * record["sparsity_achieved"])
     return Path(output)
