@@ -15,6 +15,9 @@ from pathlib import Path
 from conftest import synthetic_text
 
 STAGE_PATHS = ("pruned", "healed", "merged", "eval")
+# the tiny heal stage of write_recipe, for recipes that list several
+HEAL_STAGE = {"method": "lora", "max-steps": 6, "block-size": 32, "max-train-samples": 24,
+              "max-eval-samples": 2, "logging-steps": 1, "eval-steps": 3, "save-steps": 3, "lr": 1e-3}
 
 
 def write_task(path: Path, n: int = 6) -> Path:
@@ -41,6 +44,20 @@ def write_recipe(path: Path, model: Path, output: Path, task: Path | None = None
     return path
 
 
+def write_heals_recipe(path: Path, model: Path, output: Path, stages: list[dict]) -> Path:
+    """The recipe of :func:`write_recipe` with a list of heal stages, each the tiny LoRA stage updated by
+    the given keys (``name``, ``from``, ``method``, ...)."""
+    import yaml
+
+    recipe = {"model": str(model),
+              "prune": {"method": "wanda", "sparsity": 0.5, "nsamples": 4, "seqlen": 32,
+                        "calibration-batch-size": 2},
+              "heal": [{**HEAL_STAGE, **stage} for stage in stages],
+              "evaluate": {"seqlen": 32, "max-windows": 4}, "output": str(output)}
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
 @functools.cache
 def tiny_run(base: Path, model: Path) -> Path:
     """Runs the tiny recipe once into ``base/run`` through the CLI; returns the run directory."""
@@ -56,10 +73,10 @@ def tiny_run(base: Path, model: Path) -> Path:
     return base / "run"
 
 
-def snapshot(run_dir: Path) -> dict[str, tuple[int, str]]:
-    """(mtime in ns, sha256) of every file the stages wrote."""
+def snapshot(run_dir: Path, tops: tuple[str, ...] = STAGE_PATHS) -> dict[str, tuple[int, str]]:
+    """(mtime in ns, sha256) of every file the stages wrote (in the directories ``tops``)."""
     found = {}
-    for top in STAGE_PATHS:
+    for top in tops:
         for path in sorted((run_dir / top).rglob("*")):
             if path.is_file():
                 found[str(path.relative_to(run_dir))] = (path.stat().st_mtime_ns,

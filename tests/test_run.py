@@ -196,10 +196,13 @@ def test_recipes_load_and_state_hardware_and_time():
         text = path.read_text()
         assert "# Hardware:" in text and "# Time" in text, path.name
         recipe = load_recipe(str(path), None, None, {})
-        assert recipe.prune and recipe.heal and recipe.evaluate, path.name
+        assert recipe.prune and all(h.settings for h in recipe.heals) and recipe.evaluate, path.name
     demo = load_recipe(str(RECIPE_DIR / "demo-cpu.yaml"), None, None, {})
-    assert demo.model == "smollm2-135m" and demo.heal["method"] == "lora" and demo.heal["max_steps"] <= 60
-    assert demo.evaluate == {"dataset": "wikitext2", "seqlen": 1024, "max_windows": 16}
+    assert demo.model == "smollm2-135m"
+    assert [(h.name, h.settings["method"]) for h in demo.heals] == [("lora", "lora"), ("full", "full")]
+    assert all(h.settings["max_steps"] <= 60 and h.settings["block_size"] == 256 for h in demo.heals)
+    assert demo.heals[0].merge_mode == "masked"
+    assert demo.evaluate == {"dataset": "wikitext2", "seqlen": 1024, "max_windows": 8}
 
 
 @pytest.mark.slow

@@ -24,10 +24,12 @@ class RunSettings(Settings):
     prune: list[str] | None = setting(None, "a prune setting as KEY=VALUE, repeatable (e.g. --prune "
                                             "sparsity=0.6).")
     heal: list[str] | None = setting(None, "a heal setting as KEY=VALUE, repeatable (e.g. --heal "
-                                           "max-steps=50).")
+                                           "max-steps=50); with named heal stages KEY=VALUE sets every "
+                                           "stage and NAME.KEY=VALUE stage NAME only.")
     evaluate: list[str] | None = setting(None, "an evaluate setting as KEY=VALUE, repeatable (e.g. "
                                                "--evaluate tasks=boolq,piqa).")
-    force: str | None = setting(None, "redo this stage (prune, heal, merge or evaluate) and every stage that "
+    force: str | None = setting(None, "redo this stage (prune, heal, merge or evaluate: every unit of it; or "
+                                      "heal-NAME, merge-NAME: one named heal stage) and every stage that "
                                       "uses its output.")
 
 

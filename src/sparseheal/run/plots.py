@@ -1,4 +1,5 @@
-"""PNG plots of a run (matplotlib, Agg backend): training loss, per-layer sparsity, perplexity bars."""
+"""PNG plots of a run (matplotlib, Agg backend): training loss, per-layer sparsity, perplexity bars, and
+the heal stages of a run side by side."""
 
 from __future__ import annotations
 
@@ -12,14 +13,17 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 __all__ = ["loss_curves", "moving_average", "plot_loss", "plot_layer_losses", "plot_sparsity",
-           "plot_perplexity", "plot_zeroshot"]
+           "plot_perplexity", "plot_zeroshot", "plot_heal_comparison"]
 
 _COLORS = {"dense": "#4c72b0", "pruned": "#c44e52", "healed": "#55a868", "merged": "#8172b2"}
+_PALETTE = ("#55a868", "#dd8452", "#8172b2", "#937860", "#da8bc3", "#8c8c8c", "#ccb974", "#64b5cd")
 _LAYER_RE = re.compile(r"\.(\d+)\.")
 
 
-def loss_curves(log_lines: list[dict]) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
-    """(step, loss) and (step, eval_loss) points from train_log.jsonl entries.
+def loss_curves(log_lines: list[dict], key: str = "step") -> tuple[list[tuple[int, float]],
+                                                                     list[tuple[int, float]]]:
+    """(step, loss) and (step, eval_loss) points from train_log.jsonl entries; with ``key`` another
+    logged count instead of the step (``num_input_tokens_seen``: tokens seen).
 
     A resumed run logs the steps between its last checkpoint and the interruption twice; the
     later entry of a step wins.
@@ -27,7 +31,7 @@ def loss_curves(log_lines: list[dict]) -> tuple[list[tuple[int, float]], list[tu
     train: dict[int, float] = {}
     evals: dict[int, float] = {}
     for entry in log_lines:
-        step = entry.get("step")
+        step = entry.get(key)
         if step is None:
             continue
         if isinstance(entry.get("loss"), (int, float)):
@@ -134,22 +138,30 @@ def plot_sparsity(layers: dict[str, float], target: float | None, path: Path, ti
 
 def _grouped_bars(ax, groups: list[str], series: dict[str, list[float | None]], fmt: str) -> None:
     width = 0.8 / max(len(series), 1)
+    others = iter(_PALETTE * len(series))
     for i, (label, values) in enumerate(series.items()):
+        color = _COLORS.get(label) or next(others)  # one colour per model across the groups
         for j, value in enumerate(values):
             if value is None:
                 continue
             x = j + (i - (len(series) - 1) / 2) * width
-            ax.bar(x, value, width, color=_COLORS.get(label, None), label=label if j == 0 else None)
+            ax.bar(x, value, width, color=color, label=label if j == 0 else None)
             ax.annotate(fmt.format(value), (x, value), ha="center", va="bottom", fontsize=8,
                         xytext=(0, 2), textcoords="offset points")
     ax.set_xticks(range(len(groups)), groups)
 
 
+def _models(table: dict[str, dict]) -> list[str]:
+    """The models of a per-data-set table, in the order they first appear."""
+    return list(dict.fromkeys(m for row in table.values() for m in row))
+
+
 def plot_perplexity(table: dict[str, dict[str, float]], path: Path, title: str) -> Path | None:
-    """Perplexity per data set for dense / pruned / healed (/ merged); log scale when they differ a lot."""
+    """Perplexity per data set for dense / pruned / each healed (/ merged) model; log scale when they
+    differ a lot."""
     if not table:
         return None
-    models = [m for m in ("dense", "pruned", "healed", "merged") if any(m in row for row in table.values())]
+    models = _models(table)
     series = {m: [table[d].get(m) for d in table] for m in models}
     fig, ax = plt.subplots(figsize=(max(6, 2.5 * len(table) + 3), 4))
     _grouped_bars(ax, list(table), series, "{:.2f}")
@@ -171,7 +183,7 @@ def plot_zeroshot(table: dict[str, dict[str, float]], path: Path, title: str) ->
     """Zero-shot accuracy per task for each evaluated model."""
     if not table:
         return None
-    models = [m for m in ("dense", "pruned", "healed", "merged") if any(m in row for row in table.values())]
+    models = _models(table)
     series = {m: [None if table[t].get(m) is None else 100 * table[t][m] for t in table] for m in models}
     fig, ax = plt.subplots(figsize=(max(6, 2.5 * len(table) + 3), 4))
     _grouped_bars(ax, list(table), series, "{:.1f}")
@@ -181,4 +193,75 @@ def plot_zeroshot(table: dict[str, dict[str, float]], path: Path, title: str) ->
     ax.set_title(title)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.grid(axis="y", alpha=0.3)
+    return _save(fig, path)
+
+
+def _loss_panel(ax, curves: dict[str, tuple[list, list]], colors: dict[str, str]) -> None:
+    """Training loss (trailing mean, thin) and held-out loss (markers) of each heal stage by tokens."""
+    for label, (train, evals) in curves.items():
+        color = colors[label]
+        if train:
+            tokens, losses = zip(*train, strict=True)
+            window = max(1, len(train) // 5)
+            mean = f" (mean of last {window})" if window > 1 else ""
+            ax.plot(tokens, moving_average(list(losses), window), linewidth=1.2, alpha=0.6, color=color,
+                    label=f"{label}: training loss{mean}")
+        if evals:
+            ax.plot(*zip(*evals, strict=True), marker="s", markersize=5, linestyle="--", color=color,
+                    label=f"{label}: held-out loss")
+    ax.set_xlabel("tokens seen by the heal stage")
+    ax.set_ylabel("cross-entropy loss (nats / token)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+
+
+def _ppl_panel(ax, points: list[dict], dense: float | None, colors: dict[str, str], dataset: str) -> None:
+    """Each model's perplexity at the wall time spent healing from the pruned model, joined to the
+    model it started from."""
+    for p in points:
+        color = colors.get(p["stage"], _COLORS.get(p["model"], "#444444"))
+        if p.get("start") is not None:
+            (x0, y0) = p["start"]
+            ax.plot([x0, p["x"]], [y0, p["y"]], color=color, linewidth=1,
+                    linestyle=":" if p["model"].startswith("merged") else "-")
+        ax.plot(p["x"], p["y"], marker="o", color=color, linestyle="none")
+        ax.annotate(p["model"], (p["x"], p["y"]), fontsize=7, xytext=(4, 4), textcoords="offset points")
+    if dense is not None:
+        ax.axhline(dense, color=_COLORS["dense"], linestyle="--", linewidth=1, label=f"dense {dense:.2f}")
+        ax.legend(fontsize=7)
+    ax.set_xlabel("wall time from the pruned model (s)")
+    ax.set_ylabel(f"{dataset} perplexity (lower is better)")
+    ax.grid(alpha=0.3)
+
+
+def plot_heal_comparison(curves: dict[str, tuple[list, list]], points: list[dict], dense: float | None,
+                         dataset: str, path: Path, title: str) -> Path | None:
+    """The heal stages of a run on shared axes: loss against tokens seen (stages that log one) and the
+    perplexity each model reached against the wall time it took.
+
+    Args:
+        curves: per heal stage, its (tokens, training loss) and (tokens, held-out loss) points.
+        points: per model, {"model", "stage", "x" (seconds), "y" (perplexity), "start" ((x, y) of the
+            model it started from, or None)}.
+        dense: the dense model's perplexity (a reference line), or None.
+        dataset: the data set of the perplexities.
+        path: the PNG to write.
+        title: the figure's title.
+
+    Returns:
+        ``path``, or None when there is nothing to plot.
+    """
+    curves = {k: v for k, v in curves.items() if v[0] or v[1]}
+    if not curves and not points:
+        return None
+    stages = list(dict.fromkeys([*curves, *(p["stage"] for p in points if p["stage"])]))
+    colors = {s: _PALETTE[i % len(_PALETTE)] for i, s in enumerate(stages)}
+    panels = [p for p in (curves and "loss", points and "ppl") if p]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.5), squeeze=False)
+    for ax, panel in zip(axes[0], panels, strict=True):
+        if panel == "loss":
+            _loss_panel(ax, curves, colors)
+        else:
+            _ppl_panel(ax, points, dense, colors, dataset)
+    fig.suptitle(title)
     return _save(fig, path)

@@ -11,8 +11,11 @@ output: runs/smollm2-wanda-lora
 Keys are the flags of ``sparseheal prune``, ``heal`` and ``evaluate`` (dashed or underscored). The keys
 that place a stage's output (``output``, ``overwrite``, ``resume``, the input model of a later stage)
 belong to ``run`` and are refused in a recipe, so nothing a recipe says is written outside the run
-directory. ``heal: {merge: masked|dense}`` adds the ``merged/`` stage. Flags override the file:
-``--prune sparsity=0.6 --heal max-steps=50``.
+directory. ``heal: {merge: masked|dense}`` adds the ``merged/`` stage. ``heal`` may also be a list of
+named heal stages, each healing the pruned model or (``from: NAME``) an earlier stage's output; see
+:mod:`sparseheal.run.heals`. Flags override the file: ``--prune sparsity=0.6 --heal max-steps=50``;
+with several heal stages ``--heal KEY=VALUE`` sets KEY for every stage and ``--heal NAME.KEY=VALUE`` for
+the stage NAME only.
 
 YAML is read with YAML 1.2 number rules, so ``2:4`` stays a string and ``1e-4`` is a float.
 """
@@ -27,6 +30,8 @@ from typing import Any
 
 from sparseheal import api
 from sparseheal.errors import ConfigError
+from sparseheal.registry import HEALERS
+from sparseheal.run.heals import HealItem, route_overrides, split_items
 from sparseheal.settings import Field, Stage, parse_yaml
 
 __all__ = [
@@ -81,17 +86,19 @@ def _coerce(kind: Any, value: Any, where: str) -> Any:
     return value
 
 
-def _section(section: str, data: Any, where: str) -> dict[str, Any]:
+def _section(section: str, data: Any, where: str, label: str | None = None) -> dict[str, Any]:
+    """Checks the keys of one stage's mapping; errors name ``where: LABEL.KEY`` (LABEL: the section)."""
+    label = label or section
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{where}: {section}", "must be a mapping of flag names to values")
+        raise ConfigError(f"{where}: {label}", "must be a mapping of flag names to values")
     keys = section_fields(section)
     valid = sorted(keys)
     out = {}
     for raw, value in data.items():
         key = str(raw).replace("-", "_")
-        flag = f"{where}: {section}.{raw}"
+        flag = f"{where}: {label}.{raw}"
         if key in _RUN_KEYS[section]:
             raise ConfigError(flag, "set by run (stages write to RUN_DIR/pruned, healed, merged, eval); "
                                     "remove it from the recipe")
@@ -104,26 +111,35 @@ def _section(section: str, data: Any, where: str) -> dict[str, Any]:
 
 @dataclass
 class Recipe:
-    """A validated recipe: the dense model, the run directory and one settings dict per stage."""
+    """A validated recipe: the dense model, the run directory, the prune and evaluate settings, and the
+    heal stages (one, or several named ones)."""
 
     model: str
     output: Path
     prune: dict[str, Any] = field(default_factory=dict)
-    heal: dict[str, Any] = field(default_factory=dict)
+    heals: list[HealItem] = field(default_factory=lambda: [HealItem("heal")])
     evaluate: dict[str, Any] = field(default_factory=dict)
     source: str | None = None  # the recipe file, when one was given
 
     @property
-    def merge_mode(self) -> str:
-        return self.heal.get("merge") or "none"
+    def heal(self) -> dict[str, Any]:
+        """The settings of the recipe's heal stage, when it has one (see ``heals`` for several)."""
+        if len(self.heals) != 1:
+            raise ValueError(f"the recipe has {len(self.heals)} heal stages; read Recipe.heals")
+        return self.heals[0].settings
 
     def to_dict(self) -> dict[str, Any]:
         """The effective recipe (dashed keys, as a user writes it)."""
-        dashed = {s: {k.replace("_", "-"): v for k, v in getattr(self, s).items()} for s in SECTIONS}
-        return {"model": self.model, **dashed, "output": str(self.output)}
+        def dashed(values: dict[str, Any]) -> dict[str, Any]:
+            return {k.replace("_", "-"): v for k, v in values.items()}
+
+        one = len(self.heals) == 1 and self.heals[0].label == "heal"
+        heal = self.heals[0].to_dict() if one else [item.to_dict() for item in self.heals]
+        return {"model": self.model, "prune": dashed(self.prune), "heal": heal,
+                "evaluate": dashed(self.evaluate), "output": str(self.output)}
 
 
-def _overrides(section: str, items: list[str] | None) -> dict[str, Any]:
+def _overrides(section: str, items: list[str] | None, label: str | None = None) -> dict[str, Any]:
     pairs = {}
     for item in items or []:
         key, sep, value = item.partition("=")
@@ -131,7 +147,17 @@ def _overrides(section: str, items: list[str] | None) -> dict[str, Any]:
             raise ConfigError(f"--{section}", f"expected KEY=VALUE (e.g. --{section} seed=1), got {item!r}")
         key = key.strip()
         pairs[key] = parse_yaml(value, f"--{section}", f"the value of {key}") if value.strip() else None
-    return _section(section, pairs, f"--{section}") if pairs else {}
+    return _section(section, pairs, f"--{section}", label) if pairs else {}
+
+
+def _heal_items(data: Any, where: str, pairs: list[str] | None) -> list[HealItem]:
+    """The recipe's heal stages with their checked keys, ``--heal`` overrides applied."""
+    items = split_items(data, where)
+    routed = route_overrides(pairs, [item for item, _ in items])
+    for index, (item, raw) in enumerate(items):
+        item.settings = {**_section("heal", raw, where, item.label),
+                         **_overrides("heal", routed[index], item.label)}
+    return [item for item, _ in items]
 
 
 def _read_file(config: str) -> dict[str, Any]:
@@ -159,7 +185,9 @@ def load_recipe(
     """Reads the recipe file (if any), applies flag overrides, and checks every key's name and type."""
     data = _read_file(config) if config else {}
     where = config or "recipe"
-    sections = {s: {**_section(s, data.get(s), where), **_overrides(s, overrides.get(s))} for s in SECTIONS}
+    sections = {s: {**_section(s, data.get(s), where), **_overrides(s, overrides.get(s))}
+                for s in ("prune", "evaluate")}
+    heals = _heal_items(data.get("heal"), where, overrides.get("heal"))
     model = model or data.get("model")
     if not model or not isinstance(model, str):
         raise ConfigError("--model", "give the dense model in the recipe (model: ...) or with --model")
@@ -169,7 +197,7 @@ def load_recipe(
     run_dir = Path(output).expanduser()
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError("--output", f"{run_dir} exists and is not a directory")
-    return Recipe(model=model, output=run_dir, source=config, **sections)
+    return Recipe(model=model, output=run_dir, source=config, heals=heals, **sections)
 
 
 def recipe_inputs(recipe: Recipe) -> list[tuple[str, str | None]]:
@@ -177,8 +205,10 @@ def recipe_inputs(recipe: Recipe) -> list[tuple[str, str | None]]:
     from sparseheal.models import input_path
 
     files = [("model", input_path(recipe.model)), ("--config", recipe.source)]
-    named = [("prune.calibration-data", recipe.prune.get("calibration_data")),
-             ("heal.data", recipe.heal.get("data")), ("heal.teacher", input_path(recipe.heal.get("teacher")))]
+    named = [("prune.calibration-data", recipe.prune.get("calibration_data"))]
+    for item in recipe.heals:
+        named += [(f"{item.label}.data", item.settings.get("data")),
+                  (f"{item.label}.teacher", input_path(item.settings.get("teacher")))]
     named += [("evaluate.dataset", d) for d in str(recipe.evaluate.get("dataset") or "").split(",")]
     return files + [(key, path) for key, path in named if path and Path(path).expanduser().exists()]
 
@@ -215,16 +245,39 @@ def _built(section: str, values: dict[str, Any]) -> dict:
 
 
 def _check_section(section: str, recipe: Recipe) -> None:
-    from sparseheal.heal.pipeline import check_heal_model, plan_heal
-
     built = _built(section, getattr(recipe, section))
     if section == "prune":
         api.check_prune_model(recipe.model, built[api.PruneSettings], built[api.CalibrationSettings])
-    elif section == "heal":  # pruned/ does not exist yet: its structure is the dense model's
-        job = plan_heal(str(recipe.output / "pruned"), str(recipe.output / "healed"), False, built)
-        check_heal_model(recipe.model, job)
     else:
         api.check_evaluate_model(recipe.model, built[api.PerplexitySettings])
+
+
+def _check_heal(item: HealItem, recipe: Recipe) -> None:
+    """One heal stage's values; pruned/ does not exist yet, so its structure is the dense model's."""
+    from sparseheal.heal.pipeline import check_heal_model, plan_heal
+
+    built = _built("heal", item.settings)
+    job = plan_heal(str(recipe.output / "pruned"), str(recipe.output / f"healed{item.suffix}"), False, built)
+    check_heal_model(recipe.model, job)
+
+
+def _check_sources(heals: list[HealItem]) -> None:
+    """A stage healed further must leave a sparse model: a healer that writes an adapter needs a masked
+    merge, whose merged model the next stage heals."""
+    by_name = {item.name: item for item in heals if item.name}
+    for item in heals:
+        if item.source is None:
+            continue
+        source = by_name[item.source]
+        healer = HEALERS.get(str(source.settings.get("method") or section_defaults("heal")["method"]))
+        if not healer.can_merge or source.merge_mode == "masked":
+            continue
+        if source.merge_mode == "none":
+            why = f"writes {healer.writes}, not a model to heal further"
+        else:
+            why = "merges densely, which fills the pruned weights"
+        raise ConfigError(f"{item.label}.from", f"{source.label} ({source.name}) {why}; give {source.label} "
+                                                "merge: masked and this stage heals its merged model")
 
 
 def validate_recipe(recipe: Recipe) -> None:
@@ -233,11 +286,17 @@ def validate_recipe(recipe: Recipe) -> None:
 
     Errors name the recipe key (``heal.lr``) rather than the flag.
     """
-    for section in SECTIONS:
+    for section in ("prune", "evaluate"):
         try:
             _check_section(section, recipe)
         except ConfigError as err:
             raise _as_recipe_error(section, err) from err
+    for item in recipe.heals:
+        try:
+            _check_heal(item, recipe)
+        except ConfigError as err:
+            raise _as_recipe_error(item.label, err) from err
+    _check_sources(recipe.heals)
     tasks = recipe.evaluate.get("tasks")
     if tasks:
         from sparseheal.evaluate.zeroshot import prepare_tasks

@@ -8,6 +8,10 @@ set, is
     gap_closed = (ppl_pruned - ppl_healed) / (ppl_pruned - ppl_dense)
 
 (1 = back to dense, 0 = no better than pruned, < 0 = worse than pruned).
+
+A run with named heal stages (``healed-NAME/``, see :mod:`sparseheal.run.heals`) gets a comparison
+instead of the one-heal tables: a row per evaluated model (:mod:`sparseheal.run.compare`), a row per heal
+stage, and one plot of the stages side by side (``healing.png``).
 """
 
 from __future__ import annotations
@@ -21,49 +25,43 @@ from typing import Any
 
 from sparseheal.errors import ConfigError
 from sparseheal.records import read_record
-from sparseheal.run import plots
+from sparseheal.run import compare, plots
+from sparseheal.run.compare import gap_closed
 from sparseheal.run.recipe import section_defaults
 
 __all__ = ["gap_closed", "build_report", "write_report", "render_markdown", "results_table", "commands"]
 
 log = logging.getLogger(__name__)
 
-MODELS = ("dense", "pruned", "healed", "merged")
+MODELS = ("dense", "pruned", "healed", "merged")  # the models of a run with one unnamed heal stage
 
 
-def gap_closed(dense: float | None, pruned: float | None, healed: float | None) -> float | None:
-    """(pruned - healed) / (pruned - dense); None when a value is missing or pruning cost nothing."""
-    if dense is None or pruned is None or healed is None or abs(pruned - dense) < 1e-12:
-        return None
-    return (pruned - healed) / (pruned - dense)
+def _evaluations(run_dir: Path, stages: dict) -> dict[str, dict]:
+    """Each evaluated model's file (``eval-NAME`` units of the run record), in run order."""
+    found = {}
+    for unit, entry in stages.items():
+        if entry.get("stage") != "evaluate" or not unit.startswith("eval-"):
+            continue
+        model = unit[len("eval-"):]
+        if data := _read_json(run_dir / entry.get("path", f"eval/{model}.json")):
+            found[model] = data
+    return found
 
 
 def _read_json(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _read_log(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def _evaluations(run_dir: Path, stages: dict) -> dict[str, dict]:
-    found = {}
-    for model in MODELS:
-        if f"eval-{model}" in stages and (data := _read_json(run_dir / "eval" / f"{model}.json")):
-            found[model] = data
-    return found
-
-
-def _perplexity(evals: dict[str, dict]) -> dict[str, dict]:
+def _perplexity(evals: dict[str, dict], named: bool) -> dict[str, dict]:
+    """{data set: {protocol, seqlen, windows, tokens, MODEL: ppl, ...}}; with one unnamed heal stage
+    also its gap closed (named stages have theirs in the model rows)."""
     table: dict[str, dict] = {}
     for model, data in evals.items():
         for r in data.get("results", []):
             row = table.setdefault(r["dataset"], {"protocol": r["protocol"], "seqlen": r["seqlen"],
                                                   "windows": r["windows"], "tokens": r["tokens"]})
             row[model] = r["ppl"]
-    for row in table.values():
+    for row in table.values() if not named else ():
         row["gap_closed"] = gap_closed(row.get("dense"), row.get("pruned"), row.get("healed"))
         if "merged" in row:
             row["gap_closed_merged"] = gap_closed(row.get("dense"), row.get("pruned"), row.get("merged"))
@@ -93,15 +91,6 @@ def _sparsity(pruned: dict, healed: dict, merged: dict) -> dict:
     }
 
 
-def _healing(healed: dict) -> dict:
-    keys = ("method", "trainable_parameters", "total_parameters", "steps", "tokens_seen", "train_loss",
-            "first_loss", "final_loss", "eval_loss", "tokens_per_second", "train_seconds", "data")
-    found = {k: healed.get(k) for k in keys}
-    if found["trainable_parameters"] is None and healed.get("parameter_tensors"):
-        found["trainable_tensors"] = healed["parameter_tensors"]
-    return found
-
-
 def _stages(run_record: dict) -> list[dict]:
     rows = []
     for name, entry in run_record.get("stages", {}).items():
@@ -126,33 +115,40 @@ def _flags(settings: dict, defaults: dict, skip: tuple[str, ...] = ()) -> list[s
     return out
 
 
+def _stage_command(run: str, run_dir: Path, unit: str, entry: dict) -> list[str] | None:
+    """The stand-alone command of one unit of the run record (None for a unit of another kind)."""
+    stage, s = entry.get("stage"), entry.get("settings") or {}
+    path = f"{run}/{entry.get('path')}"
+    if stage == "prune":
+        return ["sparseheal", "prune", s["model"], "--output", path,
+                *_flags(s, section_defaults("prune"), ("model",))]
+    if stage == "heal":
+        source = entry.get("input", "pruned")
+        return ["sparseheal", "heal", f"{run}/{source}", "--output", path,
+                *_flags(s, section_defaults("heal"), ("from",))]
+    if stage == "merge":
+        return ["sparseheal", "merge", f"{run}/{entry.get('input', 'healed')}", "--output", path, "--mode",
+                s["mode"]]
+    if stage != "evaluate":
+        return None
+    model = unit[len("eval-"):]
+    target = [s["target"]] if model == "dense" else [f"{run}/{model}"]
+    if model != "dense" and (run_dir / model / "adapter_config.json").is_file():
+        target = [f"{run}/{entry.get('input', 'pruned')}", "--adapter", f"{run}/{model}"]
+    return ["sparseheal", "evaluate", *target, *_flags(s, section_defaults("evaluate"), ("target",)),
+            "--output", path]
+
+
 def commands(run_dir: Path, run_record: dict) -> list[str]:
     """Shell commands that reproduce the run: the one ``run`` command, then the stage-by-stage ones."""
-    stages = run_record.get("stages", {})
     run = str(run_dir)
     lines = [["sparseheal", "run", "--config", f"{run}/recipe.yaml", "--output", run]]
     data_dir = (run_record.get("environment") or {}).get("SPARSEHEAL_DATA_DIR")
     if data_dir:
         lines.insert(0, ["export", f"SPARSEHEAL_DATA_DIR={data_dir}"])
-    if "prune" in stages:
-        s = stages["prune"]["settings"]
-        lines.append(["sparseheal", "prune", s["model"], "--output", f"{run}/pruned",
-                      *_flags(s, section_defaults("prune"), ("model",))])
-    if "heal" in stages:
-        lines.append(["sparseheal", "heal", f"{run}/pruned", "--output", f"{run}/healed",
-                      *_flags(stages["heal"]["settings"], section_defaults("heal"))])
-    if "merge" in stages:
-        lines.append(["sparseheal", "merge", f"{run}/healed", "--output", f"{run}/merged", "--mode",
-                      stages["merge"]["settings"]["mode"]])
-    for model in MODELS:
-        if (entry := stages.get(f"eval-{model}")) is None:
-            continue
-        s = entry["settings"]
-        target = [s["target"]] if model == "dense" else [f"{run}/{model}"]
-        if model == "healed" and (run_dir / "healed" / "adapter_config.json").is_file():
-            target = [f"{run}/pruned", "--adapter", f"{run}/healed"]
-        flags = _flags(s, section_defaults("evaluate"), ("target",))
-        lines.append(["sparseheal", "evaluate", *target, *flags, "--output", f"{run}/eval/{model}.json"])
+    for unit, entry in run_record.get("stages", {}).items():
+        if (line := _stage_command(run, run_dir, unit, entry)) is not None:
+            lines.append(line)
     return [shlex.join(line) for line in lines]
 
 
@@ -163,23 +159,30 @@ def build_report(run_dir: str | Path) -> dict[str, Any]:
     if not run_record or run_record.get("stage") != "run":
         raise ConfigError("RUN_DIR", f"{run_dir} holds no run record (the sparseheal.json of sparseheal run)")
     stages = run_record.get("stages", {})
+    heals = compare.heal_stages(run_dir, stages)
+    named = any(h["name"] for h in heals)
     pruned = read_record(run_dir / "pruned") or {}
-    healed = read_record(run_dir / "healed") or {}
+    healed = {} if named else (read_record(run_dir / "healed") or {})
     merged = (read_record(run_dir / "merged") or {}) if "merge" in stages else {}
     evals = _evaluations(run_dir, stages)
+    perplexity = _perplexity(evals, named)
     return {
         "run_dir": str(run_dir),
         "model": run_record.get("recipe", {}).get("model"),
         "recipe": run_record.get("recipe"),
-        "perplexity": _perplexity(evals),
+        "perplexity": perplexity,
         "zeroshot": _zeroshot(evals),
         "sparsity": _sparsity(pruned, healed, merged),
-        "healing": _healing(healed),
+        "healing": None if named else compare.healing_summary(healed),
         "merge": merged.get("merge") if merged else None,
+        "heals": heals,
+        "models": compare.model_rows(perplexity, heals, pruned.get("method")),
         "stages": _stages(run_record),
         "versions": run_record.get("versions", {}),
         "commands": commands(run_dir, run_record),
-        "train_log": _read_log(run_dir / "healed" / "train_log.jsonl"),
+        "train_log": [] if named else compare.read_log(run_dir / "healed" / "train_log.jsonl"),
+        "train_logs": {h["name"]: compare.read_log(run_dir / h["path"] / "train_log.jsonl")
+                       for h in heals if h["name"]},
         "layers": pruned.get("layers") or {},
         "layer_losses": (healed.get("blockwise") or {}).get("layers") or [],
     }
@@ -208,7 +211,7 @@ def _ppl_table(ppl: dict) -> list[str]:
 
 
 def _zeroshot_table(zs: dict) -> list[str]:
-    models = [m for m in MODELS if any(m in row for row in zs.values())]
+    models = list(dict.fromkeys(m for row in zs.values() for m in row))
     head = ["task", "n", "metric", *models]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for task, row in zs.items():
@@ -220,9 +223,23 @@ def _zeroshot_table(zs: dict) -> list[str]:
     return lines
 
 
+def _named(report: dict) -> bool:
+    """Whether the run has named heal stages (the comparison report) rather than one unnamed stage."""
+    return any(h["name"] for h in report.get("heals") or [])
+
+
+def _ppl_lines(report: dict) -> list[str]:
+    if not report["perplexity"]:
+        return ["(not evaluated)"]
+    if _named(report):
+        return compare.comparison_table(report["models"], report["perplexity"])
+    return _ppl_table(report["perplexity"])
+
+
 def results_table(report: dict) -> str:
-    """The perplexity table (and the zero-shot table when tasks ran), as markdown."""
-    lines = _ppl_table(report["perplexity"]) if report["perplexity"] else ["(not evaluated)"]
+    """The perplexity table (one row per model when the run has named heal stages; the zero-shot table
+    too when tasks ran), as markdown."""
+    lines = _ppl_lines(report)
     if report["zeroshot"]:
         lines += [""] + _zeroshot_table(report["zeroshot"])
     return "\n".join(lines)
@@ -279,19 +296,33 @@ def _stage_lines(stages: list[dict]) -> list[str]:
     return lines
 
 
+def _intro(report: dict) -> str:
+    s = report["sparsity"]
+    pruned = f"Run directory `{report['run_dir']}`: {s['method']} {s['pattern']} at {_pct(s['target'], 0)}"
+    if not _named(report):
+        return f"{pruned}, healed with {(report['healing'] or {}).get('method') or '–'}."
+    stages = [f"{h['name']} ({h['method']}" + (f", from {h['from']})" if h["from"] != "pruned" else ")")
+              for h in report["heals"]]
+    return f"{pruned}; heal stages side by side: {', '.join(stages)}."
+
+
 def render_markdown(report: dict, images: dict[str, str]) -> str:
     """The report as markdown; ``images`` maps a plot's caption to its file name."""
-    s, h = report["sparsity"], report["healing"]
-    lines = [f"# sparseheal report: {report['model']}", "",
-             f"Run directory `{report['run_dir']}`: {s['method']} {s['pattern']} at {_pct(s['target'], 0)}, "
-             f"healed with {h.get('method') or '–'}.", "", "## Perplexity", "",
-             *(_ppl_table(report["perplexity"]) if report["perplexity"] else ["(not evaluated)"]), "",
-             "Gap closed = (ppl_pruned − ppl_healed) / (ppl_pruned − ppl_dense); every model is evaluated "
-             "with the same protocol, windows and dtype."]
+    s, named = report["sparsity"], _named(report)
+    lines = [f"# sparseheal report: {report['model']}", "", _intro(report), "", "## Perplexity", "",
+             *_ppl_lines(report)]
+    if not named:
+        lines += ["", "Gap closed = (ppl_pruned − ppl_healed) / (ppl_pruned − ppl_dense); every model is "
+                      "evaluated with the same protocol, windows and dtype."]
     if report["zeroshot"]:
         lines += ["", "## Zero-shot accuracy (lm-evaluation-harness)", "",
                   *_zeroshot_table(report["zeroshot"])]
-    lines += ["", "## Sparsity", "", *_sparsity_lines(s), "", "## Healing", "", *_healing_lines(h)]
+    lines += ["", "## Sparsity", "", *_sparsity_lines(s)]
+    if named:
+        lines += [*compare.heal_sparsity_lines(report["heals"]), "", "## Healing", "",
+                  *compare.healing_table(report["heals"])]
+    else:
+        lines += ["", "## Healing", "", *_healing_lines(report["healing"])]
     lines += ["", "## Stages: time and memory", "", *_stage_lines(report["stages"])]
     if images:
         lines += ["", "## Plots", ""] + [f"![{caption}]({name})" for caption, name in images.items()]
@@ -303,23 +334,26 @@ def render_markdown(report: dict, images: dict[str, str]) -> str:
 
 def _plots(report: dict, run_dir: Path) -> dict[str, str]:
     s, model = report["sparsity"], Path(str(report["model"])).name
-    made = {
-        "training and held-out loss": plots.plot_loss(
+    if _named(report):
+        made = compare.heal_plots(report, run_dir, model)
+    else:
+        made = {"training and held-out loss": plots.plot_loss(
             report["train_log"], run_dir / "loss.png",
-            f"Healing ({report['healing'].get('method')}) of {model}"),
-        "per-layer sparsity": plots.plot_sparsity(
-            report["layers"], s["target"], run_dir / "sparsity.png",
-            f"Per-layer sparsity of {model}: {s['method']} {s['pattern']} ({s['layer_sparsity']} layers), "
-            f"{_pct(s['achieved'], 2)} overall"),
-        "per-layer reconstruction loss": plots.plot_layer_losses(
-            report["layer_losses"], run_dir / "layer_losses.png", f"Block-wise healing of {model}"),
-        "perplexity": plots.plot_perplexity(
-            {d: {m: row[m] for m in MODELS if m in row} for d, row in report["perplexity"].items()},
-            run_dir / "perplexity.png", f"Perplexity of {model}"),
-        "zero-shot accuracy": plots.plot_zeroshot(
-            {t: {m: r.get("acc") for m, r in row.items()} for t, row in report["zeroshot"].items()},
-            run_dir / "zeroshot.png", f"Zero-shot accuracy of {model}"),
-    }
+            f"Healing ({report['healing'].get('method')}) of {model}")}
+    made["per-layer sparsity"] = plots.plot_sparsity(
+        report["layers"], s["target"], run_dir / "sparsity.png",
+        f"Per-layer sparsity of {model}: {s['method']} {s['pattern']} ({s['layer_sparsity']} layers), "
+        f"{_pct(s['achieved'], 2)} overall")
+    if not _named(report):
+        made["per-layer reconstruction loss"] = plots.plot_layer_losses(
+            report["layer_losses"], run_dir / "layer_losses.png", f"Block-wise healing of {model}")
+    names = [row["model"] for row in report["models"]]
+    made["perplexity"] = plots.plot_perplexity(
+        {d: {m: row[m] for m in names if m in row} for d, row in report["perplexity"].items()},
+        run_dir / "perplexity.png", f"Perplexity of {model}")
+    made["zero-shot accuracy"] = plots.plot_zeroshot(
+        {t: {m: r.get("acc") for m, r in row.items()} for t, row in report["zeroshot"].items()},
+        run_dir / "zeroshot.png", f"Zero-shot accuracy of {model}")
     return {caption: path.name for caption, path in made.items() if path is not None}
 
 
@@ -329,7 +363,11 @@ def write_report(run_dir: str | Path) -> dict[str, Any]:
     report = build_report(run_dir)
     images = _plots(report, run_dir)
     curves = plots.loss_curves(report.pop("train_log"))
+    by_tokens = {name: plots.loss_curves(lines, "num_input_tokens_seen")
+                 for name, lines in report.pop("train_logs").items()}
     data = {**report, "loss_curve": {"train": curves[0], "eval": curves[1]}, "plots": images}
+    if by_tokens:  # named heal stages: each one's loss against the tokens it has seen
+        data["loss_curves"] = {name: {"train": c[0], "eval": c[1]} for name, c in by_tokens.items()}
     for name, text in (("report.json", json.dumps(data, indent=2) + "\n"),
                        ("report.md", render_markdown(report, images))):
         tmp = run_dir / f".{name}.partial"

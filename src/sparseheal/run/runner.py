@@ -10,12 +10,16 @@ Layout of a run directory::
     RUN_DIR/eval/NAME.json    evaluate for dense, pruned, healed (and merged), one protocol for all
     RUN_DIR/report.md, report.json, *.png
 
+With several named heal stages each stage NAME writes ``healed-NAME/`` (``healed-NAME.ckpt/``),
+``merged-NAME/`` and ``eval/healed-NAME.json``, ``eval/merged-NAME.json`` instead.
+
 A stage is finished when its output exists (outputs are written atomically) and the settings it ran
 with, kept in the run record, equal the recipe's; a finished stage is skipped, a changed one is an
 error naming the setting, and ``--force STAGE`` redoes it. A stage whose input is redone is redone
 too, so forcing a stage redoes everything downstream of it (``--force prune`` redoes all but the
-dense evaluation; ``--force evaluate`` redoes every evaluation). An interrupted heal continues from
-its last checkpoint.
+dense evaluation; ``--force evaluate`` redoes every evaluation; ``--force heal`` every heal stage and
+``--force heal-NAME`` one, see :mod:`sparseheal.run.plan`). An interrupted heal continues from its last
+checkpoint.
 """
 
 from __future__ import annotations
@@ -27,7 +31,6 @@ import shutil
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,33 +39,16 @@ import yaml
 from sparseheal import api
 from sparseheal.checks import check_free_space
 from sparseheal.errors import ConfigError
-from sparseheal.heal.checkpoints import checkpoint_dir_for, last_checkpoint
+from sparseheal.heal.checkpoints import checkpoint_dir_for
 from sparseheal.models import weights_bytes
 from sparseheal.records import RECORD_FILE, read_record, versions, write_json_atomic
 from sparseheal.registry import HEALERS
-from sparseheal.run.recipe import Recipe, check_run_links, section_defaults
+from sparseheal.run.plan import Unit, decide, plan_units
+from sparseheal.run.recipe import Recipe, check_run_links
 
-__all__ = ["STAGES", "Unit", "plan_units", "decide", "check_run_dir", "run_recipe", "MemorySampler"]
+__all__ = ["check_run_dir", "run_recipe", "read_existing", "MemorySampler"]
 
 log = logging.getLogger(__name__)
-
-STAGES = ("prune", "heal", "merge", "evaluate")
-
-
-@dataclass
-class Unit:
-    """One piece of work: a stage output (pruned/, healed/, merged/) or one evaluation file."""
-
-    name: str  # prune, heal, merge, eval-dense, eval-pruned, ...
-    stage: str  # one of STAGES
-    path: Path
-    settings: dict[str, Any]
-    deps: tuple[str, ...] = ()
-    todo: bool = False
-    resume: bool = False
-    reason: str = ""
-    stats: dict[str, Any] = field(default_factory=dict)
-
 
 class MemorySampler:
     """Peak resident memory (MiB) of this process while a block runs, sampled every 50 ms (psutil),
@@ -108,110 +94,6 @@ class MemorySampler:
             self.peak_gpu_mb = round(torch.cuda.max_memory_allocated() / 2**20, 1)
 
 
-def _filled(section: str, values: dict[str, Any]) -> dict[str, Any]:
-    """The recipe section with every default filled in, so omitting a key equals giving its default."""
-    return {**section_defaults(section), **values}
-
-
-def plan_units(recipe: Recipe) -> list[Unit]:
-    """The units of a recipe in execution order, each with the settings it runs with."""
-    run = recipe.output
-    heal = _filled("heal", recipe.heal)
-    ev = _filled("evaluate", recipe.evaluate)
-    units = [
-        Unit("prune", "prune", run / "pruned", {"model": recipe.model, **_filled("prune", recipe.prune)}),
-        Unit("heal", "heal", run / "healed", _kwargs(heal, ("merge",)), deps=("prune",)),
-    ]
-    if recipe.merge_mode != "none":
-        units.append(Unit("merge", "merge", run / "merged", {"mode": recipe.merge_mode}, deps=("heal",)))
-    evals = [("dense", ()), ("pruned", ("prune",)), ("healed", ("heal",))]
-    if recipe.merge_mode != "none":
-        evals.append(("merged", ("merge",)))
-    for name, deps in evals:
-        target = {"dense": recipe.model}.get(name, name)
-        units.append(Unit(f"eval-{name}", "evaluate", run / "eval" / f"{name}.json",
-                          {"target": target, **ev}, deps=deps))
-    return units
-
-
-def _recorded_settings(unit: Unit, run_record: dict) -> dict | None:
-    """The settings a finished unit ran with, or None when it is not finished."""
-    if unit.stage == "evaluate":
-        if not unit.path.is_file():
-            return None
-        try:
-            return json.loads(unit.path.read_text()).get("settings")
-        except json.JSONDecodeError:
-            return None
-    entry = run_record.get("stages", {}).get(unit.name, {})
-    if read_record(unit.path) is None or entry.get("status") != "done":
-        return None
-    return entry.get("settings")
-
-
-def _difference(wanted: dict, recorded: dict, defaults: dict) -> tuple[str, Any, Any] | None:
-    """The first setting that differs. A flag added since the stage ran counts as unchanged while it
-    keeps its default; a flag that no longer exists is ignored."""
-    for key in sorted(wanted):
-        if key not in recorded and key in defaults and wanted[key] == defaults[key]:
-            continue
-        if wanted[key] != recorded.get(key):
-            return key, recorded.get(key), wanted[key]
-    return None
-
-
-def _check_unchanged(unit: Unit, recorded: dict) -> None:
-    defaults = section_defaults(unit.stage) if unit.stage != "merge" else {}
-    diff = _difference(unit.settings, recorded, defaults)
-    if diff is None:
-        return
-    key, old, new = diff
-    section = {"merge": "heal", "evaluate": "evaluate"}.get(unit.stage, unit.stage)
-    key = "merge" if unit.stage == "merge" else key
-    name = "model" if key in ("model", "target") else f"{section}.{key}"
-    raise ConfigError(name.replace("_", "-"),
-                      f"the finished {unit.name} stage in {unit.path} ran with {old!r}, the recipe now says "
-                      f"{new!r}; pass --force {unit.stage} to redo it (and the stages that use its "
-                      "output), or use another --output")
-
-
-def decide(units: list[Unit], run_record: dict, force: str | None) -> None:
-    """Marks each unit todo or skipped; raises before any work when a finished stage's settings changed."""
-    if force is not None and force not in STAGES:
-        raise ConfigError("--force", f"choose a stage from {', '.join(STAGES)}; got {force!r}")
-    if force is not None and not any(u.stage == force for u in units):
-        raise ConfigError("--force", f"this recipe has no {force} stage (merge runs when heal.merge is "
-                                     "masked or dense)")
-    todo = set()
-    for unit in units:
-        recorded = _recorded_settings(unit, run_record)
-        if unit.stage == force:
-            unit.todo, unit.reason = True, f"--force {force}"
-        elif recorded is None:
-            unit.todo, unit.reason = True, "not finished"
-        elif any(d in todo for d in unit.deps):
-            unit.todo, unit.reason = True, "its input is redone"
-        else:
-            _check_unchanged(unit, recorded)
-        if unit.todo:
-            todo.add(unit.name)
-    _plan_resume(units, run_record)
-
-
-def _plan_resume(units: list[Unit], run_record: dict) -> None:
-    """An unfinished heal with checkpoints, started with the same settings on the same input, resumes."""
-    by_name = {u.name: u for u in units}
-    heal = by_name["heal"]
-    last = last_checkpoint(checkpoint_dir_for(heal.path))
-    entry = run_record.get("stages", {}).get("heal", {})
-    heal.resume = bool(
-        heal.todo and last and heal.reason == "not finished" and not by_name["prune"].todo
-        and entry.get("status") == "running" and entry.get("settings") == heal.settings
-    )
-    if heal.resume:
-        heal.reason = f"resuming from {Path(last).name}"
-
-
 class RunRecord:
     """The run's sparseheal.json, rewritten atomically after every change."""
 
@@ -225,7 +107,15 @@ class RunRecord:
     def update(self, unit: Unit, **values: Any) -> None:
         entry = self.data["stages"].setdefault(unit.name, {})
         entry.update(stage=unit.stage, path=str(unit.path.relative_to(self.path.parent)), **values)
+        if unit.source is not None:  # what it read: the report names where a heal started
+            entry["input"] = str(unit.source.relative_to(self.path.parent))
         self.save()
+
+    def keep_only(self, units: list[Unit]) -> None:
+        """Drops the entries of units the recipe no longer has (e.g. merge was asked before and is not
+        now) and orders the rest as the units run."""
+        stages = self.data["stages"]
+        self.data["stages"] = {u.name: stages[u.name] for u in units if u.name in stages}
 
     def save(self) -> None:
         write_json_atomic(self.path, {**self.data, "versions": versions()})
@@ -244,44 +134,45 @@ def _kwargs(settings: dict, exclude: tuple[str, ...] = ()) -> dict:
     return {k: v for k, v in settings.items() if k not in exclude}
 
 
-def _execute(unit: Unit, recipe: Recipe) -> None:
-    run = recipe.output
+def _execute(unit: Unit) -> None:
     exists = unit.path.exists()
-    if unit.name == "prune":
+    if unit.stage == "prune":
         api.prune(output=str(unit.path), overwrite=exists, **unit.settings)
-    elif unit.name == "heal":
+    elif unit.stage == "heal":
         if not unit.resume:
             shutil.rmtree(checkpoint_dir_for(unit.path), ignore_errors=True)
-        api.heal(str(run / "pruned"), str(unit.path), overwrite=exists, resume=unit.resume,
-                 **unit.settings, merge="none")
-    elif unit.name == "merge":
-        heal = recipe.heal
+        api.heal(str(unit.source), str(unit.path), overwrite=exists, resume=unit.resume,
+                 **_kwargs(unit.settings, ("from",)), merge="none")
+    elif unit.stage == "merge":
         # eval-merged measures the merged model with the evaluation protocol, so merge's own
         # adapter-vs-merged comparison is skipped (eval_windows=0)
-        api.merge(str(run / "healed"), str(unit.path), mode=unit.settings["mode"], overwrite=exists,
-                  eval_windows=0, dtype=heal.get("dtype"), device=heal.get("device"))
+        api.merge(str(unit.source), str(unit.path), mode=unit.settings["mode"], overwrite=exists,
+                  eval_windows=0, **unit.extra)
     else:
-        _evaluate(unit, run)
+        _evaluate(unit)
 
 
-def _evaluate(unit: Unit, run: Path) -> None:
+def _evaluate(unit: Unit) -> None:
+    """Evaluates the dense model by name, any other by its directory in the run (an adapter on the
+    model its heal started from)."""
     target = unit.settings["target"]
     model, adapter = target, None
-    if target in ("pruned", "healed", "merged"):
-        model = str(run / target)
-        if target == "healed" and (run / "healed" / "adapter_config.json").is_file():
-            model, adapter = str(run / "pruned"), str(run / "healed")
+    if unit.name != "eval-dense":
+        directory = unit.path.parent.parent / target
+        model = str(directory)
+        if unit.source is not None and (directory / "adapter_config.json").is_file():
+            model, adapter = str(unit.source), str(directory)
     report = api.evaluate(model, adapter=adapter, **_kwargs(unit.settings, ("target",)))
     unit.path.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(unit.path, {**report, "settings": unit.settings})
 
 
-def _run_unit(unit: Unit, recipe: Recipe, record: RunRecord) -> None:
+def _run_unit(unit: Unit, record: RunRecord) -> None:
     log.info("run: %s (%s)", unit.name, unit.reason)
     record.update(unit, status="running", settings=unit.settings, reason=unit.reason)
     start = time.perf_counter()
     with MemorySampler() as memory:
-        _execute(unit, recipe)
+        _execute(unit)
     unit.stats = {"seconds": round(time.perf_counter() - start, 3), "cpu_seconds": memory.cpu_seconds,
                   "peak_rss_mb": memory.peak_mb, "peak_gpu_mb": memory.peak_gpu_mb,
                   "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
@@ -295,7 +186,7 @@ def _check_space(units: list[Unit], recipe: Recipe) -> None:
     for unit in (u for u in units if u.todo and u.stage != "evaluate"):
         names.append(unit.name)
         if unit.stage == "heal":
-            heal = _filled("heal", recipe.heal)
+            heal = unit.settings
             kept = heal["save_total_limit"] if heal["save_steps"] else 0
             needed += HEALERS.get(str(heal["method"]))().output_bytes(weights, kept, False)[0]
         else:  # a pruned or merged model is about as large as the dense one
@@ -327,12 +218,10 @@ def run_recipe(recipe: Recipe, force: str | None, after: Callable[[Path], dict] 
     recipe.output.mkdir(parents=True, exist_ok=True)
     (recipe.output / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
     record = RunRecord(recipe)
-    stale = set(record.data["stages"]) - {u.name for u in units}
-    for name in stale:  # e.g. merge was asked before and is not now
-        record.data["stages"].pop(name)
+    record.keep_only(units)
     for unit in units:
         if unit.todo:
-            _run_unit(unit, recipe, record)
+            _run_unit(unit, record)
         else:
             log.info("run: %s is finished with the same settings; skipped", unit.name)
             record.update(unit, skipped=True)
