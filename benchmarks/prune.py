@@ -1,10 +1,15 @@
 """Pruning benchmark on smollm2-135m: time, peak RSS and perplexity for every method x pattern.
 
-Also measures (1) batched calibration against the same computation run one sample at a time and
-(2) evaluation throughput against a bare forward pass over the same windows.
+Also measures, in the same run: (1) the compute floor of the prune (``_floor.py``: the matrix products
+the algorithm needs, timed on this machine at the layer's own shapes) and each prune's wall time as a
+ratio to it; (2) with ``--baseline-rev REV``, the same prunes with the code of an earlier git revision,
+its wall time and whether its masks and weights are bit-identical; (3) batched calibration against the
+same computation run one sample at a time (the reference code's loop); (4) evaluation throughput
+against a bare forward pass over the same windows, alternating, 3 runs each.
 
     python benchmarks/prune.py                      # full run (about an hour on 2 CPU cores)
     python benchmarks/prune.py --methods wanda --patterns unstructured --eval-windows 4
+    python benchmarks/prune.py --methods wanda,sparsegpt --patterns unstructured --baseline-rev be24021
 
 Each prune and evaluation runs in its own process so peak RSS is that process's alone.
 """
@@ -13,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -20,14 +27,37 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import machine, print_table, run_measured, write_json  # noqa: E402
+from _floor import prune_floor  # noqa: E402
 
 PY = [sys.executable, "-m", "sparseheal"]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def baseline_checkout(rev: str, work: Path) -> dict:
+    """A detached worktree of ``rev``; its ``src`` goes first on PYTHONPATH for the baseline prunes."""
+    tree = work / f"baseline-{rev}"
+    if not tree.is_dir():
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), rev], check=True,
+                       capture_output=True)
+    return {"PYTHONPATH": str(tree / "src")}
+
+
+def same_outputs(a: Path, b: Path) -> bool:
+    """Whether two prune outputs hold bit-identical weights and masks."""
+    from safetensors.torch import load_file
+
+    for name in ("model.safetensors", "sparsity_masks.safetensors"):
+        left, right = load_file(a / name), load_file(b / name)
+        if left.keys() != right.keys() or any(not left[k].equal(right[k]) for k in left):
+            return False
+    return True
 
 
 def prune_and_eval(
-    model: str, method: str, pattern: str, args, work: Path, batch: int, evaluate: bool
+    model: str, method: str, pattern: str, args, work: Path, batch: int, evaluate: bool,
+    env: dict | None = None, tag: str = "",
 ) -> dict:
-    out = work / f"{method}-{pattern.replace(':', 'of')}-b{batch}"
+    out = work / f"{method}-{pattern.replace(':', 'of')}-b{batch}{tag}"
     cmd = PY + [
         "prune",
         model,
@@ -45,7 +75,7 @@ def prune_and_eval(
         str(batch),
         "--overwrite",
     ]
-    run = run_measured(cmd, log=work / f"{out.name}.log")
+    run = run_measured(cmd, env=env, log=work / f"{out.name}.log")
     record = json.loads((out / "sparseheal.json").read_text())
     row = {
         "method": method,
@@ -73,6 +103,7 @@ def evaluate_ppl(model: str, args, work: Path) -> dict:
         str(args.eval_windows),
         "-o",
         str(result),
+        "--overwrite",
     ]
     run = run_measured(cmd, log=work / "eval.log")
     res = json.loads(result.read_text())["results"][0]
@@ -83,8 +114,9 @@ def evaluate_ppl(model: str, args, work: Path) -> dict:
     }
 
 
-def eval_overhead(model: str, windows: int) -> dict:
-    """Tokens/s of sparseheal's perplexity loop vs a bare ``model(input_ids)`` loop on the same windows."""
+def eval_overhead(model: str, windows: int, repeats: int = 3) -> dict:
+    """Tokens/s of sparseheal's perplexity loop against a bare ``model(input_ids)`` loop on the same windows,
+    run alternately ``repeats`` times each (medians, and the spread of the ratio)."""
     import torch
 
     from sparseheal.data import eval_tokens
@@ -94,18 +126,23 @@ def eval_overhead(model: str, windows: int) -> dict:
     lm, tokenizer, _ = load_model(model)
     tokens = eval_tokens("wikitext2", tokenizer, 1024)
     batches = tokens[0, : windows * 1024].reshape(windows, 1024)
+    bare, ours = [], []
     with torch.no_grad():
         lm(input_ids=batches[:1])  # warm-up
-        start = time.perf_counter()
-        for i in range(windows):
-            lm(input_ids=batches[i : i + 1])
-        bare = time.perf_counter() - start
-    ours = perplexity(lm, tokens, "wikitext2", 1024, max_windows=windows).seconds
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for i in range(windows):
+                lm(input_ids=batches[i : i + 1])
+            bare.append(time.perf_counter() - start)
+            ours.append(perplexity(lm, tokens, "wikitext2", 1024, max_windows=windows).seconds)
+    ratios = [o / b for o, b in zip(ours, bare, strict=True)]
     return {
         "windows": windows,
-        "bare_forward_tok_s": round(windows * 1024 / bare, 1),
-        "perplexity_tok_s": round(windows * 1024 / ours, 1),
-        "overhead_pct": round(100 * (ours / bare - 1), 2),
+        "runs": repeats,
+        "bare_forward_tok_s": round(windows * 1024 / statistics.median(bare), 1),
+        "perplexity_tok_s": round(windows * 1024 / statistics.median(ours), 1),
+        "x_bare": round(statistics.median(ratios), 3),
+        "x_bare_range": f"{min(ratios):.3f}-{max(ratios):.3f}",
     }
 
 
@@ -125,21 +162,13 @@ def plan(args) -> list[tuple]:
     cheap = [job for job in grid if job[1] == "magnitude"]
     first = [job for job in grid if job[2] == "unstructured" and job[1] != "magnitude"]
     rest = [job for job in grid if job not in cheap and job not in first]
+    base = [("baseline", m, p, args.batch) for _, m, p, _ in first + rest] if args.baseline_rev else []
     single = [("single", m, "unstructured", 1) for m in filter(None, args.sequential.split(","))]
     memory = [
         ("memory", "wanda", "unstructured", int(b)) for b in filter(None, args.memory_batches.split(","))
     ]
-    return (
-        first[:1]
-        + cheap[:1]
-        + single[:1]
-        + cheap[1:]
-        + first[1:]
-        + rest
-        + memory
-        + [("overhead",), ("dense",)]
-        + single[1:]
-    )
+    return ([("floor",)] + first[:1] + base[:1] + cheap[:1] + first[1:] + base[1:len(first)] + single[:1]
+            + cheap[1:] + rest + base[len(first):] + memory + [("overhead",), ("dense",)] + single[1:])
 
 
 def run_job(job: tuple, args, work: Path) -> dict:
@@ -150,6 +179,14 @@ def run_job(job: tuple, args, work: Path) -> dict:
     kind = job[0]
     if kind in ("prune", "single", "memory"):
         row = {"job": kind, **prune_and_eval(args.model, job[1], job[2], args, work, job[3], kind == "prune")}
+    elif kind == "baseline":
+        env = baseline_checkout(args.baseline_rev, work)
+        row = {"job": kind,
+               **prune_and_eval(args.model, job[1], job[2], args, work, job[3], False, env, "-base")}
+        ours = work / f"{job[1]}-{job[2].replace(':', 'of')}-b{job[3]}"
+        row["identical"] = same_outputs(ours, work / f"{ours.name}-base")
+    elif kind == "floor":
+        row = {"job": kind, **prune_floor(args.model, args.nsamples, args.seqlen, args.batch)}
     elif kind == "overhead":
         row = {"job": kind, **eval_overhead(args.model, args.overhead_windows)}
     else:
@@ -158,8 +195,26 @@ def run_job(job: tuple, args, work: Path) -> dict:
     return row
 
 
+def _with_ratios(rows: list[dict]) -> list[dict]:
+    """The prune rows with their ratio to the floor and to the baseline revision's run of the same prune."""
+    floor = next((r for r in rows if r["job"] == "floor"), None)
+    table = []
+    for row in (r for r in rows if r["job"] in ("dense", "prune")):
+        row = dict(row)
+        if floor and row["job"] == "prune" and row["method"] != "magnitude":
+            row["x_floor"] = round(row["prune_s"] / floor["floor_s"], 3)
+            row["x_bare_layers"] = round(row["prune_s"] / floor["bare_layer_floor_s"], 3)
+        base = next((b for b in rows if b["job"] == "baseline" and (b["method"], b["pattern"]) ==
+                     (row["method"], row["pattern"])), None)
+        if base:
+            row.update(baseline_s=base["prune_s"], speedup=round(base["prune_s"] / row["prune_s"], 3),
+                       identical=base["identical"])
+        table.append(row)
+    return table
+
+
 def summarize(rows: list[dict], args, fp32_mb: float) -> dict:
-    table = [r for r in rows if r["job"] in ("dense", "prune")]
+    table = _with_ratios(rows)
     speed = []
     for single in (r for r in rows if r["job"] == "single"):
         batched = next(
@@ -195,6 +250,7 @@ def summarize(rows: list[dict], args, fp32_mb: float) -> dict:
         "settings": vars(args),
         "machine": machine(),
         "model_fp32_mb": fp32_mb,
+        "floor": next((r for r in rows if r["job"] == "floor"), None),
         "rows": table,
         "batched_vs_one_at_a_time": speed,
         "memory_by_batch": memory,
@@ -209,11 +265,13 @@ def main() -> None:
     parser.add_argument("--patterns", default="unstructured,2:4,4:8")
     parser.add_argument("--nsamples", type=int, default=64)
     parser.add_argument("--seqlen", type=int, default=1024)
-    parser.add_argument("--batch", type=int, default=8, help="calibration batch size of the batched runs")
+    parser.add_argument("--batch", type=int, default=2, help="calibration batch size of the batched runs")
     parser.add_argument(
         "--sequential", default="wanda,sparsegpt", help="methods also run one sample at a time"
     )
-    parser.add_argument("--memory-batches", default="4,2", help="extra wanda batch sizes (prune only)")
+    parser.add_argument("--memory-batches", default="8", help="extra wanda batch sizes (prune only)")
+    parser.add_argument("--baseline-rev", default=None, help="git revision whose prunes are timed alongside "
+                                                             "and compared bit for bit")
     parser.add_argument("--eval-windows", type=int, default=32)
     parser.add_argument("--overhead-windows", type=int, default=8)
     parser.add_argument("--output", default="benchmarks/results/prune.json")
@@ -228,7 +286,10 @@ def main() -> None:
         print(rows[-1], flush=True)
         write_json(Path(args.output), summarize(rows, args, fp32_mb))
     result = summarize(rows, args, fp32_mb)
-    print_table(result["rows"], ["method", "pattern", "prune_s", "cpu_s", "peak_rss_mb", "sparsity", "ppl"])
+    print_table([result["floor"]] if result["floor"] else [], ["batch", "tflop", "linear_gflop_s",
+                "attention_gflop_s", "floor_s", "bare_layer_floor_s", "kernels_share_of_layer"])
+    print_table(result["rows"], ["method", "pattern", "prune_s", "x_floor", "x_bare_layers", "baseline_s",
+                                 "speedup", "identical", "cpu_s", "peak_rss_mb", "sparsity", "ppl"])
     print_table(
         result["batched_vs_one_at_a_time"],
         [
@@ -243,7 +304,8 @@ def main() -> None:
     )
     print_table(result["memory_by_batch"], ["batch", "prune_s", "cpu_s", "peak_rss_mb", "x_fp32_size"])
     print_table(
-        result["eval_overhead"], ["windows", "bare_forward_tok_s", "perplexity_tok_s", "overhead_pct"]
+        result["eval_overhead"], ["windows", "runs", "bare_forward_tok_s", "perplexity_tok_s", "x_bare",
+                                  "x_bare_range"]
     )
     print(f"model fp32 size: {fp32_mb:.0f} MiB; peak RSS target < {2 * fp32_mb:.0f} MiB")
 
