@@ -225,7 +225,9 @@ def _ppl_panel(ax, points: list[dict], dense: float | None, colors: dict[str, st
             ax.plot([x0, p["x"]], [y0, p["y"]], color=color, linewidth=1,
                     linestyle=":" if p["model"].startswith("merged") else "-")
         ax.plot(p["x"], p["y"], marker="o", color=color, linestyle="none")
-        ax.annotate(p["model"], (p["x"], p["y"]), fontsize=7, xytext=(4, 4), textcoords="offset points")
+        below = p["model"].startswith("merged")  # a merged model sits next to its healed one
+        ax.annotate(p["model"], (p["x"], p["y"]), fontsize=7, xytext=(4, -10 if below else 4),
+                    textcoords="offset points")
     if dense is not None:
         ax.axhline(dense, color=_COLORS["dense"], linestyle="--", linewidth=1, label=f"dense {dense:.2f}")
         ax.legend(fontsize=7)
