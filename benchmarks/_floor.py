@@ -10,14 +10,18 @@ model of L decoder layers whose linears have shapes (in_i, out_i):
 FLOPs: a linear costs ``2 B T in out``; causal attention ``2 B H T (T + 1) d_head`` for QKᵀ and PV
 together (query t meets t + 1 keys). The floor in seconds is the same sum of the kernels' own times,
 each measured here on the layer's shapes (``F.linear`` and ``F.scaled_dot_product_attention``, causal),
-so the floor holds nothing but matrix products at this machine's rate. A second, "bare-layer" floor is
-the layer's own forward (norms, rotary embedding, activation and residuals included) for the same passes,
-without hooks, statistics or mask selection.
+so the floor holds nothing but matrix products at this machine's rate. SparseGPT's floor adds its
+statistic, the Gram matrix ``XᵀX`` of each distinct linear input (``2 B T in²``; q, k and v share one, gate
+and up another), on the same shapes.
+
+What the floor leaves out is the layer's own element-wise work (norms, rotary embedding, activation,
+residual adds), the statistics' element-wise part and the mask selection.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import statistics
 import time
 
@@ -25,10 +29,6 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["prune_floor"]
-
-
-class _Stop(Exception):
-    pass
 
 
 def _seconds(fn, repeats: int = 5) -> float:
@@ -42,46 +42,37 @@ def _seconds(fn, repeats: int = 5) -> float:
     return statistics.median(times)
 
 
-def _call_order(layer, hidden, kwargs) -> list[str]:
-    """Names of the layer's linears in the order one forward calls them."""
-    order, handles = [], []
+def _call_order(layer, hidden, kwargs) -> tuple[list[str], list[str]]:
+    """Names of the layer's linears in the order one forward calls them, and of those among them that
+    read an input no earlier linear read (one statistic each)."""
+    seen: list[tuple[torch.Tensor, str]] = []
+    handles = []
     for name, module in layer.named_modules():
         if isinstance(module, torch.nn.Linear):
-            handles.append(module.register_forward_pre_hook(lambda _m, _i, n=name: order.append(n)))
+            handles.append(module.register_forward_pre_hook(lambda _m, i, n=name: seen.append((i[0], n))))
     layer(hidden, **kwargs)
     for handle in handles:
         handle.remove()
-    return order
-
-
-def _stopped_forward(layer, last: str, hidden, kwargs) -> None:
-    """The layer's forward up to the input of its last linear."""
-    def stop(_module, _inputs):
-        raise _Stop
-
-    handle = layer.get_submodule(last).register_forward_pre_hook(stop)
-    try:
-        layer(hidden, **kwargs)
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
+    distinct = [n for k, (x, n) in enumerate(seen) if all(x is not y for y, _ in seen[:k])]
+    return [n for _, n in seen], distinct
 
 
 @torch.no_grad()
 def prune_floor(model_name: str, nsamples: int, seqlen: int, batch: int) -> dict:
     """Measures the floor of a calibrated prune of ``model_name`` over ``nsamples`` x ``seqlen`` tokens."""
     from sparseheal.models import decoder_layers, load_model
-    from sparseheal.sparsity.calibrate import capture_layer_inputs
+    from sparseheal.sparsity.calibrate import CalibrationSettings, capture_layer_inputs
+    from sparseheal.sparsity.pipeline import calibration_tokens
 
     lm, _, _ = load_model(model_name, "float32", "cpu")
     lm.eval()
     _, layers = decoder_layers(lm)
     config = lm.config
-    tokens = torch.randint(0, config.vocab_size, (batch, seqlen), generator=torch.Generator().manual_seed(0))
+    draw = CalibrationSettings(nsamples=batch, seqlen=seqlen)  # real C4 text, as the prune sees it
+    tokens = calibration_tokens(model_name, draw, os.environ.get("SPARSEHEAL_DATA_DIR"))
     (hidden, kwargs), = capture_layer_inputs(lm, layers[0], tokens, batch, torch.device("cpu"))
     layer = layers[0]
-    order = _call_order(layer, hidden, kwargs)
+    order, distinct = _call_order(layer, hidden, kwargs)
     linears = {name: layer.get_submodule(name) for name in order}
     x = {name: torch.randn(batch * seqlen, mod.in_features) for name, mod in linears.items()}  # (B*T, in)
     t_lin = {name: _seconds(lambda n=name: F.linear(x[n], linears[n].weight)) for name in order}
@@ -89,13 +80,13 @@ def prune_floor(model_name: str, nsamples: int, seqlen: int, batch: int) -> dict
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     q, k, v = (torch.randn(batch, heads, seqlen, head_dim) for _ in range(3))  # (B, H, T, d_head)
     t_attn = _seconds(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))
-    t_full = _seconds(lambda: layer(hidden, **kwargs))
-    t_stats = _seconds(lambda: _stopped_forward(layer, order[-1], hidden, kwargs))
+    t_gram = sum(_seconds(lambda n=name: x[n].t() @ x[n]) for name in distinct)  # SparseGPT's X Xᵀ
     n_layers, n_batches = len(layers), math.ceil(nsamples / batch)
     all_lin = sum(t_lin.values())
     per_batch = n_layers * (all_lin - t_lin[order[-1]] + t_attn) + (n_layers - 1) * (all_lin + t_attn)
     lin_flops = {n: 2 * batch * seqlen * m.in_features * m.out_features for n, m in linears.items()}
     attn_flops = 2 * batch * heads * seqlen * (seqlen + 1) * head_dim
+    gram_flops = sum(2 * batch * seqlen * linears[n].in_features ** 2 for n in distinct)
     flops = (n_layers * (sum(lin_flops.values()) - lin_flops[order[-1]] + attn_flops)
              + (n_layers - 1) * (sum(lin_flops.values()) + attn_flops)) * n_batches
     return {
@@ -104,7 +95,7 @@ def prune_floor(model_name: str, nsamples: int, seqlen: int, batch: int) -> dict
         "linear_gflop_s": round(sum(lin_flops.values()) / all_lin / 1e9, 1),
         "attention_gflop_s": round(attn_flops / t_attn / 1e9, 1),
         "floor_s": round(per_batch * n_batches, 2),
-        "bare_layer_floor_s": round((n_layers * t_stats + (n_layers - 1) * t_full) * n_batches, 2),
-        "kernels_share_of_layer": round((all_lin + t_attn) / t_full, 3),
+        "hessian_tflop": round(gram_flops * n_layers * n_batches / 1e12, 2),
+        "sparsegpt_floor_s": round((per_batch + n_layers * t_gram) * n_batches, 2),
         "threads": torch.get_num_threads(),
     }

@@ -146,6 +146,26 @@ def eval_overhead(model: str, windows: int, repeats: int = 3) -> dict:
     }
 
 
+def in_child(kind: str, args, work: Path) -> dict:
+    """Runs an in-process measurement in a child process, so that this process never holds a model: a
+    child forked from a large parent reports the parent's size as its own peak RSS (Linux keeps the
+    larger of the two at exec)."""
+    out = work / f"{kind}.child.json"
+    run_measured([sys.executable, __file__, "--child", kind, "--child-out", str(out), "--model", args.model,
+                  "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--batch", str(args.batch),
+                  "--overhead-windows", str(args.overhead_windows)], log=work / f"{kind}.child.log")
+    return json.loads(out.read_text())
+
+
+def child(args) -> None:
+    if args.child == "floor":
+        row = {**prune_floor(args.model, args.nsamples, args.seqlen, args.batch),
+               "model_fp32_mb": model_fp32_mb(args.model)}
+    else:
+        row = eval_overhead(args.model, args.overhead_windows)
+    Path(args.child_out).write_text(json.dumps(row))
+
+
 def model_fp32_mb(model: str) -> float:
     """Size of the model's unique parameters in float32, MiB."""
     from sparseheal.models import load_model
@@ -162,13 +182,14 @@ def plan(args) -> list[tuple]:
     cheap = [job for job in grid if job[1] == "magnitude"]
     first = [job for job in grid if job[2] == "unstructured" and job[1] != "magnitude"]
     rest = [job for job in grid if job not in cheap and job not in first]
-    base = [("baseline", m, p, args.batch) for _, m, p, _ in first + rest] if args.baseline_rev else []
+    base = [("baseline", m, p, args.batch) for _, m, p, _ in first + rest
+            if args.baseline_rev and p in args.baseline_patterns.split(",")]
     single = [("single", m, "unstructured", 1) for m in filter(None, args.sequential.split(","))]
     memory = [
         ("memory", "wanda", "unstructured", int(b)) for b in filter(None, args.memory_batches.split(","))
     ]
-    return ([("floor",)] + first[:1] + base[:1] + cheap[:1] + first[1:] + base[1:len(first)] + single[:1]
-            + cheap[1:] + rest + base[len(first):] + memory + [("overhead",), ("dense",)] + single[1:])
+    return ([("floor",)] + first[:1] + base[:1] + cheap[:1] + first[1:] + base[1:] + single[:1]
+            + cheap[1:] + rest + memory + [("overhead",), ("dense",)] + single[1:])
 
 
 def run_job(job: tuple, args, work: Path) -> dict:
@@ -185,10 +206,8 @@ def run_job(job: tuple, args, work: Path) -> dict:
                **prune_and_eval(args.model, job[1], job[2], args, work, job[3], False, env, "-base")}
         ours = work / f"{job[1]}-{job[2].replace(':', 'of')}-b{job[3]}"
         row["identical"] = same_outputs(ours, work / f"{ours.name}-base")
-    elif kind == "floor":
-        row = {"job": kind, **prune_floor(args.model, args.nsamples, args.seqlen, args.batch)}
-    elif kind == "overhead":
-        row = {"job": kind, **eval_overhead(args.model, args.overhead_windows)}
+    elif kind in ("floor", "overhead"):
+        row = {"job": kind, **in_child(kind, args, work)}
     else:
         row = {"job": kind, "method": "dense", "pattern": "-", **evaluate_ppl(args.model, args, work)}
     saved.write_text(json.dumps(row))
@@ -201,9 +220,9 @@ def _with_ratios(rows: list[dict]) -> list[dict]:
     table = []
     for row in (r for r in rows if r["job"] in ("dense", "prune")):
         row = dict(row)
-        if floor and row["job"] == "prune" and row["method"] != "magnitude":
-            row["x_floor"] = round(row["prune_s"] / floor["floor_s"], 3)
-            row["x_bare_layers"] = round(row["prune_s"] / floor["bare_layer_floor_s"], 3)
+        if floor and row["job"] == "prune" and row["method"] != "magnitude":  # magnitude: no passes
+            own = floor["sparsegpt_floor_s"] if row["method"] == "sparsegpt" else floor["floor_s"]
+            row["x_floor"] = round(row["prune_s"] / own, 3)
         base = next((b for b in rows if b["job"] == "baseline" and (b["method"], b["pattern"]) ==
                      (row["method"], row["pattern"])), None)
         if base:
@@ -238,7 +257,7 @@ def summarize(rows: list[dict], args, fp32_mb: float) -> dict:
             "prune_s": r["prune_s"],
             "cpu_s": r["cpu_s"],
             "peak_rss_mb": r["peak_rss_mb"],
-            "x_fp32_size": round(r["peak_rss_mb"] / fp32_mb, 2),
+            "x_fp32_size": round(r["peak_rss_mb"] / fp32_mb, 2) if fp32_mb else None,
         }
         for r in rows
         if r["job"] in ("prune", "memory", "single")
@@ -272,23 +291,30 @@ def main() -> None:
     parser.add_argument("--memory-batches", default="8", help="extra wanda batch sizes (prune only)")
     parser.add_argument("--baseline-rev", default=None, help="git revision whose prunes are timed alongside "
                                                              "and compared bit for bit")
+    parser.add_argument("--baseline-patterns", default="unstructured", help="patterns run with the baseline")
     parser.add_argument("--eval-windows", type=int, default=32)
     parser.add_argument("--overhead-windows", type=int, default=8)
     parser.add_argument("--output", default="benchmarks/results/prune.json")
     parser.add_argument("--workdir", default=None, help="reuse it to resume an interrupted run")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child:
+        child(args)
+        return
     work = Path(args.workdir or tempfile.mkdtemp(prefix="sparseheal-bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    fp32_mb = model_fp32_mb(args.model)
+    fp32_mb = 0.0
     rows = []
     for job in plan(args):
         rows.append(run_job(job, args, work))
+        fp32_mb = rows[-1].get("model_fp32_mb", fp32_mb)
         print(rows[-1], flush=True)
         write_json(Path(args.output), summarize(rows, args, fp32_mb))
     result = summarize(rows, args, fp32_mb)
     print_table([result["floor"]] if result["floor"] else [], ["batch", "tflop", "linear_gflop_s",
-                "attention_gflop_s", "floor_s", "bare_layer_floor_s", "kernels_share_of_layer"])
-    print_table(result["rows"], ["method", "pattern", "prune_s", "x_floor", "x_bare_layers", "baseline_s",
+                "attention_gflop_s", "floor_s", "hessian_tflop", "sparsegpt_floor_s"])
+    print_table(result["rows"], ["method", "pattern", "prune_s", "x_floor", "baseline_s",
                                  "speedup", "identical", "cpu_s", "peak_rss_mb", "sparsity", "ppl"])
     print_table(
         result["batched_vs_one_at_a_time"],
