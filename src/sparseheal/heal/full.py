@@ -51,7 +51,6 @@ from sparseheal.sparsity.store import check_masks_match, save_masks
 
 __all__ = [
     "FullSettings",
-    "masked_gradient",
     "select_trainable",
     "MaskKeeper",
     "MaskCallback",
@@ -61,11 +60,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-
-def masked_gradient(grad: torch.Tensor, pruned: torch.Tensor) -> torch.Tensor:
-    """``g * m`` written as a fill: +0.0 at pruned positions (``pruned`` = ~keep-mask), g elsewhere."""
-    return grad.masked_fill(pruned, 0.0)
 
 
 def _is_norm(module: nn.Module) -> bool:
@@ -170,7 +164,9 @@ class MaskKeeper:
 
 def _grad_hook(pruned: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
     def hook(grad: torch.Tensor) -> torch.Tensor:
-        return masked_gradient(grad, pruned)
+        # in place: a linear's weight gradient is a fresh product that only its accumulation reads;
+        # filling it allocates no second weight-sized tensor per weight and step
+        return grad.masked_fill_(pruned, 0.0)
 
     return hook
 
