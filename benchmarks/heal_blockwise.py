@@ -89,7 +89,7 @@ def main() -> None:
     parser.add_argument("--pruned", nargs="+", default=[], help="NAME=DIR of pruned models")
     parser.add_argument("--rows", default="pruned,blockwise,full,blockwise+full")
     parser.add_argument("--bw-epochs", type=float, default=1.0)
-    parser.add_argument("--bw-lr", type=float, default=2e-4)
+    parser.add_argument("--bw-lr", type=float, default=1e-3)
     parser.add_argument("--bw-nsamples", type=int, default=None)
     parser.add_argument("--eval-windows", type=int, default=32)
     parser.add_argument("--memory-model", action="store_true")

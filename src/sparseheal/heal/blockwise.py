@@ -139,7 +139,7 @@ class BlockwiseHealer(Healer):
     """Trains each sparse decoder layer to reproduce its dense twin (see the module docstring)."""
 
     settings = BlockwiseSettings
-    defaults = {"lr": 2e-4, "scheduler": "cosine"}
+    defaults = {"lr": 1e-3, "scheduler": "cosine"}  # at 70% on smollm2-135m: 80.5% of the gap, 2e-4 64.6%
     requires_sparsity = True
     trainer_based = False
     writes = "a pruned model directory with reconstructed layers"
