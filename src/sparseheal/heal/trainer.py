@@ -13,6 +13,7 @@ module only maps :class:`TrainingSettings` onto ``TrainingArguments`` and adds
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import math
@@ -340,9 +341,14 @@ def train(
     if cfg.resume:
         last = resume_point(checkpoint_dir)
         start_tokens = tokens_at(last)
-    start, start_cpu = time.perf_counter(), time.process_time()
-    output = trainer.train(resume_from_checkpoint=str(last) if last is not None else None)
-    seconds = (time.perf_counter() - start, time.process_time() - start_cpu)  # wall, CPU of all threads
+    gc.collect()
+    gc.freeze()  # what exists now (text, tokens, model objects) is not scanned by the loop's collections
+    try:
+        start, start_cpu = time.perf_counter(), time.process_time()
+        output = trainer.train(resume_from_checkpoint=str(last) if last is not None else None)
+        seconds = (time.perf_counter() - start, time.process_time() - start_cpu)  # wall, CPU of all threads
+    finally:
+        gc.unfreeze()
     eval_metrics = trainer.evaluate() if has_eval else {}
     summary = _summary(trainer, output, eval_metrics, seconds, start_tokens)
     resumed_at = int(last.name.split("-")[1]) if last is not None else 0
