@@ -58,6 +58,17 @@ def write_heals_recipe(path: Path, model: Path, output: Path, stages: list[dict]
     return path
 
 
+def copy_run(finished: Path, tmp_path: Path) -> tuple[Path, str]:
+    """A copy of a finished run, with its recipe (beside the run) pointing at the copy, for tests that
+    change it; returns (run directory, recipe path)."""
+    import shutil
+
+    run_dir = shutil.copytree(finished, tmp_path / "run", symlinks=True)
+    text = (finished.parent / "recipe.yaml").read_text().replace(f"output: {finished}", f"output: {run_dir}")
+    (tmp_path / "recipe.yaml").write_text(text)
+    return run_dir, str(tmp_path / "recipe.yaml")
+
+
 @functools.cache
 def tiny_run(base: Path, model: Path) -> Path:
     """Runs the tiny recipe once into ``base/run`` through the CLI; returns the run directory."""

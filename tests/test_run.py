@@ -1,11 +1,10 @@
 """``sparseheal run`` end to end on a tiny model: stages, resume, --force, refused recipe changes."""
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
-from runs import snapshot, tiny_run, write_recipe
+from runs import copy_run, snapshot, tiny_run, write_recipe
 
 import sparseheal
 from sparseheal.cli import main
@@ -23,11 +22,7 @@ def finished_run(llama_dir, tmp_path_factory):
 @pytest.fixture
 def run_copy(finished_run, tmp_path):
     """A copy of the finished run (with its recipe pointing at the copy) for tests that change it."""
-    run_dir = shutil.copytree(finished_run, tmp_path / "run", symlinks=True)
-    recipe = finished_run.parent / "recipe.yaml"
-    text = recipe.read_text().replace(f"output: {finished_run}", f"output: {run_dir}")
-    (tmp_path / "recipe.yaml").write_text(text)
-    return run_dir, str(tmp_path / "recipe.yaml")
+    return copy_run(finished_run, tmp_path)
 
 
 def test_run_writes_every_stage_and_the_report(finished_run, capsys):

@@ -3,12 +3,11 @@ forced per stage, the recipe checks, and the comparison report."""
 
 import functools
 import json
-import shutil
 from pathlib import Path
 
 import matplotlib.image as mpimg
 import pytest
-from runs import snapshot, write_heals_recipe, write_recipe
+from runs import copy_run, snapshot, write_heals_recipe, write_recipe
 
 import sparseheal
 from sparseheal.cli import main
@@ -41,10 +40,7 @@ def finished(llama_dir, tmp_path_factory):
 
 @pytest.fixture
 def run_copy(finished, tmp_path):
-    run_dir = shutil.copytree(finished, tmp_path / "run", symlinks=True)
-    text = (finished.parent / "recipe.yaml").read_text().replace(str(finished), str(run_dir))
-    (tmp_path / "recipe.yaml").write_text(text)
-    return run_dir, str(tmp_path / "recipe.yaml")
+    return copy_run(finished, tmp_path)
 
 
 def _record(directory: Path) -> dict:
