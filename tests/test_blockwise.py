@@ -141,3 +141,14 @@ def test_blockwise_settings_with_another_healer_are_refused(pruned, tmp_path):
     with pytest.raises(ConfigError) as err:
         sparseheal.heal(str(pruned), str(tmp_path / "o"), method="full", nsamples=8, block_size=32)
     assert err.value.flag == "--nsamples" and "blockwise only" in err.value.message
+
+
+def test_the_command_line_summary_names_the_layers(pruned, tmp_path, capsys):
+    from sparseheal import cli
+
+    with pytest.raises(SystemExit) as info:
+        cli.main(["heal", str(pruned), "-o", str(tmp_path / "o"), "--method", "blockwise", "--device", "cpu"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert "with blockwise: 2 layers, 2 of them closer to their dense twin" in out
+    assert "None" not in out and "nan" not in out

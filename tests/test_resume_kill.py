@@ -171,3 +171,44 @@ def test_kill_while_writing_the_output_resumes_from_the_final_checkpoint(pruned,
     assert weights.keys() == reference.keys() and all(torch.equal(weights[k], reference[k]) for k in weights)
     record = json.loads((resumed / "sparseheal.json").read_text())
     assert record["steps"] == 8 and record["tokens_seen"] == 8 * 32
+
+
+BLOCKWISE = ("--method", "blockwise", "--nsamples", "4", "--seqlen", "32", "--epochs", "200", "--lr", "1e-3",
+             "--seed", "3", "--device", "cpu")
+
+
+def test_kill_9_during_blockwise_then_resume_matches_an_uninterrupted_run(pruned, tmp_path):
+    """Killed while the second layer trains (after the first layer's checkpoint), then resumed: the result
+    is bit-identical to an uninterrupted block-wise heal."""
+    from sparseheal.heal.blockwise import load_progress
+
+    out, ckpt = tmp_path / "killed", tmp_path / "killed.ckpt"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    log = tmp_path / "stderr.txt"
+    with open(log, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "sparseheal", "heal", str(pruned), "-o", str(out),
+                                 *BLOCKWISE], stdout=subprocess.DEVNULL, stderr=err, env=env)
+        try:
+            deadline = time.monotonic() + 240
+            while not load_progress(ckpt):
+                assert proc.poll() is None, f"heal ended before its first layer was saved:\n{log.read_text()}"
+                assert time.monotonic() < deadline, "no finished layer within 240 s"
+                time.sleep(0.01)
+            time.sleep(random.Random(13).uniform(0.0, 0.5))
+            proc.send_signal(signal.SIGKILL)
+            code = proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert code == -signal.SIGKILL, f"heal ended (status {code}) before the kill; lengthen the run"
+    assert not out.exists() and [r["index"] for r in load_progress(ckpt)] == [0]
+
+    _cli(["heal", str(pruned), "-o", str(out), *BLOCKWISE, "--resume"])
+    _cli(["heal", str(pruned), "-o", str(tmp_path / "whole"), *BLOCKWISE])
+    resumed = load_file(str(out / "model.safetensors"))
+    whole = load_file(str(tmp_path / "whole" / "model.safetensors"))
+    assert resumed.keys() == whole.keys() and all(torch.equal(resumed[k], whole[k]) for k in whole)
+    record = json.loads((out / "sparseheal.json").read_text())
+    assert [r["index"] for r in record["blockwise"]["layers"]] == [0, 1]
+    assert record["mask_verification"]["ok"] and not ckpt.exists()

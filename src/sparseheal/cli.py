@@ -163,6 +163,13 @@ def _print_inspect(report: dict) -> int:
 
 def _print_heal(output: Path) -> None:
     r = read_record(output) or {}
+    if r.get("heal_method") == "blockwise":
+        layers = r["blockwise"]["layers"]
+        closer = sum(x["loss_after"] < x["loss_before"] for x in layers)
+        print(f"healed {r.get('pruned_from')} with blockwise: {len(layers)} layers, {closer} of them closer "
+              f"to their dense twin (MSE, last layer {layers[-1]['loss_before']:.4g} -> "
+              f"{layers[-1]['loss_after']:.4g}) -> {output}")
+        return
     losses = f"loss {r.get('first_loss') or float('nan'):.4f} -> {r.get('final_loss') or float('nan'):.4f}"
     if r.get("eval_loss") is not None:
         losses += f", eval loss {r['eval_loss']:.4f}"

@@ -54,7 +54,7 @@ from sparseheal.models import decoder_layers
 from sparseheal.registry import HEALERS
 from sparseheal.settings import Settings, setting
 
-__all__ = ["BlockwiseSettings", "BlockwiseHealer", "layer_loss", "DenseLayers",
+__all__ = ["BlockwiseSettings", "BlockwiseHealer", "layer_loss", "propagate", "DenseLayers",
            "run_blockwise", "to_device"]
 
 log = logging.getLogger(__name__)
@@ -81,6 +81,21 @@ def layer_loss(layer: nn.Module, inputs: list, targets: list[torch.Tensor], devi
         losses = [F.mse_loss(_forward(layer, x, kw, device).float(), y.to(device).float())
                   for (x, kw), y in zip(inputs, targets, strict=True)]
     return float(torch.stack(losses).mean())
+
+
+def propagate(layer: nn.Module, stream: list, targets: list[torch.Tensor] | None,
+              device: torch.device) -> float | None:
+    """Replaces each batch's hidden states (B, T, d) by the layer's outputs, in place (one copy of the
+    stream is ever held); with ``targets``, returns the mean over batches of MSE(outputs, targets), the
+    same number as :func:`layer_loss` from the same forward pass."""
+    losses = []
+    with torch.no_grad():
+        for (hidden, kwargs), target in zip(stream, targets or [None] * len(stream), strict=True):
+            out = _forward(layer, hidden, kwargs, device)  # (B, T, d)
+            if target is not None:
+                losses.append(F.mse_loss(out.float(), target.to(device).float()))
+            hidden.copy_(out)
+    return float(torch.stack(losses).mean()) if losses else None
 
 
 def _forward(layer: nn.Module, hidden: torch.Tensor, kwargs: dict, device: torch.device) -> torch.Tensor:
@@ -158,7 +173,7 @@ class BlockwiseHealer(Healer):
 
     def fit_layer(self, layer: nn.Module, masks: dict[str, torch.Tensor], inputs: list,
                   targets: list[torch.Tensor], training: Any, index: int, device: torch.device) -> dict:
-        """Trains one layer on (input, target) batches; returns its loss before and after."""
+        """Trains one layer on (input, target) batches; returns its loss before training and its steps."""
         from transformers import get_scheduler
 
         before = layer_loss(layer, inputs, targets, device)
@@ -190,8 +205,7 @@ class BlockwiseHealer(Healer):
         keeper.remove()
         for p in params:
             p.requires_grad_(False)
-        after = layer_loss(layer, inputs, targets, device)
-        return {"index": index, "loss_before": before, "loss_after": after, "steps": steps}
+        return {"index": index, "loss_before": before, "steps": steps}  # the loss after: propagate()
 
 
 def save_layer(layer: nn.Module, checkpoint_dir: Path, index: int, result: dict, recipe: dict) -> None:
@@ -254,7 +268,7 @@ def run_blockwise(job: Any, healer: BlockwiseHealer) -> Path:
     prefix, layers = decoder_layers(lm)
     dense = DenseLayers(teacher.path, prefix)
     dense.check(layers)
-    masks, mask_source = model_masks(lm, source.path, "PRUNED_DIR")
+    masks, mask_source = model_masks(lm, source.path, "PRUNED_DIR", packed=True)  # unpacked per layer
     check_sparse(job.pruned_dir, masks)
     device = torch.device(job.compute.device or default_device())
     tokens, spec = _calibration(job, healer.options, pruned_record, tokenizer)
@@ -269,6 +283,7 @@ def run_blockwise(job: Any, healer: BlockwiseHealer) -> Path:
     with watch("layers"):
         results = [_heal_layer(healer, job, layer, i, dense, streams, masks, f"{prefix}.{i}.", done, device)
                    for i, layer in enumerate(layers)]
+    del streams, dense_stream, sparse_stream  # not held while the output is written
     context = {"source": source, "pruned_record": pruned_record, "masks": masks, "mask_source": mask_source,
                "teacher": teacher, "calibration": spec, "layers": results}
     out = write_blockwise_output(job, lm, tokenizer, context, watch)
@@ -278,22 +293,25 @@ def run_blockwise(job: Any, healer: BlockwiseHealer) -> Path:
 
 def _heal_layer(healer: BlockwiseHealer, job: Any, layer: nn.Module, index: int, dense: DenseLayers,
                 streams: dict, masks: dict, prefix: str, done: list[dict], device: torch.device) -> dict:
-    """Layer ``index``: its dense targets, then its fit (or its finished weights), then the next inputs."""
+    """Layer ``index``: its dense targets, then its fit (or its finished weights), then the next inputs.
+
+    Both streams are rewritten in place: the dense stream becomes this layer's targets (and the next
+    layer's dense inputs), the sparse stream the healed layer's outputs."""
     twin = dense.build(layer, index, device)
-    with torch.no_grad():  # the dense twin's outputs: this layer's targets and the next dense input
-        targets = [_forward(twin, x, kw, device).cpu() for x, kw in streams["dense"]]
+    propagate(twin, streams["dense"], None, device)  # the dense twin's outputs
     del twin
-    streams["dense"] = [(y, kw) for y, (_, kw) in zip(targets, streams["dense"], strict=True)]
+    targets = [y for y, _ in streams["dense"]]
     to_device(layer, device)
     if index < len(done):  # finished before an interruption: its healed weights, as trained
         layer.load_state_dict(load_file_state(job.checkpoint_dir / f"layer-{index}.safetensors"))
+        propagate(layer, streams["sparse"], None, device)
         result = done[index]
     else:
         result = healer.fit_layer(layer, _layer_masks(masks, prefix), streams["sparse"], targets,
                                   job.training, index, device)
+        # the healed layer's outputs feed the next sparse layer; their MSE is its loss after training
+        result["loss_after"] = propagate(layer, streams["sparse"], targets, device)
         save_layer(layer, job.checkpoint_dir, index, result, job.recipe)
-    with torch.no_grad():  # the healed layer's outputs feed the next sparse layer
-        streams["sparse"] = [(_forward(layer, x, kw, device).cpu(), kw) for x, kw in streams["sparse"]]
     layer.to("cpu")
     log.info("blockwise layer %d: MSE %.6g -> %.6g", index, result["loss_before"], result["loss_after"])
     return result
@@ -309,7 +327,7 @@ def write_blockwise_output(job: Any, lm, tokenizer, ctx: dict, watch: Any) -> Pa
     from sparseheal.heal.output import check_finite_weights
     from sparseheal.models import save_model, source_hash
     from sparseheal.records import atomic_dir, peak_rss_mb, write_record
-    from sparseheal.sparsity.masks import as_bool, sparsity_of
+    from sparseheal.sparsity.masks import sparsity_of
     from sparseheal.sparsity.store import save_masks, weights_hash
 
     pruned, teacher = ctx["pruned_record"], ctx["teacher"]
@@ -320,7 +338,7 @@ def write_blockwise_output(job: Any, lm, tokenizer, ctx: dict, watch: Any) -> Pa
         weights = weights_hash(tmp)
         save_masks(ctx["masks"], tmp / MASKS_FILE, {"pattern": pruned.get("pattern", "unstructured"),
                                                     "weights_hash": weights})
-        verification = verify_saved_masks(tmp, {n: as_bool(m) for n, m in ctx["masks"].items()})
+        verification = verify_saved_masks(tmp, ctx["masks"])
         if not verification["ok"]:
             raise StageError("--lr", f"{verification['mask_violations']} pruned weights are not +0.0; "
                                      "nothing was written")

@@ -46,7 +46,7 @@ from sparseheal.heal.fsdp import is_sharded, local, shard_like
 from sparseheal.models import decoder_layers, prunable_linears, save_model
 from sparseheal.registry import HEALERS
 from sparseheal.settings import Settings, setting
-from sparseheal.sparsity.masks import count_violations
+from sparseheal.sparsity.masks import PackedMask, as_bool, count_violations
 from sparseheal.sparsity.store import check_masks_match, save_masks
 
 __all__ = [
@@ -203,8 +203,9 @@ def weight_files(model_dir: Path) -> dict[str, Path]:
     return found
 
 
-def verify_saved_masks(model_dir: str | os.PathLike, masks: dict[str, torch.Tensor]) -> dict:
-    """Checks bit for bit that every pruned position of the saved weights is +0.0.
+def verify_saved_masks(model_dir: str | os.PathLike, masks: dict[str, torch.Tensor | PackedMask]) -> dict:
+    """Checks bit for bit that every pruned position of the saved weights is +0.0 (bool or bit-packed
+    masks; one layer's weight and mask are read at a time).
 
     Returns:
         {"ok", "mask_violations" (pruned positions not +0.0), "negative_zeros" (of those, -0.0),
@@ -218,6 +219,7 @@ def verify_saved_masks(model_dir: str | os.PathLike, masks: dict[str, torch.Tens
             raise RuntimeError(f"{key} is missing from the saved weights in {model_dir}")
         with safe_open(str(files[key]), framework="pt") as fh:
             weight = fh.get_tensor(key)
+        mask = as_bool(mask)
         pruned = ~mask
         violations += count_violations(weight, mask)
         negative += int((torch.signbit(weight[pruned]) & (weight[pruned] == 0)).sum())

@@ -31,11 +31,13 @@ def check_finite_weights(directory: Path) -> None:
         if path.name == MASKS_FILE:
             continue
         with safe_open(str(path), framework="pt") as fh:
-            for name in fh.keys():
-                tensor = fh.get_tensor(name)
-                count = int((~torch.isfinite(tensor)).sum()) if tensor.is_floating_point() else 0
-                bad += count
-                first = first or (name if count else None)
+            names = list(fh.keys())
+        for name in names:
+            with safe_open(str(path), framework="pt") as fh:  # closed per tensor: the file pages read
+                tensor = fh.get_tensor(name)  # stay mapped (resident) only for one tensor at a time
+            count = int((~torch.isfinite(tensor)).sum()) if tensor.is_floating_point() else 0
+            bad += count
+            first = first or (name if count else None)
     if bad:
         raise StageError("--lr", f"training left {bad} weights that are not finite (first in {first}); "
                                  "nothing was written: lower --lr or use float32")
