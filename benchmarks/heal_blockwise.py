@@ -8,7 +8,11 @@ model given (``--pruned NAME=DIR``, e.g. from ``benchmarks/owl.py``'s work direc
 - ``blockwise``: ``heal --method blockwise`` (``--bw-epochs``, ``--bw-lr``, ``--bw-nsamples`` samples of
   1024 tokens, the prune's own draw when not given);
 - ``full``: ``heal --method full --lr 3e-4 --warmup-steps 10 --max-steps 100 --block-size 1024``;
-- ``blockwise+full``: the full heal on the blockwise output.
+- ``blockwise+full``: the full heal on the blockwise output;
+- ``blockwise+full@same-time``: blockwise on ``--budget-nsamples`` samples, then the full heal with as
+  many steps as fit in what is left of the ``full`` row's wall time (its per-step time and fixed cost
+  from that run: steps = floor((wall_full - wall_blockwise - fixed_full) / step_full)); needs the
+  ``full`` row first. The row reports the two stages' total wall time and its ratio to ``full``'s.
 
 Each heal runs in its own process (wall time, CPU time, peak RSS of that process); the share of the gap
 closed is (ppl_pruned - ppl_healed) / (ppl_pruned - ppl_dense). ``--memory-model`` prints the memory
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import tempfile
 from pathlib import Path
@@ -63,20 +68,48 @@ def heal(source: Path, out: Path, args: list[str]) -> dict:
     return measured
 
 
+def budget_steps(full_run: dict, full_dir: Path, blockwise_wall: float, steps: int = 100) -> int:
+    """Full-heal steps that bring blockwise + full to the full row's wall time."""
+    train = json.loads((full_dir / "sparseheal.json").read_text())["timings"]["train"]
+    fixed = full_run["wall_s"] - train  # load, data, save: paid again by the second stage
+    return max(1, math.floor((full_run["wall_s"] - blockwise_wall - fixed) / (train / steps)))
+
+
+def same_time(name: str, pruned: Path, work: Path, args, runs: dict) -> tuple[Path, dict]:
+    """Blockwise on fewer samples, then full for the rest of the full row's wall time."""
+    if "full" not in runs:
+        raise SystemExit("blockwise+full@same-time needs the full row before it (--rows ...,full,...)")
+    bw_dir = work / f"{name}-blockwise-n{args.budget_nsamples}"
+    bw = heal(pruned, bw_dir, ["--method", "blockwise", "--epochs", str(args.bw_epochs),
+                               "--lr", str(args.bw_lr), "--nsamples", str(args.budget_nsamples)])
+    steps = budget_steps(runs["full"], work / f"{name}-full", bw["wall_s"])
+    out = work / f"{name}-blockwise-n{args.budget_nsamples}-then-full-{steps}"
+    full = heal(bw_dir, out, [*FULL[:FULL.index("--max-steps")], "--max-steps", str(steps),
+                              *FULL[FULL.index("--max-steps") + 2:]])
+    total = {k: round(bw[k] + full[k], 2) for k in ("wall_s", "cpu_s")}
+    return out, {**total, "peak_rss_mb": max(bw["peak_rss_mb"], full["peak_rss_mb"]),
+                 "wall_vs_full": round(total["wall_s"] / runs["full"]["wall_s"], 3),
+                 "blockwise_nsamples": args.budget_nsamples, "blockwise_wall_s": bw["wall_s"],
+                 "full_steps": steps, "full_wall_s": full["wall_s"]}
+
+
 def rows_for(name: str, pruned: Path, work: Path, args, dense: float) -> list[dict]:
     bw_args = ["--method", "blockwise", "--epochs", str(args.bw_epochs), "--lr", str(args.bw_lr)]
     bw_args += ["--nsamples", str(args.bw_nsamples)] if args.bw_nsamples else []
     plan = {"blockwise": (pruned, bw_args), "full": (pruned, FULL),
             "blockwise+full": (work / f"{name}-blockwise", FULL)}
-    rows = []
+    rows, runs = [], {}
     base = perplexity(str(pruned), work / f"{name}-pruned.eval.json", args.eval_windows, reuse=True)["ppl"]
     for row in args.rows:
         if row == "pruned":
             rows.append({"pruned": name, "row": "pruned", "ppl": round(base, 3), "gap_closed": "0.0%"})
             continue
-        source, extra = plan[row]
-        out = work / f"{name}-{row.replace('+', '-then-')}"
-        run = heal(source, out, extra)
+        if row == "blockwise+full@same-time":
+            out, run = same_time(name, pruned, work, args, runs)
+        else:
+            source, extra = plan[row]
+            out = work / f"{name}-{row.replace('+', '-then-')}"
+            run = runs[row] = heal(source, out, extra)
         ppl = perplexity(str(out), out.with_suffix(".eval.json"), args.eval_windows, reuse=True)["ppl"]
         closed = (base - ppl) / (base - dense)
         rows.append({"pruned": name, "row": row, "ppl": round(ppl, 3), "gap_closed": f"{100 * closed:.1f}%",
@@ -91,6 +124,8 @@ def main() -> None:
     parser.add_argument("--bw-epochs", type=float, default=1.0)
     parser.add_argument("--bw-lr", type=float, default=1e-3)
     parser.add_argument("--bw-nsamples", type=int, default=None)
+    parser.add_argument("--budget-nsamples", type=int, default=16,
+                        help="blockwise samples of the blockwise+full@same-time row")
     parser.add_argument("--eval-windows", type=int, default=32)
     parser.add_argument("--memory-model", action="store_true")
     parser.add_argument("--workdir", default=None)
@@ -108,7 +143,8 @@ def main() -> None:
     for item in args.pruned:
         name, _, path = item.partition("=")
         rows += rows_for(name, Path(path), work, args, dense)
-    print_table(rows, ["pruned", "row", "ppl", "gap_closed", "wall_s", "cpu_s", "peak_rss_mb"])
+    columns = ["pruned", "row", "ppl", "gap_closed", "wall_s", "wall_vs_full", "cpu_s", "peak_rss_mb"]
+    print_table(rows, columns)
     out = Path(args.output)
     earlier = json.loads(out.read_text()).get("rows", []) if out.is_file() else []
     keys = {(r["pruned"], r["row"]) for r in rows}

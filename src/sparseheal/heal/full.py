@@ -110,13 +110,13 @@ class MaskKeeper:
         masks: keep-masks by module name, each shaped like the module's weight parameter.
     """
 
-    def __init__(self, model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
+    def __init__(self, model: nn.Module, masks: dict[str, torch.Tensor | PackedMask]) -> None:
         modules = dict(model.named_modules())
         self.entries: list[tuple[str, nn.Parameter, torch.Tensor]] = []
         for name, mask in masks.items():
             weight = modules[name].weight
             # pruned positions, cut like the weight (the local shard of an FSDP2 weight, see heal/fsdp.py)
-            self.entries.append((name, weight, shard_like(~mask.bool(), weight)))
+            self.entries.append((name, weight, shard_like(~as_bool(mask).bool(), weight)))
         self._grad_handles: list[Any] = []
         self._step_handles: dict[int, Any] = {}
 
@@ -243,6 +243,7 @@ class FullHealer(Healer):
     settings = FullSettings
     defaults = {"lr": 2e-5, "scheduler": "cosine"}
     requires_sparsity = True
+    packed_masks = True  # the keeper holds the one bool copy (pruned positions) it needs
     writes = "the healed weights themselves"
     options: FullSettings
 
