@@ -13,7 +13,8 @@ import sparseheal
 from sparseheal.config import ConfigError
 from sparseheal.data import split_blocks
 from sparseheal.heal import trainer as heal_trainer
-from sparseheal.heal.trainer import LOG_FILE, TrainingSettings, training_arguments
+from sparseheal.heal.trainer import training_arguments
+from sparseheal.heal.training import LOG_FILE, TrainingSettings
 
 FAST = dict(max_steps=6, block_size=32, max_eval_samples=2, logging_steps=1, device="cpu", lr=5e-3)
 

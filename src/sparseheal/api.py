@@ -31,7 +31,7 @@ from sparseheal.heal.distill import DistillSettings
 from sparseheal.heal.fsdp import FsdpSettings
 from sparseheal.heal.merge import HealMergeSettings, MergeSettings
 from sparseheal.heal.selfgen import SelfGenSettings
-from sparseheal.heal.trainer import TrainingSettings
+from sparseheal.heal.training import TrainingSettings
 from sparseheal.models import ComputeSettings, TrustSettings, check_seqlen, input_path, weights_bytes
 from sparseheal.records import output_lock, write_json_atomic
 from sparseheal.registry import HEALERS, PRUNERS

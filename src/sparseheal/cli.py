@@ -24,6 +24,7 @@ from typer.exceptions import TyperException
 from sparseheal import api
 from sparseheal.errors import ConfigError, StageError
 from sparseheal.records import read_record
+from sparseheal.registry import HEALERS
 from sparseheal.run import report as report_stage
 from sparseheal.run import run as run_stage
 from sparseheal.run.report import results_table
@@ -163,12 +164,10 @@ def _print_inspect(report: dict) -> int:
 
 def _print_heal(output: Path) -> None:
     r = read_record(output) or {}
-    if r.get("heal_method") == "blockwise":
-        layers = r["blockwise"]["layers"]
-        closer = sum(x["loss_after"] < x["loss_before"] for x in layers)
-        print(f"healed {r.get('pruned_from')} with blockwise: {len(layers)} layers, {closer} of them closer "
-              f"to their dense twin (MSE, last layer {layers[-1]['loss_before']:.4g} -> "
-              f"{layers[-1]['loss_after']:.4g}) -> {output}")
+    healer = HEALERS.get(r["heal_method"]) if r.get("heal_method") in HEALERS.names() else None
+    line = healer.summary(r) if healer else None
+    if line:
+        print(f"{line} -> {output}")
         return
     losses = f"loss {r.get('first_loss') or float('nan'):.4f} -> {r.get('final_loss') or float('nan'):.4f}"
     if r.get("eval_loss") is not None:

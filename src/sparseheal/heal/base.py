@@ -84,6 +84,12 @@ class Healer:
         """Writes the healed artifacts into ``out_dir``; returns fields for the record."""
         raise NotImplementedError
 
+    @classmethod
+    def summary(cls, record: dict) -> str | None:
+        """The command line's one-line account of a finished heal, from its record (None: the account of a
+        Trainer-based heal: steps, tokens, losses)."""
+        return None
+
 
 def format_rate(value: float) -> str:
     """A learning rate as people write it: 1e-4, 2e-5, 3e-4 (``%g`` when it needs more digits)."""

@@ -171,6 +171,14 @@ class BlockwiseHealer(Healer):
         """Heals ``job.pruned_dir`` into ``job.output`` layer by layer; returns the output."""
         return run_blockwise(job, self)
 
+    @classmethod
+    def summary(cls, record: dict) -> str:
+        layers = record["blockwise"]["layers"]
+        closer = sum(x["loss_after"] < x["loss_before"] for x in layers)
+        return (f"healed {record.get('pruned_from')} with blockwise: {len(layers)} layers, {closer} of them "
+                f"closer to their dense twin (MSE, last layer {layers[-1]['loss_before']:.4g} -> "
+                f"{layers[-1]['loss_after']:.4g})")
+
     def fit_layer(self, layer: nn.Module, masks: dict[str, torch.Tensor], inputs: list,
                   targets: list[torch.Tensor], training: Any, index: int, device: torch.device) -> dict:
         """Trains one layer on (input, target) batches; returns its loss before training and its steps."""

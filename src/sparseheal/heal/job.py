@@ -11,7 +11,7 @@ from sparseheal.heal.base import Healer
 from sparseheal.heal.checkpoints import checkpoint_dir_for
 from sparseheal.heal.distill import DistillSettings
 from sparseheal.heal.selfgen import SelfGenSettings
-from sparseheal.heal.trainer import TrainingSettings
+from sparseheal.heal.training import TrainingSettings
 from sparseheal.models import ComputeSettings, TrustSettings
 
 __all__ = ["HealJob"]

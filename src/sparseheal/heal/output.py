@@ -17,7 +17,7 @@ from sparseheal.errors import StageError
 from sparseheal.heal.job import HealJob
 from sparseheal.heal.merge import MERGE_EVAL_WINDOWS, save_merged
 from sparseheal.heal.merge_stage import merge_record
-from sparseheal.heal.trainer import LOG_FILE
+from sparseheal.heal.training import LOG_FILE
 from sparseheal.records import Stopwatch, atomic_dir, write_record
 from sparseheal.sparsity.store import stamp_masks, weights_hash
 

@@ -31,7 +31,6 @@ from sparseheal.checks import (
 )
 from sparseheal.data import DataSettings, training_split
 from sparseheal.errors import ConfigError, StageError
-from sparseheal.heal import trainer
 from sparseheal.heal.adapters import check_sparse
 from sparseheal.heal.base import HealMethodSettings, refuse_foreign_settings
 from sparseheal.heal.checkpoints import RECIPE_FILE
@@ -40,7 +39,7 @@ from sparseheal.heal.fsdp import FsdpSettings, check_fsdp
 from sparseheal.heal.job import HealJob
 from sparseheal.heal.merge import HealMergeSettings
 from sparseheal.heal.selfgen import SELF_DATA, SelfGenSettings
-from sparseheal.heal.trainer import TrainingSettings
+from sparseheal.heal.training import TrainingSettings
 from sparseheal.models import (
     ComputeSettings,
     TrustSettings,
@@ -150,6 +149,7 @@ def _check_not_inputs(job: HealJob) -> None:
 
 def run_heal(job: HealJob) -> Path:
     """Heals ``job.pruned_dir`` into ``job.output`` (see ``sparseheal.api.heal``); returns the output."""
+    from sparseheal.heal import trainer  # the Trainer and what it loads (datasets), only for a heal
     from sparseheal.heal.adapters import model_masks
     from sparseheal.heal.output import write_heal_output
 

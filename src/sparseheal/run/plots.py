@@ -6,18 +6,22 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-
 __all__ = ["loss_curves", "moving_average", "plot_loss", "plot_layer_losses", "plot_sparsity",
            "plot_perplexity", "plot_zeroshot", "plot_heal_comparison"]
 
 _COLORS = {"dense": "#4c72b0", "pruned": "#c44e52", "healed": "#55a868", "merged": "#8172b2"}
 _PALETTE = ("#55a868", "#dd8452", "#8172b2", "#937860", "#da8bc3", "#8c8c8c", "#ccb974", "#64b5cd")
 _LAYER_RE = re.compile(r"\.(\d+)\.")
+
+
+def _pyplot():
+    """matplotlib's pyplot on the Agg backend, loaded by the first plot rather than when a command starts."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def loss_curves(log_lines: list[dict], key: str = "step") -> tuple[list[tuple[int, float]],
@@ -53,7 +57,7 @@ def moving_average(values: list[float], window: int) -> list[float]:
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _pyplot().close(fig)
     return path
 
 
@@ -62,7 +66,7 @@ def plot_loss(log_lines: list[dict], path: Path, title: str) -> Path | None:
     train, evals = loss_curves(log_lines)
     if not train and not evals:
         return None
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = _pyplot().subplots(figsize=(7, 4))
     if len(train) >= 8:  # per-step losses are noisy; a trailing mean shows the trend
         steps, losses = zip(*train, strict=True)
         window = max(3, len(train) // 5)
@@ -87,12 +91,12 @@ def plot_layer_losses(layers: list[dict], path: Path, title: str) -> Path | None
     """Block-wise healing: each decoder layer's reconstruction MSE before and after its training."""
     if not layers:
         return None
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = _pyplot().subplots(figsize=(7, 4))
     index = [r["index"] for r in layers]
     ax.plot(index, [r["loss_before"] for r in layers], marker="o", markersize=3, label="before (pruned)")
     ax.plot(index, [r["loss_after"] for r in layers], marker="s", markersize=3, label="after (healed)")
     ax.set_yscale("log")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.xaxis.set_major_locator(_pyplot().MaxNLocator(integer=True))
     ax.set_xlabel("decoder layer")
     ax.set_ylabel("MSE to the dense layer's output, log scale")
     ax.set_title(title)
@@ -115,13 +119,13 @@ def plot_sparsity(layers: dict[str, float], target: float | None, path: Path, ti
         index = _layer_index(name)
         x = position if index is None else index
         kinds.setdefault(name.rsplit(".", 1)[-1], []).append((x, 100 * value))
-    fig, ax = plt.subplots(figsize=(8, 4))
+    fig, ax = _pyplot().subplots(figsize=(8, 4))
     width = 0.6 / max(len(kinds), 1)  # module kinds side by side within a layer
     for i, (kind, points) in enumerate(kinds.items()):
         xs = [x + (i - (len(kinds) - 1) / 2) * width for x, _ in points]
         ys = [y for _, y in points]
         ax.plot(xs, ys, marker="o", markersize=4, linestyle="none", alpha=0.85, label=kind)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.xaxis.set_major_locator(_pyplot().MaxNLocator(integer=True))
     if target is not None:
         ax.axhline(100 * target, color="black", linestyle=":", linewidth=1, label=f"target {100 * target:g}%")
     values = [100 * v for v in layers.values()]
@@ -163,7 +167,7 @@ def plot_perplexity(table: dict[str, dict[str, float]], path: Path, title: str) 
         return None
     models = _models(table)
     series = {m: [table[d].get(m) for d in table] for m in models}
-    fig, ax = plt.subplots(figsize=(max(6, 2.5 * len(table) + 3), 4))
+    fig, ax = _pyplot().subplots(figsize=(max(6, 2.5 * len(table) + 3), 4))
     _grouped_bars(ax, list(table), series, "{:.2f}")
     values = [v for vs in series.values() for v in vs if v]
     if values and max(values) / min(values) > 20:
@@ -185,7 +189,7 @@ def plot_zeroshot(table: dict[str, dict[str, float]], path: Path, title: str) ->
         return None
     models = _models(table)
     series = {m: [None if table[t].get(m) is None else 100 * table[t][m] for t in table] for m in models}
-    fig, ax = plt.subplots(figsize=(max(6, 2.5 * len(table) + 3), 4))
+    fig, ax = _pyplot().subplots(figsize=(max(6, 2.5 * len(table) + 3), 4))
     _grouped_bars(ax, list(table), series, "{:.1f}")
     ax.set_ylim(0, 110)
     ax.set_ylabel("accuracy (%)")
@@ -259,7 +263,7 @@ def plot_heal_comparison(curves: dict[str, tuple[list, list]], points: list[dict
     stages = list(dict.fromkeys([*curves, *(p["stage"] for p in points if p["stage"])]))
     colors = {s: _PALETTE[i % len(_PALETTE)] for i, s in enumerate(stages)}
     panels = [p for p in (curves and "loss", points and "ppl") if p]
-    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.5), squeeze=False)
+    fig, axes = _pyplot().subplots(1, len(panels), figsize=(6.5 * len(panels), 4.5), squeeze=False)
     for ax, panel in zip(axes[0], panels, strict=True):
         if panel == "loss":
             _loss_panel(ax, curves, colors)

@@ -1,0 +1,89 @@
+"""The settings of an end-to-end heal (text, schedule, logging, checkpoints), apart from the Trainer set-up
+in ``trainer.py``, so that declaring them (for the command line and recipes) loads no training code."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from sparseheal.checks import above_zero, non_negative, positive
+from sparseheal.errors import ConfigError
+from sparseheal.heal.base import format_rate
+from sparseheal.registry import HEALERS
+from sparseheal.settings import Settings, setting
+
+__all__ = ["LOG_FILE", "TrainingSettings"]
+
+LOG_FILE = "train_log.jsonl"
+
+
+def _default_help(what: str, key: str, show=str) -> Any:
+    def text() -> str:
+        per_method = ", ".join(f"{show(h.defaults[key])} for {name}" for name, h in HEALERS.items()
+                               if key in h.defaults)
+        return f"{what} (default {per_method})."
+
+    return text
+
+
+def _check_scheduler(flag: str, value: str | None) -> None:
+    from transformers.trainer_utils import SchedulerType
+
+    schedulers = [s.value for s in SchedulerType]
+    if value is not None and value not in schedulers:
+        raise ConfigError(flag, f"unknown scheduler {value!r}; choose from {', '.join(schedulers)}")
+
+
+@dataclass
+class TrainingSettings(Settings):
+    """Training text, schedule, logging and checkpoints of an end-to-end heal (the Trainer's settings)."""
+
+    data: str = setting("c4", "training text: c4, wikitext2, ptb, a local file or directory, or self "
+                              "(teacher-generated).")
+    max_train_samples: int = setting(30000, "at most this many training blocks.", check=positive)
+    max_eval_samples: int = setting(128, "blocks held out of the training text for the eval loss (0: none).",
+                                    check=non_negative("an integer"))
+    block_size: int = setting(1024, "tokens per training block.", check=positive)
+    max_steps: int | None = setting(None, "optimizer steps (overrides epochs).", check=positive)
+    epochs: float = setting(1.0, "passes over the training blocks.", check=above_zero)
+    batch_size: int = setting(1, "blocks per device and step.", check=positive)
+    gradient_accumulation: int = setting(1, "micro-batches per optimizer step.", check=positive)
+    lr: float | None = setting(None, _default_help("peak learning rate", "lr", format_rate), check=above_zero)
+    weight_decay: float = setting(0.0, "AdamW weight decay.", check=non_negative())
+    scheduler: str | None = setting(None, _default_help("a transformers SchedulerType name", "scheduler"),
+                                    check=_check_scheduler)
+    warmup_steps: int = setting(0, "linear warm-up steps.", check=non_negative("an integer"))
+    max_grad_norm: float = setting(1.0, "gradient clipping norm (0 disables).",
+                                   check=non_negative("a number (0 disables clipping)"))
+    seed: int = setting(0, "seed of adapter initialisation, dropout and data order.")
+    gradient_checkpointing: bool = setting(False, "recompute activations in the backward pass to save "
+                                                  "memory.")
+    bf16: bool = setting(False, "bfloat16 mixed precision (autocast).")
+    logging_steps: int = setting(10, "log the loss every N steps (to train_log.jsonl too).", check=positive,
+                                 resumable=True)
+    eval_steps: int | None = setting(None, "evaluate the held-out loss every N steps (default: only at the "
+                                           "end).", check=positive, resumable=True)
+    save_steps: int | None = setting(None, "write a checkpoint to OUTPUT.ckpt every N steps (kept for "
+                                           "--resume).", check=positive, resumable=True)
+    save_total_limit: int = setting(2, "checkpoints kept.", check=positive, resumable=True)
+    resume: bool = setting(False, "continue an interrupted run from the last checkpoint in OUTPUT.ckpt.",
+                           resumable=True)
+    max_bad_steps: int = setting(10, "non-finite losses in a row tolerated (their updates dropped) before "
+                                     "stopping.", check=non_negative("an integer"), resumable=True)
+
+    def with_method_defaults(self, defaults: dict[str, Any]) -> TrainingSettings:
+        """Fills ``lr`` and ``scheduler`` left unset with the healer's defaults."""
+        if self.lr is None and "lr" in defaults:
+            self.lr = defaults["lr"]
+        if self.scheduler is None and "scheduler" in defaults:
+            self.scheduler = defaults["scheduler"]
+        return self
+
+    @property
+    def block_limit(self) -> int:
+        """Training blocks worth tokenizing: ``--max-train-samples``, or fewer when ``--max-steps`` x
+        batch x accumulation needs fewer."""
+        limit = self.max_train_samples
+        if self.max_steps:
+            limit = min(limit, self.max_steps * self.batch_size * self.gradient_accumulation)
+        return limit
