@@ -206,3 +206,23 @@ def test_driver_batch_size_does_not_change_wanda_masks(llama_dir, c4_docs):
         results.append(prune_model(model, WandaPruner, tokens, None, 0.5, batch_size=batch_size))
     for other in results[1:]:
         assert all(torch.equal(results[0][k].unpack(), other[k].unpack()) for k in results[0])
+
+
+def test_captured_batches_hold_their_equal_keyword_tensors_once(llama_dir):
+    """The rotary cos/sin of equal-length batches are one pair of tensors, not one pair per batch; the
+    hidden states stay each batch's own."""
+    from sparseheal.models import decoder_layers
+    from sparseheal.sparsity.calibrate import capture_layer_inputs
+
+    lm = AutoModelForCausalLM.from_pretrained(str(llama_dir))
+    _, layers = decoder_layers(lm)
+    tokens = torch.randint(0, lm.config.vocab_size, (6, 16), generator=torch.Generator().manual_seed(0))
+    batches = capture_layer_inputs(lm, layers[0], tokens, 2, torch.device("cpu"))
+    first_cos, first_sin = batches[0][1]["position_embeddings"]
+    for hidden, kwargs in batches[1:]:
+        cos, sin = kwargs["position_embeddings"]
+        assert cos is first_cos and sin is first_sin
+        assert hidden.data_ptr() != batches[0][0].data_ptr()
+    with torch.no_grad():  # the kept tensors are the ones each batch would have computed
+        fresh = capture_layer_inputs(lm, layers[0], tokens[4:], 2, torch.device("cpu"))
+    assert torch.equal(fresh[0][1]["position_embeddings"][0], first_cos)

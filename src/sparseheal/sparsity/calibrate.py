@@ -16,6 +16,7 @@ import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -68,6 +69,8 @@ def capture_layer_inputs(
     def hook(_module: nn.Module, args: tuple, kwargs: dict):
         hidden = args[0] if args else kwargs.pop("hidden_states")
         kept = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values", "cache")}
+        if captured:  # the rotary cos/sin and position ids of equal-length batches are held once
+            kept = {k: _same_or(v, captured[0][1].get(k)) for k, v in kept.items()}
         captured.append((hidden.detach(), kept))
         raise _StopForward
 
@@ -82,6 +85,16 @@ def capture_layer_inputs(
     finally:
         handle.remove()
     return captured
+
+
+def _same_or(value: Any, first: Any) -> Any:
+    """``first`` (the first batch's keyword argument) where ``value`` equals it exactly, else ``value``."""
+    if isinstance(value, tuple) and isinstance(first, tuple) and len(value) == len(first):
+        return tuple(_same_or(v, f) for v, f in zip(value, first, strict=True))
+    if torch.is_tensor(value) and torch.is_tensor(first) and value.dtype == first.dtype \
+            and value.shape == first.shape and torch.equal(value, first):
+        return first
+    return value
 
 
 def run_layer(layer: nn.Module, batches: list[tuple[torch.Tensor, dict]], in_place: bool = False) -> None:
