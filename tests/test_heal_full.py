@@ -254,3 +254,25 @@ def test_bad_input_exit_2_naming_the_flag(pruned_dir, llama_dir, tmp_path, capsy
                                   "--distill", "kl"])
     assert "--teacher" in message
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.ckpt").exists()
+
+
+@pytest.mark.parametrize("chunk", [16 * 2**20, 40])
+def test_the_finiteness_check_finds_one_bad_value_in_any_tensor(tmp_path, monkeypatch, chunk):
+    """Read in row chunks (40 bytes: a few rows at a time), one inf in a late row of a float32 matrix, a
+    NaN in a bfloat16 vector or in a 0-d tensor is found and named; integer tensors are skipped."""
+    from safetensors.torch import save_file
+
+    from sparseheal.errors import StageError
+    from sparseheal.heal import output
+
+    monkeypatch.setattr(output, "_CHUNK_BYTES", chunk)
+    clean = {"a.weight": torch.randn(37, 5), "b.bias": torch.randn(7).bfloat16(),
+             "c.scale": torch.tensor(2.0), "d.ids": torch.arange(9)}
+    save_file(clean, str(tmp_path / "model.safetensors"))
+    output.check_finite_weights(tmp_path)
+    for name, index in [("a.weight", (36, 4)), ("b.bias", (6,)), ("c.scale", ())]:
+        broken = {k: v.clone() for k, v in clean.items()}
+        broken[name][index] = float("inf") if name == "a.weight" else float("nan")
+        save_file(broken, str(tmp_path / "model.safetensors"))
+        with pytest.raises(StageError, match=f"1 weights that are not finite \\(first in {name}\\)"):
+            output.check_finite_weights(tmp_path)

@@ -5,6 +5,7 @@ Everything goes into a temporary sibling of the output that is renamed into plac
 
 from __future__ import annotations
 
+import math
 import shutil
 from pathlib import Path
 
@@ -24,6 +25,28 @@ from sparseheal.sparsity.store import stamp_masks, weights_hash
 __all__ = ["write_heal_output", "check_finite_weights"]
 
 
+_CHUNK_BYTES = 16 * 2**20  # rows read at a time by the finiteness check
+_ELEMENT_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}  # safetensors dtype names (8-bit floats: 1)
+
+
+def _non_finite(path: Path, name: str) -> int:
+    """Non-finite values of one saved tensor, read in row chunks of about 16 MiB; the file is reopened
+    per chunk, so only that chunk's pages are ever mapped (resident)."""
+    with safe_open(str(path), framework="pt") as fh:
+        part = fh.get_slice(name)
+        shape, dtype = part.get_shape(), part.get_dtype()
+    if not dtype.startswith(("F", "BF")):  # integer and bool tensors are finite
+        return 0
+    rows = shape[0] if shape else 1
+    row_bytes = max(1, math.prod(shape[1:]) * _ELEMENT_BYTES.get(dtype, 1))
+    step, bad = max(1, _CHUNK_BYTES // row_bytes), 0
+    for start in range(0, rows, step):
+        with safe_open(str(path), framework="pt") as fh:
+            chunk = fh.get_slice(name)[start:start + step] if shape else fh.get_tensor(name)
+        bad += int((~torch.isfinite(chunk)).sum())
+    return bad
+
+
 def check_finite_weights(directory: Path) -> None:
     """Refuses (before the output is renamed into place) written weights that are not all finite."""
     bad, first = 0, None
@@ -33,9 +56,7 @@ def check_finite_weights(directory: Path) -> None:
         with safe_open(str(path), framework="pt") as fh:
             names = list(fh.keys())
         for name in names:
-            with safe_open(str(path), framework="pt") as fh:  # closed per tensor: the file pages read
-                tensor = fh.get_tensor(name)  # stay mapped (resident) only for one tensor at a time
-            count = int((~torch.isfinite(tensor)).sum()) if tensor.is_floating_point() else 0
+            count = _non_finite(path, name)
             bad += count
             first = first or (name if count else None)
     if bad:
