@@ -41,10 +41,15 @@ MODELS = {"smollm2-135m": (30, 576, 1, 49152, 3_540_096, 134_515_008),
           "llama-2-70b": (80, 8192, 2, 32000, 855_654_400, 68_976_648_192)}
 
 
+RUNTIME = 394 * 2**20  # RSS of Python, torch, transformers and sparseheal's CLI once imported (measured)
+
+
 def memory_model(name: str, nsamples: int, seqlen: int) -> dict:
     """Predicted peaks (GiB, float32) of block-wise and full fine-tuning: weights, gradients and AdamW
     moments, masks (1 bit per prunable weight, unpacked one layer at a time) and the two streams; the
-    activations of one sample through one layer (about 20 d T floats) for block-wise."""
+    activations of one sample through one layer (about 20 d T floats) for block-wise. ``cpu_total`` is the
+    block-wise peak when the host is the compute device: host + device - the layer counted in both +
+    the runtime."""
     layers, d, embeddings, vocab, layer_p, total_p = MODELS[name]
     streams = 2 * 4 * nsamples * seqlen * d  # the dense and the sparse hidden states, on the host
     host = 4 * total_p + streams + layers * layer_p // 8  # sparse model, streams, packed masks
@@ -54,7 +59,9 @@ def memory_model(name: str, nsamples: int, seqlen: int) -> dict:
     gib = 2**30
     return {"model": name, "nsamples": nsamples, "seqlen": seqlen,
             "blockwise_host_gib": round(host / gib, 2), "blockwise_device_gib": round(device / gib, 2),
-            "blockwise_streams_gib": round(streams / gib, 2), "full_gib": round(full / gib, 1)}
+            "blockwise_streams_gib": round(streams / gib, 2),
+            "blockwise_cpu_total_gib": round((host + device - 4 * layer_p + RUNTIME) / gib, 2),
+            "full_gib": round(full / gib, 1), "full_cpu_total_gib": round((full + RUNTIME) / gib, 1)}
 
 
 def heal(source: Path, out: Path, args: list[str]) -> dict:
@@ -147,8 +154,11 @@ def main() -> None:
     print_table(rows, columns)
     out = Path(args.output)
     earlier = json.loads(out.read_text()).get("rows", []) if out.is_file() else []
-    keys = {(r["pruned"], r["row"]) for r in rows}
-    merged = [r for r in earlier if (r["pruned"], r["row"]) not in keys] + rows
+    def key(r: dict) -> tuple:
+        return r["pruned"], r["row"], r.get("blockwise_nsamples")
+
+    keys = {key(r) for r in rows}
+    merged = [r for r in earlier if key(r) not in keys] + rows
     settings = {k: v for k, v in vars(args).items() if k != "output"}
     write_json(out, {"machine": machine(), "dense_ppl": dense, "settings": settings, "rows": merged})
 
