@@ -46,21 +46,18 @@ def _cli(argv: list[str]) -> None:
     assert info.value.code == 0, argv
 
 
-def _kill_after_first_checkpoint(argv: list[str], out: Path, delay: float, log: Path) -> str:
-    """Starts the heal in a subprocess, waits for a complete checkpoint, SIGKILLs it ``delay`` s later.
-
-    Returns the checkpoint directories present right after the kill (for the failure message).
-    """
-    ckpt = out.with_name(out.name + ".ckpt")
+def _kill_when(argv: list[str], ready, waiting_for: str, delay: float, log: Path) -> None:
+    """Starts ``python -m sparseheal ARGV`` in a subprocess, waits until ``ready()`` (``waiting_for`` names
+    it in failures), and SIGKILLs it ``delay`` s later; fails when the process ended on its own."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     with open(log, "w") as err:
         proc = subprocess.Popen([sys.executable, "-m", "sparseheal", *argv], stdout=subprocess.DEVNULL,
                                 stderr=err, env=env)
         try:
             deadline = time.monotonic() + 240
-            while last_checkpoint(ckpt) is None:
-                assert proc.poll() is None, f"heal ended before its first checkpoint:\n{log.read_text()}"
-                assert time.monotonic() < deadline, "no checkpoint within 240 s"
+            while not ready():
+                assert proc.poll() is None, f"heal ended before {waiting_for}:\n{log.read_text()}"
+                assert time.monotonic() < deadline, f"no {waiting_for} within 240 s"
                 time.sleep(0.01)
             time.sleep(delay)
             proc.send_signal(signal.SIGKILL)
@@ -70,6 +67,13 @@ def _kill_after_first_checkpoint(argv: list[str], out: Path, delay: float, log: 
                 proc.kill()
                 proc.wait()
     assert code == -signal.SIGKILL, f"heal ended (status {code}) before the kill; lengthen the run"
+
+
+def _kill_after_first_checkpoint(argv: list[str], out: Path, delay: float, log: Path) -> str:
+    """Kills the heal ``delay`` s after its first complete checkpoint; returns the checkpoint directories
+    present right after the kill (for the failure message)."""
+    ckpt = out.with_name(out.name + ".ckpt")
+    _kill_when(argv, lambda: last_checkpoint(ckpt) is not None, "its first checkpoint", delay, log)
     return ", ".join(sorted(p.name for p in ckpt.glob("checkpoint-*")))
 
 
@@ -183,25 +187,8 @@ def test_kill_9_during_blockwise_then_resume_matches_an_uninterrupted_run(pruned
     from sparseheal.heal.blockwise import load_progress
 
     out, ckpt = tmp_path / "killed", tmp_path / "killed.ckpt"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    log = tmp_path / "stderr.txt"
-    with open(log, "w") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "sparseheal", "heal", str(pruned), "-o", str(out),
-                                 *BLOCKWISE], stdout=subprocess.DEVNULL, stderr=err, env=env)
-        try:
-            deadline = time.monotonic() + 240
-            while not load_progress(ckpt):
-                assert proc.poll() is None, f"heal ended before its first layer was saved:\n{log.read_text()}"
-                assert time.monotonic() < deadline, "no finished layer within 240 s"
-                time.sleep(0.01)
-            time.sleep(random.Random(13).uniform(0.0, 0.5))
-            proc.send_signal(signal.SIGKILL)
-            code = proc.wait(timeout=60)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    assert code == -signal.SIGKILL, f"heal ended (status {code}) before the kill; lengthen the run"
+    _kill_when(["heal", str(pruned), "-o", str(out), *BLOCKWISE], lambda: bool(load_progress(ckpt)),
+               "its first finished layer", random.Random(13).uniform(0.0, 0.5), tmp_path / "stderr.txt")
     assert not out.exists() and [r["index"] for r in load_progress(ckpt)] == [0]
 
     _cli(["heal", str(pruned), "-o", str(out), *BLOCKWISE, "--resume"])
