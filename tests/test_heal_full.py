@@ -86,6 +86,53 @@ def test_mask_kept_under_adversarial_loop(pruned_dir, make_optimizer):
                 assert not state[~mask].any()
 
 
+def _masked_fill_reference(model, masks, optimizer) -> None:
+    """The keeper written as masked fills with +0.0 (gradient before accumulation, weight after the step)."""
+    modules = dict(model.named_modules())
+    for name, mask in masks.items():
+        pruned = ~mask
+        modules[name].weight.register_hook(lambda grad, pruned=pruned: grad.masked_fill(pruned, 0.0))
+
+    def remask(*_):
+        with torch.no_grad():
+            for name, mask in masks.items():
+                modules[name].weight.masked_fill_(~mask, 0.0)
+
+    remask()
+    optimizer.register_step_post_hook(remask)
+
+
+@pytest.mark.parametrize("make_optimizer", [
+    lambda params: torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1),
+    lambda params: torch.optim.AdamW(params, lr=2.0, weight_decay=1.0),  # 1 - lr * wd < 0
+    lambda params: torch.optim.SGD(params, lr=1e-2, momentum=0.9, weight_decay=0.1),
+], ids=["adamw", "adamw-sign-flip", "sgd-momentum"])
+def test_keeper_products_equal_masked_fills_bit_for_bit(pruned_dir, make_optimizer):
+    """The keeper's products with the keep-mask give the bits of masked fills with +0.0, step for step."""
+    masks = _masks(pruned_dir)
+    bits = {}
+    for keeper in (True, False):
+        model = AutoModelForCausalLM.from_pretrained(pruned_dir)
+        name = next(iter(masks))
+        with torch.no_grad():  # -0.0 at the pruned positions of one layer, as a sign flip would leave
+            dict(model.named_modules())[name].weight[~masks[name]] = -0.0
+        healer = FullHealer()
+        if keeper:
+            healer.prepare(model, masks, **_cfg(pruned_dir))
+        else:
+            select_trainable(model, masks, train_embeddings=False, train_norms=True)
+        optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad])
+        if keeper:
+            healer.keeper.attach(optimizer)
+        else:
+            _masked_fill_reference(model, masks, optimizer)
+        _adversarial_loop(model, optimizer, bf16=False)
+        bits[keeper] = {n: p.detach().view(torch.int32).clone() for n, p in model.named_parameters()}
+    assert bits[True].keys() == bits[False].keys()
+    for name in bits[True]:
+        assert torch.equal(bits[True][name], bits[False][name]), name
+
+
 def test_negative_zero_canonicalised(pruned_dir):
     """AdamW with lr * wd = 2 multiplies weights by -1: +0.0 becomes -0.0 unless re-masked after the step."""
     masks = _masks(pruned_dir)
@@ -155,7 +202,7 @@ def test_select_trainable_roles(tmp_path):
 
 def test_optimizer_memory_per_parameter(pruned_dir):
     """Accounting of what full fine-tuning holds per trainable parameter after one AdamW step (fp32):
-    weight 4 + gradient 4 + two moments 8 + the pruned-position mask 1 = 17 bytes."""
+    weight 4 + gradient 4 + two moments 8 + the keep-mask 1 = 17 bytes."""
     model = AutoModelForCausalLM.from_pretrained(pruned_dir)
     masks = _masks(pruned_dir)
     healer = FullHealer()
