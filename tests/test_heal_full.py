@@ -202,7 +202,7 @@ def test_select_trainable_roles(tmp_path):
 
 def test_optimizer_memory_per_parameter(pruned_dir):
     """Accounting of what full fine-tuning holds per trainable parameter after one AdamW step (fp32):
-    weight 4 + gradient 4 + two moments 8 + the keep-mask 1 = 17 bytes."""
+    weight 4 + gradient 4 + two moments 8 + the bit-packed keep-mask 1/8 = 16.125 bytes."""
     model = AutoModelForCausalLM.from_pretrained(pruned_dir)
     masks = _masks(pruned_dir)
     healer = FullHealer()
@@ -217,10 +217,10 @@ def test_optimizer_memory_per_parameter(pruned_dir):
     per_param = []
     for p in params:
         state = sum(t.numel() * t.element_size() for t in optimizer.state[p].values() if t.dim() > 0)
-        mask = next((m.numel() * m.element_size() for _, w, m in healer.keeper.entries if w is p), 0)
+        mask = next((m.bits.numel() for _, w, m in healer.keeper.entries if w is p), 0)  # packed
         total = p.numel() * p.element_size() + p.grad.numel() * p.grad.element_size() + state + mask
         per_param.append((total / p.numel(), id(p) in masked))
-    assert {value for value, is_masked in per_param if is_masked} == {17.0}
+    assert {value for value, is_masked in per_param if is_masked} == {16.125}
     assert {value for value, is_masked in per_param if not is_masked} == {16.0}  # norms: no mask
 
 

@@ -122,6 +122,10 @@ def test_pack_unpack_round_trip(shape):
 def test_pack_is_msb_first():
     mask = torch.tensor([True] + [False] * 7 + [False, True])
     assert pack_mask(mask).tolist() == [128, 64]
+    assert torch.equal(unpack_mask(torch.tensor([128, 64], dtype=torch.uint8), (10,)), mask)
+    every_byte = torch.arange(256, dtype=torch.uint8)  # each byte's bits, most significant first
+    expected = torch.tensor([[(b >> (7 - i)) & 1 == 1 for i in range(8)] for b in range(256)])
+    assert torch.equal(unpack_mask(every_byte, (256, 8)), expected)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

@@ -11,10 +11,12 @@ kept by construction rather than recomputed from ``W == 0`` at every step:
    (the ``+ 0.0`` turns the ``-0.0`` of a negative weight times zero into ``+0.0``, so that a decay
    factor ``1 - lr * wd < 0`` cannot leave ``-0.0``).
 
-Both are products with the bool keep-mask ``m``, which on CPU run about 5x faster than a masked fill
-(``benchmarks/heal_speed.py``). They give the weights the same bits as a masked fill with +0.0: a
-pruned gradient is ``+0.0`` or ``-0.0``, which clipping norms and the optimizers' moments treat alike
-(``0.9 * 0 + 0.1 * -0.0 = +0.0``), and ``x + 0.0 = x`` for every non-zero ``x``.
+Both are products with the keep-mask ``m``, held bit-packed and unpacked one weight at a time by a
+table lookup; on CPU the lookup and product take about a quarter of the time of a masked fill
+with a resident bool mask, and hold 1/8 of its memory. They give the weights the same bits as a
+masked fill with +0.0: a pruned gradient is ``+0.0`` or ``-0.0``, which clipping norms and the
+optimizers' moments treat alike (``0.9 * 0 + 0.1 * -0.0 = +0.0``), and ``x + 0.0 = x`` for every
+non-zero ``x``.
 
 With (1) alone AdamW already keeps zeros (``m_t = v_t = 0`` there, and ``0 * (1 - lr * wd) = 0``);
 (2) makes the invariant independent of the optimizer. Under ``--fsdp`` (FSDP2, :mod:`sparseheal.heal.fsdp`)
@@ -24,12 +26,12 @@ before clipping and the step) and (2) writes into the local shard. At the end ev
 saved weights is checked bit for bit and the result is recorded.
 
 Memory per trainable parameter with AdamW in float32: weight 4 B + gradient 4 B + two moments
-8 B + the keep-mask 1 B (bool) = 17 B; frozen parameters (embeddings) cost their 4 B.
+8 B + the keep-mask 1/8 B (bit-packed) = 16.125 B; frozen parameters (embeddings) cost their 4 B.
 Measured on smollm2-135m (134.5M parameters, 106.2M trainable) after one step on one block
-(``benchmarks/heal_compare.py``, CPU): exactly 17.0 B per trainable parameter in tensors; peak RSS
-2.41 GiB at block 256 and 3.17 GiB at block 1024 (19.2 and 25.3 B per parameter, activations and
-runtime included). ``--bf16`` autocast keeps float32 master weights (activations shrink, not the
-17 B); ``--gradient-checkpointing`` trades activation memory for a second forward pass.
+(``benchmarks/heal_compare.py``, CPU, with a bool mask of 1 B): 17.0 B per trainable parameter in
+tensors; peak RSS 2.41 GiB at block 256 and 3.17 GiB at block 1024 (19.2 and 25.3 B per parameter,
+activations and runtime included). ``--bf16`` autocast keeps float32 master weights (activations
+shrink, not the 16.125 B); ``--gradient-checkpointing`` trades activation memory for a second forward pass.
 """
 
 from __future__ import annotations
@@ -118,11 +120,15 @@ class MaskKeeper:
 
     def __init__(self, model: nn.Module, masks: dict[str, torch.Tensor | PackedMask]) -> None:
         modules = dict(model.named_modules())
-        self.entries: list[tuple[str, nn.Parameter, torch.Tensor]] = []
+        self.entries: list[tuple[str, nn.Parameter, torch.Tensor | PackedMask]] = []
         for name, mask in masks.items():
             weight = modules[name].weight
-            # keep-mask, cut like the weight (the local shard of an FSDP2 weight, see heal/fsdp.py)
-            self.entries.append((name, weight, shard_like(as_bool(mask).bool(), weight)))
+            if is_sharded(weight):  # the bool keep-mask of the local shard of an FSDP2 weight (heal/fsdp.py)
+                keep: torch.Tensor | PackedMask = shard_like(as_bool(mask).bool(), weight)
+            else:  # bit-packed on the weight's device, unpacked one weight at a time
+                packed = mask if isinstance(mask, PackedMask) else PackedMask.pack(mask.bool())
+                keep = PackedMask(packed.bits.to(weight.device), packed.shape)
+            self.entries.append((name, weight, keep))
         self._grad_handles: list[Any] = []
         self._step_handles: dict[int, Any] = {}
 
@@ -130,7 +136,7 @@ class MaskKeeper:
     def apply(self) -> None:
         """Writes +0.0 into every pruned position (also turns a stored -0.0 into +0.0)."""
         for _, weight, keep in self.entries:
-            _remask(local(weight), keep)
+            _remask(local(weight), as_bool(keep))
 
     def install_grad_hooks(self) -> None:
         """Registers a hook on each masked weight that masks its gradient.
@@ -165,7 +171,7 @@ class MaskKeeper:
 
     def violations(self) -> int:
         """Pruned positions whose stored bits are not +0.0 (counts -0.0 too; this rank's shards only)."""
-        return sum(count_violations(local(weight), keep) for _, weight, keep in self.entries)
+        return sum(count_violations(local(weight), as_bool(keep)) for _, weight, keep in self.entries)
 
 
 def _remask(weight: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -173,11 +179,11 @@ def _remask(weight: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return weight.mul_(keep).add_(0.0)  # (out, in) * (out, in) bool
 
 
-def _grad_hook(keep: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+def _grad_hook(keep: PackedMask) -> Callable[[torch.Tensor], torch.Tensor]:
     def hook(grad: torch.Tensor) -> torch.Tensor:
         # in place: a linear's weight gradient is a fresh product that only its accumulation reads;
         # multiplying it allocates no second weight-sized tensor per weight and step
-        return grad.mul_(keep)  # (out, in) g * m
+        return grad.mul_(keep.unpack())  # (out, in) g * m
 
     return hook
 
@@ -254,7 +260,7 @@ class FullHealer(Healer):
     settings = FullSettings
     defaults = {"lr": 2e-5, "scheduler": "cosine"}
     requires_sparsity = True
-    packed_masks = True  # the keeper holds the one bool copy (the keep-mask) it needs
+    packed_masks = True  # the keeper unpacks one weight's keep-mask at a time
     writes = "the healed weights themselves"
     options: FullSettings
 
