@@ -187,6 +187,7 @@ def prune_model(
     offload: bool = False,
     options: Settings | None = None,
     layer_sparsity: list[float] | None = None,
+    park: Callable[[nn.Module], None] | None = None,
 ) -> dict[str, PackedMask]:
     """Prunes every linear of every decoder layer in place.
 
@@ -202,6 +203,7 @@ def prune_model(
             is pruned; device memory then holds one layer plus the calibration activations.
         options: the method's own settings (``pruner_cls.settings`` built), passed to each pruner.
         layer_sparsity: one sparsity per decoder layer (OWL), instead of ``sparsity`` for all.
+        park: called with each layer once nothing reads it any more (see ``sparsity/parking.py``).
 
     Returns:
         Bit-packed keep-masks by qualified module name, each shaped like the module's weight parameter.
@@ -226,6 +228,8 @@ def prune_model(
             run_layer(layer, batches, in_place=True)
         if offload:
             layer.to(home)
+        if park is not None:
+            park(layer)
     if offload:
         model.to(home)
     return masks

@@ -28,6 +28,7 @@ from sparseheal.sparsity.base import PruneSettings
 from sparseheal.sparsity.calibrate import CalibrationSettings, prune_model
 from sparseheal.sparsity.masks import sparsity_of
 from sparseheal.sparsity.owl import LayerSparsitySettings, layer_outlier_ratios, owl_sparsities
+from sparseheal.sparsity.parking import parking_for
 from sparseheal.sparsity.store import save_masks, weights_hash
 
 __all__ = ["calibration_tokens", "run_prune"]
@@ -102,9 +103,13 @@ def run_prune(model: str, output: str, overwrite: bool, how: PruneSettings, cali
                                            trust.allow_pickle)
     batch = calibration.calibration_batch_size
     ratios, spread_record = _layer_sparsity(lm, tokens, how, spread, batch, device, watch)
+    park = None  # finished layers go to disk where calibration activations share the memory with them
+    if how.pruner.needs_calibration:
+        model_bytes = sum(p.numel() * p.element_size() for p in lm.parameters())
+        park = parking_for(output, model_bytes, torch.device("cpu" if how.offload else device))
     with watch("prune"):
         masks = prune_model(lm, how.pruner, tokens, how.nm, how.sparsity, calibration.calibration_batch_size,
-                            device, offload=how.offload, options=options, layer_sparsity=ratios)
+                            device, offload=how.offload, options=options, layer_sparsity=ratios, park=park)
     record = {**_prune_record(model, how, calibration, options, source, lm, masks, watch),
               "layer_sparsity": spread_record}
     with atomic_dir(output, overwrite) as tmp:
