@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["LayerParking", "parking_for", "release_pages"]
+__all__ = ["LayerParking", "parking_for", "release_pages", "trim_heap"]
 
 log = logging.getLogger(__name__)
 
@@ -60,12 +60,28 @@ def _file_maps() -> list[tuple[int, int]]:
     return maps
 
 
+def _libc() -> ctypes.CDLL | None:
+    return ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True) if sys.platform.startswith("linux") \
+        else None
+
+
+def trim_heap() -> None:
+    """Returns the allocator's free heap memory to the system (glibc ``malloc_trim``; elsewhere nothing).
+
+    The layers' temporaries (attention scores, MLP activations, the mask selection's sort) leave free
+    blocks scattered over the heap that glibc keeps; trimming after each layer keeps them from adding up.
+    """
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+
+
 def release_pages(ranges: list[tuple[int, int]]) -> int:
     """Hands back the pages wholly inside ``ranges`` (addresses no live tensor reads) that belong to a
     private map of a file; returns the bytes released (0 where the platform offers no ``madvise``)."""
-    if not sys.platform.startswith("linux"):
+    libc = _libc()
+    if libc is None:
         return 0
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
     libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     page, maps, released = mmap.PAGESIZE, _file_maps(), 0
     for start, end in _merged(ranges):
@@ -96,6 +112,7 @@ class LayerParking:
             param.data = self._park(param.detach())
             self.parked_bytes += param.numel() * param.element_size()
         self.released_bytes += release_pages(old)
+        trim_heap()
 
     def _park(self, tensor: torch.Tensor) -> torch.Tensor:
         """``tensor``'s bytes written to an unlinked file, as a private memory map of it."""
