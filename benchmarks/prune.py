@@ -53,6 +53,16 @@ def same_outputs(a: Path, b: Path) -> bool:
     return True
 
 
+def _same_outputs_in_child(a: Path, b: Path) -> bool:
+    """:func:`same_outputs` in a process of its own: loading both models here would raise this process's
+    RSS, which every later child inherits as its starting peak (Linux counts the pre-exec peak)."""
+    here = str(Path(__file__).parent)
+    code = (f"import sys; from pathlib import Path; sys.path.insert(0, {here!r}); "
+            "from prune import same_outputs; "
+            f"sys.exit(0 if same_outputs(Path({str(a)!r}), Path({str(b)!r})) else 1)")
+    return subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
 def prune_and_eval(
     model: str, method: str, pattern: str, args, work: Path, batch: int, evaluate: bool,
     env: dict | None = None, tag: str = "",
@@ -205,7 +215,7 @@ def run_job(job: tuple, args, work: Path) -> dict:
         row = {"job": kind,
                **prune_and_eval(args.model, job[1], job[2], args, work, job[3], False, env, "-base")}
         ours = work / f"{job[1]}-{job[2].replace(':', 'of')}-b{job[3]}"
-        row["identical"] = same_outputs(ours, work / f"{ours.name}-base")
+        row["identical"] = _same_outputs_in_child(ours, work / f"{ours.name}-base")
     elif kind in ("floor", "overhead"):
         row = {"job": kind, **in_child(kind, args, work)}
     else:
