@@ -49,6 +49,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from sparseheal.checks import MASKS_FILE
+from sparseheal.errors import StageError
 from sparseheal.heal.base import Healer
 from sparseheal.heal.fsdp import is_sharded, local, shard_like
 from sparseheal.models import decoder_layers, prunable_linears, save_model
@@ -304,6 +305,12 @@ class FullHealer(Healer):
         save_masks(masks, Path(out_dir) / MASKS_FILE, {"pattern": pattern})
         report = verify_saved_masks(out_dir, masks)
         if not report["ok"]:
+            # a non-finite weight times the mask stays non-finite: then the cause is the training's, not
+            # the mask's (the products keep +0.0 for every finite weight)
+            bad = sum(int((~torch.isfinite(p)).sum()) for p in model.parameters())
+            if bad:
+                raise StageError("--lr", f"training left {bad} weights that are not finite; nothing was "
+                                         "written: lower --lr or use float32")
             raise RuntimeError(f"{report['mask_violations']} pruned weights are not +0.0 after training; "
                                "nothing was written")
         log.info("verified: all %d pruned weights are +0.0 in the saved model", report["pruned_parameters"])
