@@ -53,16 +53,6 @@ def same_outputs(a: Path, b: Path) -> bool:
     return True
 
 
-def _same_outputs_in_child(a: Path, b: Path) -> bool:
-    """:func:`same_outputs` in a process of its own: loading both models here would raise this process's
-    RSS, which every later child inherits as its starting peak (Linux counts the pre-exec peak)."""
-    here = str(Path(__file__).parent)
-    code = (f"import sys; from pathlib import Path; sys.path.insert(0, {here!r}); "
-            "from prune import same_outputs; "
-            f"sys.exit(0 if same_outputs(Path({str(a)!r}), Path({str(b)!r})) else 1)")
-    return subprocess.run([sys.executable, "-c", code]).returncode == 0
-
-
 def prune_and_eval(
     model: str, method: str, pattern: str, args, work: Path, batch: int, evaluate: bool,
     env: dict | None = None, tag: str = "",
@@ -156,14 +146,15 @@ def eval_overhead(model: str, windows: int, repeats: int = 3) -> dict:
     }
 
 
-def in_child(kind: str, args, work: Path) -> dict:
+def in_child(kind: str, args, work: Path, dirs: list[str] | None = None) -> dict:
     """Runs an in-process measurement in a child process, so that this process never holds a model: a
     child forked from a large parent reports the parent's size as its own peak RSS (Linux keeps the
     larger of the two at exec)."""
     out = work / f"{kind}.child.json"
     run_measured([sys.executable, __file__, "--child", kind, "--child-out", str(out), "--model", args.model,
                   "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--batch", str(args.batch),
-                  "--overhead-windows", str(args.overhead_windows)], log=work / f"{kind}.child.log")
+                  "--overhead-windows", str(args.overhead_windows),
+                  *(["--child-dirs", *dirs] if dirs else [])], log=work / f"{kind}.child.log")
     return json.loads(out.read_text())
 
 
@@ -171,6 +162,8 @@ def child(args) -> None:
     if args.child == "floor":
         row = {**prune_floor(args.model, args.nsamples, args.seqlen, args.batch),
                "model_fp32_mb": model_fp32_mb(args.model)}
+    elif args.child == "identical":  # both outputs loaded here, not in the parent
+        row = {"identical": same_outputs(*(Path(d) for d in args.child_dirs))}
     else:
         row = eval_overhead(args.model, args.overhead_windows)
     Path(args.child_out).write_text(json.dumps(row))
@@ -215,7 +208,8 @@ def run_job(job: tuple, args, work: Path) -> dict:
         row = {"job": kind,
                **prune_and_eval(args.model, job[1], job[2], args, work, job[3], False, env, "-base")}
         ours = work / f"{job[1]}-{job[2].replace(':', 'of')}-b{job[3]}"
-        row["identical"] = _same_outputs_in_child(ours, work / f"{ours.name}-base")
+        row["identical"] = in_child("identical", args, work, [str(ours), str(work / f"{ours.name}-base")])[
+            "identical"]
     elif kind in ("floor", "overhead"):
         row = {"job": kind, **in_child(kind, args, work)}
     else:
@@ -308,6 +302,7 @@ def main() -> None:
     parser.add_argument("--workdir", default=None, help="reuse it to resume an interrupted run")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--child-dirs", nargs=2, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(args)

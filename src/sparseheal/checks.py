@@ -34,6 +34,7 @@ __all__ = [
     "check_pickle",
     "check_output",
     "check_free_space",
+    "existing_parent",
     "check_not_an_input",
     "check_safetensors",
     "check_weight_files",
@@ -163,15 +164,21 @@ def _size(n: float) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
+def existing_parent(path: str | os.PathLike) -> Path:
+    """``path`` itself (absolute) if it exists, else its nearest existing parent directory."""
+    parent = Path(path).expanduser().absolute()
+    while not parent.exists():
+        parent = parent.parent
+    return parent
+
+
 def check_free_space(
     output: str | os.PathLike, needed: int | None, what: str, flag: str = "--output",
     minimum: int | None = None,
 ) -> None:
     """Refuses an output whose file system has less free space than ``needed`` bytes (at least
     ``minimum``, by default ``MIN_FREE_BYTES``), before any work; ``what`` says what the estimate is."""
-    parent = Path(output).expanduser().absolute()
-    while not parent.exists():
-        parent = parent.parent
+    parent = existing_parent(output)
     needed = max(needed or 0, MIN_FREE_BYTES if minimum is None else minimum)
     free = shutil.disk_usage(parent).free
     if free < needed:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
 import mmap
 import os
@@ -28,6 +29,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from sparseheal.checks import existing_parent
 
 __all__ = ["LayerParking", "parking_for", "release_pages", "trim_heap"]
 
@@ -60,9 +63,14 @@ def _file_maps() -> list[tuple[int, int]]:
     return maps
 
 
+@functools.cache
 def _libc() -> ctypes.CDLL | None:
-    return ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True) if sys.platform.startswith("linux") \
-        else None
+    """The C library (Linux), its ``madvise`` typed; None elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return None
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc
 
 
 def trim_heap() -> None:
@@ -82,7 +90,6 @@ def release_pages(ranges: list[tuple[int, int]]) -> int:
     libc = _libc()
     if libc is None:
         return 0
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     page, maps, released = mmap.PAGESIZE, _file_maps(), 0
     for start, end in _merged(ranges):
         first, last = -(-start // page) * page, end // page * page  # whole pages only
@@ -132,9 +139,7 @@ def parking_for(output: str | os.PathLike, model_bytes: int, device: torch.devic
     the model twice (the parked layers, then the written output) with room to spare; else None."""
     if device.type != "cpu":
         return None
-    parent = Path(output).expanduser().absolute().parent
-    while not parent.exists():
-        parent = parent.parent
+    parent = existing_parent(Path(output).expanduser().absolute().parent)
     free = shutil.disk_usage(parent).free
     if free < 2 * model_bytes + 2**30:
         log.info("finished layers stay in memory: %s has %.1f GiB free, parking them needs %.1f GiB more",
