@@ -11,8 +11,9 @@ FLOPs: a linear costs ``2 B T in out``; causal attention ``2 B H T (T + 1) d_hea
 together (query t meets t + 1 keys). The floor in seconds is the same sum of the kernels' own times,
 each measured here on the layer's shapes (``F.linear`` and ``F.scaled_dot_product_attention``, causal),
 so the floor holds nothing but matrix products at this machine's rate. SparseGPT's floor adds its
-statistic, the Gram matrix ``XᵀX`` of each distinct linear input (``2 B T in²``; q, k and v share one, gate
-and up another), on the same shapes.
+statistic, the Gram matrix ``XᵀX`` of each distinct linear input (q, k and v share one, gate and up
+another). It is symmetric, so what it needs is its upper triangle, ``B T in (in + 1)`` FLOPs: the floor
+counts that share of the full product ``XᵀX`` timed on the same shapes.
 
 What the floor leaves out is the layer's own element-wise work (norms, rotary embedding, activation,
 residual adds), the statistics' element-wise part and the mask selection.
@@ -80,13 +81,14 @@ def prune_floor(model_name: str, nsamples: int, seqlen: int, batch: int) -> dict
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     q, k, v = (torch.randn(batch, heads, seqlen, head_dim) for _ in range(3))  # (B, H, T, d_head)
     t_attn = _seconds(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))
-    t_gram = sum(_seconds(lambda n=name: x[n].t() @ x[n]) for name in distinct)  # SparseGPT's X Xᵀ
+    t_gram = sum(_seconds(lambda n=name: x[n].t() @ x[n]) * (linears[name].in_features + 1)
+                 / (2 * linears[name].in_features) for name in distinct)  # SparseGPT's X Xᵀ, upper triangle
     n_layers, n_batches = len(layers), math.ceil(nsamples / batch)
     all_lin = sum(t_lin.values())
     per_batch = n_layers * (all_lin - t_lin[order[-1]] + t_attn) + (n_layers - 1) * (all_lin + t_attn)
     lin_flops = {n: 2 * batch * seqlen * m.in_features * m.out_features for n, m in linears.items()}
     attn_flops = 2 * batch * heads * seqlen * (seqlen + 1) * head_dim
-    gram_flops = sum(2 * batch * seqlen * linears[n].in_features ** 2 for n in distinct)
+    gram_flops = sum(batch * seqlen * linears[n].in_features * (linears[n].in_features + 1) for n in distinct)
     flops = (n_layers * (sum(lin_flops.values()) - lin_flops[order[-1]] + attn_flops)
              + (n_layers - 1) * (sum(lin_flops.values()) + attn_flops)) * n_batches
     return {

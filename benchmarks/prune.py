@@ -233,6 +233,10 @@ def _with_ratios(rows: list[dict]) -> list[dict]:
             row.update(baseline_s=base["prune_s"], speedup=round(base["prune_s"] / row["prune_s"], 3),
                        identical=base["identical"])
         table.append(row)
+    for row in table:  # SparseGPT's target is a multiple of Wanda's wall time in the same run
+        wanda = next((r for r in table if r["method"] == "wanda" and r["pattern"] == row["pattern"]), None)
+        if row["method"] == "sparsegpt" and wanda:
+            row["x_wanda"] = round(row["prune_s"] / wanda["prune_s"], 3)
     return table
 
 
@@ -319,7 +323,7 @@ def main() -> None:
     result = summarize(rows, args, fp32_mb)
     print_table([result["floor"]] if result["floor"] else [], ["batch", "tflop", "linear_gflop_s",
                 "attention_gflop_s", "floor_s", "hessian_tflop", "sparsegpt_floor_s"])
-    print_table(result["rows"], ["method", "pattern", "prune_s", "x_floor", "baseline_s",
+    print_table(result["rows"], ["method", "pattern", "prune_s", "x_floor", "x_wanda", "baseline_s",
                                  "speedup", "identical", "cpu_s", "peak_rss_mb", "sparsity", "ppl"])
     print_table(
         result["batched_vs_one_at_a_time"],

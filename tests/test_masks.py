@@ -91,6 +91,44 @@ def test_ties_are_broken_stably_earlier_index_pruned_first():
                        torch.tensor([[True, False, True, False, True, True]]))
 
 
+def _sorted_selection(scores: torch.Tensor, sparsity: float, per_row: bool) -> torch.Tensor:
+    """The first k of a stable ascending sort: the selection ``unstructured_mask`` must reproduce."""
+    flat = scores.reshape(scores.shape[0], -1) if per_row else scores.reshape(1, -1)
+    k = int(flat.shape[1] * sparsity)
+    mask = torch.ones_like(flat, dtype=torch.bool)
+    mask.scatter_(1, torch.sort(flat, dim=1, stable=True).indices[:, :k], False)
+    return mask.reshape(scores.shape)
+
+
+def _hostile_scores(kind: str) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(11)
+    base = torch.randn(24, 40, generator=gen)
+    if kind == "ties":
+        return (base * 2).round() / 2  # a few distinct values, many ties at every threshold
+    if kind == "signed_zeros":
+        return torch.where(base > 0, torch.zeros(()), -torch.zeros(()))
+    if kind == "nan_inf":
+        out = base.clone()
+        out[::3, ::5] = float("nan")
+        out[1::4, 2::7] = float("inf")
+        out[2::5, 3::6] = float("-inf")
+        return out
+    if kind == "nan_heavy":  # NaN where the k-th lowest falls in some rows
+        out = base.clone()
+        out[::2, 8:] = float("nan")
+        return out
+    return base
+
+
+@pytest.mark.parametrize("kind", ["random", "ties", "signed_zeros", "nan_inf", "nan_heavy"])
+@pytest.mark.parametrize("per_row", [True, False])
+@pytest.mark.parametrize("sparsity", [0.0, 0.02, 0.5, 0.7, 0.99])
+def test_unstructured_selection_is_the_stable_sorts_first_k(kind, per_row, sparsity):
+    scores = _hostile_scores(kind)
+    expected = _sorted_selection(scores, sparsity, per_row)
+    assert torch.equal(unstructured_mask(scores, sparsity, per_row), expected)
+
+
 def test_ties_deterministic_across_calls():
     scores = torch.randint(0, 3, (32, 64), generator=torch.Generator().manual_seed(4)).float()  # many ties
 

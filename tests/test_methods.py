@@ -11,7 +11,7 @@ from torch import nn
 from sparseheal.registry import PRUNERS
 from sparseheal.sparsity.magnitude import MagnitudePruner
 from sparseheal.sparsity.masks import count_violations, nm_violations
-from sparseheal.sparsity.sparsegpt import SparseGPTPruner, sparsegpt_prune
+from sparseheal.sparsity.sparsegpt import SparseGPTPruner, inverse_hessian_factor, sparsegpt_prune
 from sparseheal.sparsity.wanda import WandaPruner, wanda_scores
 
 
@@ -137,7 +137,8 @@ def test_sparsegpt_at_zero_sparsity_keeps_weights():
     weight = _linear(32, 8).weight.data.clone()
     x = _inputs(2, 20, 32).reshape(-1, 32)
     hessian = 2.0 / x.shape[0] * x.t() @ x
-    new, mask = sparsegpt_prune(weight, hessian, None, 0.0, 128, 0.01)
+    hinv, dead = inverse_hessian_factor(hessian, 0.01)
+    new, mask = sparsegpt_prune(weight, hinv, dead, None, 0.0, 128)
     assert mask.all()
     torch.testing.assert_close(new, weight, rtol=0, atol=0)
 

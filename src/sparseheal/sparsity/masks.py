@@ -77,8 +77,11 @@ def resolve_sparsity(pattern: tuple[int, int] | None, sparsity: float | None) ->
 def unstructured_mask(scores: torch.Tensor, sparsity: float, per_row: bool) -> torch.Tensor:
     """Prunes the ``floor(n * sparsity)`` lowest scores, per row or over the whole tensor.
 
-    Ties are broken by position (stable sort): among equal scores the earlier one is pruned first,
-    so the count is exact and the result deterministic.
+    Ties are broken by position: among equal scores the earlier one is pruned first, so the count is
+    exact and the result deterministic. This is the first ``k`` of a stable ascending sort, found
+    without sorting: the ``k``-th lowest score ``t`` (a selection, linear time) prunes every score below
+    ``t`` and the earliest of those equal to it until ``k`` are pruned. NaN scores sort last, as in
+    ``torch.sort``; a row whose ``k``-th lowest is NaN falls back to the sort.
 
     Args:
         scores: (out, in) importance scores; higher means more important.
@@ -90,11 +93,18 @@ def unstructured_mask(scores: torch.Tensor, sparsity: float, per_row: bool) -> t
     """
     flat = scores.reshape(scores.shape[0], -1) if per_row else scores.reshape(1, -1)  # (R, C)
     k = int(flat.shape[1] * sparsity)
-    mask = torch.ones_like(flat, dtype=torch.bool)
-    if k > 0:
-        order = torch.sort(flat, dim=1, stable=True).indices[:, :k]  # (R, k) lowest first
-        mask.scatter_(1, order, False)
-    return mask.reshape(scores.shape)
+    if k == 0:
+        return torch.ones_like(scores, dtype=torch.bool)
+    kth = flat.kthvalue(k, dim=1, keepdim=True).values  # (R, 1) the k-th lowest of each row
+    if kth.isnan().any():
+        mask = torch.ones_like(flat, dtype=torch.bool)
+        mask.scatter_(1, torch.sort(flat, dim=1, stable=True).indices[:, :k], False)
+        return mask.reshape(scores.shape)
+    below = flat < kth  # (R, C) pruned outright
+    tied = flat == kth  # (R, C) pruned from the left until the row has k
+    room = k - below.sum(dim=1, keepdim=True)  # (R, 1) at least 1
+    pruned = below | (tied & (tied.cumsum(dim=1) <= room))
+    return (~pruned).reshape(scores.shape)
 
 
 def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:

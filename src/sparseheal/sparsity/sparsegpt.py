@@ -18,9 +18,12 @@ from sparseheal.checks import non_negative, positive
 from sparseheal.registry import PRUNERS
 from sparseheal.settings import Settings, setting
 from sparseheal.sparsity.base import LinearPruner
+from sparseheal.sparsity.gram import gram
 from sparseheal.sparsity.masks import nm_mask, unstructured_mask
 
-__all__ = ["SparseGPTSettings", "inverse_hessian_factor", "sparsegpt_prune", "SparseGPTPruner"]
+__all__ = [
+    "SparseGPTSettings", "inverse_hessian_factor", "sparsegpt_prune", "HessianState", "SparseGPTPruner",
+]
 
 
 @dataclass
@@ -32,50 +35,81 @@ class SparseGPTSettings(Settings):
                                                "diagonal.", check=non_negative())
 
 
-def inverse_hessian_factor(
-    hessian: torch.Tensor, weight: torch.Tensor, percdamp: float
-) -> torch.Tensor:
-    """Upper Cholesky factor of the dampened inverse Hessian; zeroes weights of dead inputs in place.
+def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Upper Cholesky factor of the dampened inverse Hessian, and the inputs that never fired.
 
     Args:
-        hessian: (in, in) float32, modified in place.
-        weight: (out, in) float32, columns of dead inputs (zero diagonal) are zeroed in place.
+        hessian: (in, in) float32, modified in place (dead inputs' diagonal set to 1, dampening added).
+        percdamp: dampening as a fraction of the mean diagonal.
 
     Returns:
-        (in, in) upper-triangular U with U^T U = (H + damp I)^-1.
+        ((in, in) upper-triangular U with U^T U = (H + damp I)^-1, (in,) bool True where the Hessian's
+        diagonal was zero: those inputs' weights are zeroed).
     """
     dead = torch.diag(hessian) == 0
     hessian[dead, dead] = 1.0
-    weight[:, dead] = 0.0
     damp = percdamp * torch.mean(torch.diag(hessian))
     hessian.diagonal().add_(damp)
     inverse = torch.cholesky_inverse(torch.linalg.cholesky(hessian))
-    return torch.linalg.cholesky(inverse, upper=True)
+    return torch.linalg.cholesky(inverse, upper=True), dead
 
 
-def _block_mask(w_block: torch.Tensor, hinv_diag: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """Unstructured pruned set of one block: the lowest W^2 / d^2 over the whole block."""
-    saliency = w_block.pow(2) / hinv_diag.reshape(1, -1).pow(2)  # (out, cols)
-    return ~unstructured_mask(saliency, sparsity, per_row=False)
+def _block_mask(wt: torch.Tensor, hinv_diag: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Unstructured pruned set of one block, transposed: the lowest W^2 / d^2 over the whole block (ties
+    in the weight's own row-major order)."""
+    saliency = wt.t().pow(2) / hinv_diag.reshape(1, -1).pow(2)  # (out, b)
+    return (~unstructured_mask(saliency, sparsity, per_row=False)).t().contiguous()  # (b, out)
+
+
+def _reconstruct_block(wt: torch.Tensor, h1: torch.Tensor, pt: torch.Tensor,
+                       nm: tuple[int, int] | None) -> torch.Tensor:
+    """Prunes one block column by column, spreading each column's error over the block's later columns.
+
+    The block is held transposed so that a column is a contiguous row: column ``i`` becomes
+    ``q = w_i`` with its pruned entries zeroed, its error ``e = (w_i - q) / U_ii``, and every later column
+    ``j`` of the block takes ``w_j -= U_ij e`` (the same products and differences as the outer-product
+    update ``W_:,i: -= e U_i,i:``, so the same bits).
+
+    Args:
+        wt: (b, out) float32 block of the weight, transposed; updated in place.
+        h1: (b, b) the block's square of the upper factor U.
+        pt: (b, out) bool pruned set; for N:M filled here group by group (from the updated weights).
+        nm: (n, m) pattern or None.
+
+    Returns:
+        (b, out) the columns' errors, transposed.
+    """
+    errt = torch.empty_like(wt)  # (b, out)
+    diag = torch.diag(h1)  # (b,)
+    for i in range(wt.shape[0]):
+        if nm is not None and i % nm[1] == 0:
+            saliency = wt[i : i + nm[1]].pow(2) / diag[i : i + nm[1]].reshape(-1, 1).pow(2)  # (m, out)
+            pt[i : i + nm[1]] = ~nm_mask(saliency.t(), *nm).t()
+        col = wt[i]  # (out,)
+        q = col.masked_fill(pt[i], 0.0)
+        torch.div(col - q, h1[i, i], out=errt[i])
+        wt[i + 1 :] -= h1[i, i + 1 :].unsqueeze(1) * errt[i]  # (b - i - 1, out)
+        col.copy_(q)
+    return errt
 
 
 def sparsegpt_prune(
     weight: torch.Tensor,
-    hessian: torch.Tensor,
+    hinv: torch.Tensor,
+    dead: torch.Tensor,
     nm: tuple[int, int] | None,
     sparsity: float,
     blocksize: int,
-    percdamp: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Prunes ``weight`` with OBS reconstruction.
 
     Args:
         weight: (out, in) weight (any float dtype; computed in float32).
-        hessian: (in, in) float32 Hessian of the layer inputs (consumed).
+        hinv: (in, in) upper Cholesky factor of the inverse Hessian (:func:`inverse_hessian_factor`).
+        dead: (in,) bool inputs that never fired; their weights are zeroed first.
         nm: (n, m) to keep n of every m inputs, or None for unstructured.
         sparsity: fraction pruned (unstructured).
         blocksize: columns processed per lazy-update block (rounded down to a multiple of M for N:M).
-        percdamp: dampening as a fraction of the mean Hessian diagonal.
 
     Returns:
         (updated (out, in) float32 weight with pruned entries zero, (out, in) bool keep-mask)
@@ -83,33 +117,51 @@ def sparsegpt_prune(
     if nm is not None:  # blocks start on group boundaries, so groups never straddle two blocks
         blocksize = max(nm[1], blocksize - blocksize % nm[1])
     w = weight.detach().float().clone()  # (out, in)
-    hinv = inverse_hessian_factor(hessian, w, percdamp)  # (in, in)
+    w[:, dead] = 0.0
     pruned = torch.zeros_like(w, dtype=torch.bool)
     cols = w.shape[1]
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
-        w1 = w[:, i1:i2].clone()  # (out, b)
-        err1 = torch.zeros_like(w1)
+        wt = w[:, i1:i2].t().contiguous()  # (b, out)
         h1 = hinv[i1:i2, i1:i2]  # (b, b)
         if nm is None:
-            p1 = _block_mask(w1, torch.diag(h1), sparsity)  # (out, b) True = pruned
+            pt = _block_mask(wt, torch.diag(h1), sparsity)  # (b, out) True = pruned
         else:
-            p1 = torch.zeros_like(w1, dtype=torch.bool)
-        for i in range(i2 - i1):
-            if nm is not None and i % nm[1] == 0:
-                sal = w1[:, i : i + nm[1]].pow(2) / torch.diag(h1)[i : i + nm[1]].reshape(1, -1).pow(2)
-                p1[:, i : i + nm[1]] = ~nm_mask(sal, *nm)
-            col = w1[:, i]  # (out,)
-            q = col.masked_fill(p1[:, i], 0.0)
-            err = (col - q) / h1[i, i]  # (out,)
-            w1[:, i:] -= err.unsqueeze(1) @ h1[i, i:].unsqueeze(0)
-            w1[:, i] = q
-            err1[:, i] = err
-        w[:, i1:i2] = w1
-        pruned[:, i1:i2] = p1
-        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+            pt = torch.zeros_like(wt, dtype=torch.bool)
+        errt = _reconstruct_block(wt, h1, pt, nm)  # (b, out)
+        w[:, i1:i2] = wt.t()
+        pruned[:, i1:i2] = pt.t()
+        w[:, i2:] -= errt.t().contiguous() @ hinv[i1:i2, i2:]  # the block's errors, on the later blocks
     w.masked_fill_(pruned, 0.0)
     return w, ~pruned
+
+
+class HessianState:
+    """``Σ x xᵀ`` of one distinct layer input and its token count, then the inverse factor made from it.
+
+    Linears that read the same input share one state (``adopt`` passes it on, not a copy): the factor is
+    computed once, by the first of them to prune, and serves them all.
+    """
+
+    def __init__(self) -> None:
+        self.gram_sum: torch.Tensor | None = None  # (in, in)
+        self.tokens = 0
+        self._factor: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def add(self, flat: torch.Tensor) -> None:
+        """Adds a batch of inputs, (N, in) float32."""
+        batch = gram(flat)  # (in, in)
+        self.gram_sum = batch if self.gram_sum is None else self.gram_sum.add_(batch)
+        self.tokens += flat.shape[0]
+
+    def factor(self, percdamp: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(U, dead) of :func:`inverse_hessian_factor` for ``H = 2/n Σ x xᵀ`` (the sum is consumed)."""
+        if self._factor is None:
+            if self.gram_sum is None:
+                raise RuntimeError("sparsegpt needs calibration inputs before pruning")
+            self._factor = inverse_hessian_factor(self.gram_sum.mul_(2.0 / self.tokens), percdamp)
+            self.gram_sum = None
+        return self._factor
 
 
 @PRUNERS.register("sparsegpt")
@@ -117,26 +169,19 @@ class SparseGPTPruner(LinearPruner):
     """Accumulates ``H = 2/n sum x x^T`` in float32, then prunes with reconstruction."""
 
     settings = SparseGPTSettings
-    statistics = ("hessian", "tokens")
+    statistics = ("hessian",)
 
     def __init__(self, module: torch.nn.Module, options: SparseGPTSettings | None = None) -> None:
         super().__init__(module, options or SparseGPTSettings())
-        self.hessian: torch.Tensor | None = None
-        self.tokens = 0
+        self.hessian = HessianState()
 
     def add_batch(self, inputs: torch.Tensor) -> None:
-        flat = inputs.reshape(-1, inputs.shape[-1]).float()  # (B*T, in)
-        gram = flat.t() @ flat  # (in, in)
-        self.hessian = gram if self.hessian is None else self.hessian.add_(gram)
-        self.tokens += flat.shape[0]
+        self.hessian.add(inputs.reshape(-1, inputs.shape[-1]).float())  # (B*T, in)
 
     def select(self, weight: torch.Tensor, nm: tuple[int, int] | None, sparsity: float) -> torch.Tensor:
-        if self.hessian is None:
-            raise RuntimeError("sparsegpt needs calibration inputs before pruning")
-        hessian = self.hessian.mul_(2.0 / self.tokens)
         opts = self.options
-        new_weight, mask = sparsegpt_prune(weight, hessian, nm, sparsity, opts.sparsegpt_block_size,
-                                           opts.sparsegpt_dampening)
+        hinv, dead = self.hessian.factor(opts.sparsegpt_dampening)
+        new_weight, mask = sparsegpt_prune(weight, hinv, dead, nm, sparsity, opts.sparsegpt_block_size)
         weight.copy_(new_weight.to(weight.dtype))
-        self.hessian = None
+        self.hessian = HessianState()  # this linear's reference to the shared factor is dropped
         return mask

@@ -1,0 +1,164 @@
+"""The selection and reconstruction kernels give the bits of their plain forms, written out below as they
+were: a stable sort for the lowest scores, SparseGPT's column loop on the weight as it is laid out with a
+K=1 product per column, one full product for each Gram matrix, and a factor per linear."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+import sparseheal.sparsity.gram as gram_module
+import sparseheal.sparsity.sparsegpt as sparsegpt_module
+from sparseheal.sparsity import prune_model
+from sparseheal.sparsity.base import LinearPruner
+from sparseheal.sparsity.gram import PANEL_WIDTH, gram, panel_gram
+from sparseheal.sparsity.masks import nm_mask
+from sparseheal.sparsity.sparsegpt import (
+    SparseGPTPruner,
+    SparseGPTSettings,
+    inverse_hessian_factor,
+    sparsegpt_prune,
+)
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.int32)
+
+
+def _plain_unstructured(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+    flat = scores.reshape(1, -1)
+    k = int(flat.shape[1] * sparsity)
+    mask = torch.ones_like(flat, dtype=torch.bool)
+    mask.scatter_(1, torch.sort(flat, dim=1, stable=True).indices[:, :k], False)
+    return mask.reshape(scores.shape)
+
+
+def plain_sparsegpt(weight, hessian, nm, sparsity, blocksize, percdamp):
+    """SparseGPT as the reference code lays it out (blocks of the weight as is, an outer product per
+    column, the factor made from this linear's own Hessian)."""
+    if nm is not None:
+        blocksize = max(nm[1], blocksize - blocksize % nm[1])
+    w = weight.detach().float().clone()
+    dead = torch.diag(hessian) == 0
+    hessian[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    hessian.diagonal().add_(percdamp * torch.mean(torch.diag(hessian)))
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hessian)), upper=True)
+    pruned = torch.zeros_like(w, dtype=torch.bool)
+    for i1 in range(0, w.shape[1], blocksize):
+        i2 = min(i1 + blocksize, w.shape[1])
+        w1, h1 = w[:, i1:i2].clone(), hinv[i1:i2, i1:i2]
+        err1 = torch.zeros_like(w1)
+        p1 = (_plain_unstructured(w1.pow(2) / torch.diag(h1).reshape(1, -1).pow(2), sparsity) == 0
+              if nm is None else torch.zeros_like(w1, dtype=torch.bool))
+        for i in range(i2 - i1):
+            if nm is not None and i % nm[1] == 0:
+                sal = w1[:, i : i + nm[1]].pow(2) / torch.diag(h1)[i : i + nm[1]].reshape(1, -1).pow(2)
+                p1[:, i : i + nm[1]] = ~nm_mask(sal, *nm)
+            q = w1[:, i].masked_fill(p1[:, i], 0.0)
+            err = (w1[:, i] - q) / h1[i, i]
+            w1[:, i:] -= err.unsqueeze(1) @ h1[i, i:].unsqueeze(0)
+            w1[:, i] = q
+            err1[:, i] = err
+        w[:, i1:i2], pruned[:, i1:i2] = w1, p1
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    w.masked_fill_(pruned, 0.0)
+    return w, ~pruned
+
+
+class PlainSparseGPT(LinearPruner):
+    """Every linear its own full-product Hessian and its own factor."""
+
+    def __init__(self, module: nn.Module, options=None) -> None:
+        super().__init__(module, options or SparseGPTSettings())
+        self.hessian, self.tokens = None, 0
+
+    def add_batch(self, inputs: torch.Tensor) -> None:
+        flat = inputs.reshape(-1, inputs.shape[-1]).float()
+        batch = flat.t() @ flat
+        self.hessian = batch if self.hessian is None else self.hessian.add_(batch)
+        self.tokens += flat.shape[0]
+
+    def select(self, weight, nm, sparsity):
+        new, mask = plain_sparsegpt(weight, self.hessian.mul_(2.0 / self.tokens), nm, sparsity,
+                                    self.options.sparsegpt_block_size, self.options.sparsegpt_dampening)
+        weight.copy_(new.to(weight.dtype))
+        return mask
+
+
+def _case(rows: int, cols: int, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(rows + cols)
+    mixing = torch.eye(cols) + 0.3 * torch.randn(cols, cols, generator=gen)
+    x = torch.randn(3 * cols, cols, generator=gen) @ mixing  # (N, in) correlated inputs
+    weight = torch.randn(rows, cols, generator=gen)
+    if kind == "ties":  # equal saliencies: whole rows of zero weights, and a dead input
+        weight[::3] = 0.0
+        x[:, 5] = 0.0
+    return weight, x.t() @ x / x.shape[0]
+
+
+@pytest.mark.parametrize("nm", [None, (2, 4), (4, 8)])
+@pytest.mark.parametrize("shape,kind", [((24, 200), "random"), ((40, 96), "ties"), ((8, 13), "random")])
+@pytest.mark.parametrize("blocksize", [128, 32])
+def test_sparsegpt_kernel_gives_the_plain_loops_bits(nm, shape, kind, blocksize):
+    weight, hessian = _case(*shape, kind)
+    ref_w, ref_mask = plain_sparsegpt(weight, hessian.clone(), nm, 0.5, blocksize, 0.01)
+    hinv, dead = inverse_hessian_factor(hessian.clone(), 0.01)
+    new_w, new_mask = sparsegpt_prune(weight, hinv, dead, nm, 0.5, blocksize)
+    assert torch.equal(new_mask, ref_mask)
+    assert torch.equal(_bits(new_w), _bits(ref_w))
+
+
+def test_panel_gram_is_the_gram_and_symmetric():
+    x = torch.randn(64, 2 * PANEL_WIDTH + 40, generator=torch.Generator().manual_seed(3))
+    panels = panel_gram(x)
+    torch.testing.assert_close(panels, x.t() @ x, rtol=1e-5, atol=1e-4)
+    assert torch.equal(panels, panels.t())
+
+
+def test_gram_keeps_the_full_products_bits_and_falls_back_where_panels_differ(monkeypatch):
+    monkeypatch.setattr(gram_module, "_AGREES", {})
+    x = torch.randn(96, PANEL_WIDTH + 8, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(_bits(gram(x)), _bits(x.t() @ x))  # whichever way this machine's BLAS sums
+    off = torch.randn(80, PANEL_WIDTH + 16, generator=torch.Generator().manual_seed(5))
+
+    def skewed(flat, width=PANEL_WIDTH):  # panels one ulp off in one entry
+        out = panel_gram(flat, width)
+        out[0, 0] = torch.nextafter(out[0, 0], torch.tensor(float("inf")))
+        return out
+
+    monkeypatch.setattr(gram_module, "panel_gram", skewed)
+    assert torch.equal(_bits(gram(off)), _bits(off.t() @ off))  # the check saw the difference
+    assert gram_module._AGREES[(*off.shape, torch.float32, "cpu")] is False
+    assert torch.equal(_bits(gram(off)), _bits(off.t() @ off))  # and the shape keeps the full product
+
+
+def _wide_llama(path) -> str:
+    """A llama whose inputs are wider than a Gram panel, so that the panels are used."""
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=256, hidden_size=PANEL_WIDTH + 64,
+                         intermediate_size=2 * PANEL_WIDTH + 128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("nm", [None, (2, 4)])
+def test_sparsegpt_prune_gives_the_plain_procedures_bits(tmp_path, monkeypatch, nm):
+    path = _wide_llama(tmp_path / "wide")
+    tokens = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(1))
+    factors = []
+    real_factor = sparsegpt_module.inverse_hessian_factor
+    monkeypatch.setattr(sparsegpt_module, "inverse_hessian_factor",
+                        lambda h, d: factors.append(h.shape) or real_factor(h, d))
+    models = [AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval() for _ in range(2)]
+    ref = prune_model(models[0], PlainSparseGPT, tokens, nm, 0.5, batch_size=2)
+    ours = prune_model(models[1], SparseGPTPruner, tokens, nm, 0.5, batch_size=2)
+    assert len(factors) == 2 * 4  # one factor per distinct input: (q, k, v), o, (gate, up), down
+    for name, mask in ref.items():
+        assert torch.equal(ours[name].unpack(), mask.unpack()), name
+    ref_params = dict(models[0].named_parameters())
+    for name, param in models[1].named_parameters():
+        assert torch.equal(_bits(param.data), _bits(ref_params[name].data)), name
