@@ -13,7 +13,7 @@ import sparseheal.sparsity.gram as gram_module
 import sparseheal.sparsity.sparsegpt as sparsegpt_module
 from sparseheal.sparsity import prune_model
 from sparseheal.sparsity.base import LinearPruner
-from sparseheal.sparsity.gram import PANEL_WIDTH, gram, panel_gram
+from sparseheal.sparsity.gram import LEAF, GramSum, blocked_gram, upper_blocks
 from sparseheal.sparsity.masks import nm_mask
 from sparseheal.sparsity.sparsegpt import (
     SparseGPTPruner,
@@ -111,35 +111,68 @@ def test_sparsegpt_kernel_gives_the_plain_loops_bits(nm, shape, kind, blocksize)
     assert torch.equal(_bits(new_w), _bits(ref_w))
 
 
-def test_panel_gram_is_the_gram_and_symmetric():
-    x = torch.randn(64, 2 * PANEL_WIDTH + 40, generator=torch.Generator().manual_seed(3))
-    panels = panel_gram(x)
-    torch.testing.assert_close(panels, x.t() @ x, rtol=1e-5, atol=1e-4)
-    assert torch.equal(panels, panels.t())
+def _plain_sum(batches: list[torch.Tensor]) -> torch.Tensor:
+    total = None
+    for flat in batches:
+        product = flat.t() @ flat
+        total = product if total is None else total.add_(product)
+    return total
 
 
-def test_gram_keeps_the_full_products_bits_and_falls_back_where_panels_differ(monkeypatch):
+@pytest.mark.parametrize("d", [LEAF + 8, 3 * LEAF + 40, 1000])
+def test_upper_blocks_cover_the_upper_triangle_once(d):
+    cover = torch.zeros(d, d, dtype=torch.int32)
+    for r0, r1, c0, c1 in upper_blocks(d):
+        cover[r0:r1, c0:c1] += 1
+        assert (r0, r1) == (c0, c1) and r1 - r0 <= LEAF or r1 <= c0  # a diagonal leaf or above it
+    assert (cover.triu() == torch.ones(d, d, dtype=torch.int32).triu()).all()
+
+
+def test_blocked_gram_is_the_gram_and_symmetric():
+    x = torch.randn(64, 2 * LEAF + 40, generator=torch.Generator().manual_seed(3))
+    blocks = blocked_gram(x)
+    torch.testing.assert_close(blocks, x.t() @ x, rtol=1e-5, atol=1e-4)
+    assert torch.equal(blocks, blocks.t())
+
+
+def _batches(d: int, rows: tuple[int, ...], seed: int) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(n, d, generator=gen) for n in rows]
+
+
+def test_gram_sum_has_the_bits_of_adding_full_products(monkeypatch):
     monkeypatch.setattr(gram_module, "_AGREES", {})
-    x = torch.randn(96, PANEL_WIDTH + 8, generator=torch.Generator().manual_seed(4))
-    assert torch.equal(_bits(gram(x)), _bits(x.t() @ x))  # whichever way this machine's BLAS sums
-    off = torch.randn(80, PANEL_WIDTH + 16, generator=torch.Generator().manual_seed(5))
+    batches = _batches(LEAF + 72, (96, 96, 40), 4)  # a shorter last batch is a second shape
+    total = GramSum()
+    for flat in batches:
+        total.add(flat)
+    assert torch.equal(_bits(total.value()), _bits(_plain_sum(batches)))  # however this BLAS sums
 
-    def skewed(flat, width=PANEL_WIDTH):  # panels one ulp off in one entry
-        out = panel_gram(flat, width)
-        out[0, 0] = torch.nextafter(out[0, 0], torch.tensor(float("inf")))
+
+def test_gram_sum_falls_back_to_full_products_where_blocks_differ(monkeypatch):
+    monkeypatch.setattr(gram_module, "_AGREES", {})
+    real = gram_module.blocked_gram
+
+    def skewed(flat, leaf=LEAF):  # one ulp off in one entry, for batches of 40 rows only
+        out = real(flat, leaf)
+        if flat.shape[0] == 40:
+            out[0, 0] = torch.nextafter(out[0, 0], torch.tensor(float("inf")))
         return out
 
-    monkeypatch.setattr(gram_module, "panel_gram", skewed)
-    assert torch.equal(_bits(gram(off)), _bits(off.t() @ off))  # the check saw the difference
-    assert gram_module._AGREES[(*off.shape, torch.float32, "cpu")] is False
-    assert torch.equal(_bits(gram(off)), _bits(off.t() @ off))  # and the shape keeps the full product
+    monkeypatch.setattr(gram_module, "blocked_gram", skewed)
+    batches = _batches(LEAF + 16, (96, 40, 96), 5)
+    total = GramSum()
+    for flat in batches:
+        total.add(flat)
+    assert gram_module._AGREES[(40, LEAF + 16, torch.float32, "cpu")] is False
+    assert torch.equal(_bits(total.value()), _bits(_plain_sum(batches)))
 
 
 def _wide_llama(path) -> str:
-    """A llama whose inputs are wider than a Gram panel, so that the panels are used."""
+    """A llama whose inputs are wider than a Gram leaf, so that the blocks are used."""
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=256, hidden_size=PANEL_WIDTH + 64,
-                         intermediate_size=2 * PANEL_WIDTH + 128, num_hidden_layers=2,
+    config = LlamaConfig(vocab_size=256, hidden_size=LEAF + 64,
+                         intermediate_size=2 * LEAF + 128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     AutoModelForCausalLM.from_config(config).save_pretrained(path)
     return str(path)

@@ -18,7 +18,7 @@ from sparseheal.checks import non_negative, positive
 from sparseheal.registry import PRUNERS
 from sparseheal.settings import Settings, setting
 from sparseheal.sparsity.base import LinearPruner
-from sparseheal.sparsity.gram import gram
+from sparseheal.sparsity.gram import GramSum
 from sparseheal.sparsity.masks import nm_mask, unstructured_mask
 
 __all__ = [
@@ -144,22 +144,22 @@ class HessianState:
     """
 
     def __init__(self) -> None:
-        self.gram_sum: torch.Tensor | None = None  # (in, in)
+        self.gram_sum: GramSum | None = GramSum()  # Σ x xᵀ, (in, in)
         self.tokens = 0
         self._factor: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def add(self, flat: torch.Tensor) -> None:
         """Adds a batch of inputs, (N, in) float32."""
-        batch = gram(flat)  # (in, in)
-        self.gram_sum = batch if self.gram_sum is None else self.gram_sum.add_(batch)
+        self.gram_sum.add(flat)
         self.tokens += flat.shape[0]
 
     def factor(self, percdamp: float) -> tuple[torch.Tensor, torch.Tensor]:
         """(U, dead) of :func:`inverse_hessian_factor` for ``H = 2/n Σ x xᵀ`` (the sum is consumed)."""
         if self._factor is None:
-            if self.gram_sum is None:
+            total = self.gram_sum.value() if self.gram_sum is not None else None
+            if total is None:
                 raise RuntimeError("sparsegpt needs calibration inputs before pruning")
-            self._factor = inverse_hessian_factor(self.gram_sum.mul_(2.0 / self.tokens), percdamp)
+            self._factor = inverse_hessian_factor(total.mul_(2.0 / self.tokens), percdamp)
             self.gram_sum = None
         return self._factor
 
