@@ -90,3 +90,24 @@ def test_a_prune_leaves_no_parked_file(llama_dir, data_dir, tmp_path):
     sparseheal.prune(str(llama_dir), str(out), method="wanda", nsamples=4, seqlen=32, data_dir=str(data_dir))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pruned"]
     assert (out / "sparsity_masks.safetensors").is_file()
+
+
+def test_the_heap_is_trimmed_once_the_activations_are_freed(llama_dir, data_dir, tmp_path, monkeypatch):
+    """After the layer loop and before the record and the save read the parked layers back, the heap that
+    held the calibration activations is handed back (the peak of a prune is then its end, not its sum)."""
+    import sparseheal.sparsity.pipeline as pipeline
+
+    events = []
+    real_prune, real_save = pipeline.prune_model, pipeline.save_model
+
+    def prune(*args, **kwargs):
+        masks = real_prune(*args, **kwargs)
+        events.append("pruned")
+        return masks
+
+    monkeypatch.setattr(pipeline, "prune_model", prune)
+    monkeypatch.setattr(pipeline, "trim_heap", lambda: events.append("trimmed"))
+    monkeypatch.setattr(pipeline, "save_model", lambda *a: events.append("saved") or real_save(*a))
+    sparseheal.prune(str(llama_dir), str(tmp_path / "pruned"), method="wanda", nsamples=4, seqlen=32,
+                     data_dir=str(data_dir))
+    assert events == ["pruned", "trimmed", "saved"]
