@@ -93,21 +93,30 @@ def test_a_prune_leaves_no_parked_file(llama_dir, data_dir, tmp_path):
 
 
 def test_the_heap_is_trimmed_once_the_activations_are_freed(llama_dir, data_dir, tmp_path, monkeypatch):
-    """After the layer loop and before the record and the save read the parked layers back, the heap that
-    held the calibration activations is handed back (the peak of a prune is then its end, not its sum)."""
+    """When the layer loop is left, the calibration activations are already freed, so the heap that held
+    them is handed back before the record and the save read the parked layers back in (the peak of a
+    prune is then its end, not its sum)."""
+    import weakref
+
+    import sparseheal.sparsity.calibrate as calibrate
+    import sparseheal.sparsity.heap as heap
     import sparseheal.sparsity.pipeline as pipeline
 
-    events = []
-    real_prune, real_save = pipeline.prune_model, pipeline.save_model
+    events, captured = [], []
+    real_capture, real_save, real_trim = calibrate.capture_layer_inputs, pipeline.save_model, heap.trim_heap
 
-    def prune(*args, **kwargs):
-        masks = real_prune(*args, **kwargs)
-        events.append("pruned")
-        return masks
+    def capture(*args, **kwargs):
+        batches = real_capture(*args, **kwargs)
+        captured.extend(weakref.ref(hidden) for hidden, _ in batches)
+        return batches
 
-    monkeypatch.setattr(pipeline, "prune_model", prune)
-    monkeypatch.setattr(pipeline, "trim_heap", lambda: events.append("trimmed"))
-    monkeypatch.setattr(pipeline, "save_model", lambda *a: events.append("saved") or real_save(*a))
+    def trim():
+        events.append(("trimmed", sum(ref() is not None for ref in captured)))
+        real_trim()
+
+    monkeypatch.setattr(calibrate, "capture_layer_inputs", capture)
+    monkeypatch.setattr(heap, "trim_heap", trim)  # the trim on leaving the loop (not the per-layer ones)
+    monkeypatch.setattr(pipeline, "save_model", lambda *a: events.append(("saved",)) or real_save(*a))
     sparseheal.prune(str(llama_dir), str(tmp_path / "pruned"), method="wanda", nsamples=4, seqlen=32,
                      data_dir=str(data_dir))
-    assert events == ["pruned", "trimmed", "saved"]
+    assert captured and events == [("trimmed", 0), ("saved",)]

@@ -26,6 +26,7 @@ from sparseheal.checks import positive
 from sparseheal.models import decoder_layers, prunable_linears
 from sparseheal.settings import Settings, setting
 from sparseheal.sparsity.base import LinearPruner
+from sparseheal.sparsity.heap import heap_kept, populate_writable, trim_heap
 from sparseheal.sparsity.masks import PackedMask
 
 __all__ = ["CalibrationSettings", "capture_layer_inputs", "run_layer", "prune_model"]
@@ -210,28 +211,43 @@ def prune_model(
     """
     stack_name, layers = decoder_layers(model)
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    batches = None
-    if pruner_cls.needs_calibration:
-        if tokens is None:
-            raise ValueError("this method needs calibration tokens")
+    home = next(layers[0].parameters()).device  # where each layer returns to with ``offload``
+    kept = heap_kept() if device.type == "cpu" else contextlib.nullcontext()  # trimmed per layer, on leaving
+    with kept:
+        batches = None
+        if pruner_cls.needs_calibration:
+            if tokens is None:
+                raise ValueError("this method needs calibration tokens")
+            if offload:
+                _move_all_but_layers(model, stack_name, device)
+            batches = capture_layer_inputs(model, layers[0], tokens, batch_size, device)
+        masks = _prune_layers(layers, stack_name, pruner_cls, options, batches, nm,
+                              [sparsity] * len(layers) if layer_sparsity is None else layer_sparsity,
+                              device, home if offload else None, park)
+        del batches  # freed before the heap is handed back
         if offload:
-            _move_all_but_layers(model, stack_name, device)
-        batches = capture_layer_inputs(model, layers[0], tokens, batch_size, device)
-    home = next(layers[0].parameters()).device
+            model.to(home)
+    return masks
+
+
+def _prune_layers(layers: nn.ModuleList, stack_name: str, pruner_cls: type[LinearPruner],
+                  options: Settings | None, batches: list | None, nm: tuple[int, int] | None,
+                  sparsities: list[float], device: torch.device, home: torch.device | None,
+                  park: Callable[[nn.Module], None] | None) -> dict[str, PackedMask]:
+    """The layer loop of :func:`prune_model`: prune each layer, pass its outputs on, send it ``home``
+    (offload), park it."""
     masks: dict[str, PackedMask] = {}
     for index, layer in enumerate(tqdm(layers, desc="pruning layers", unit="layer")):
         layer.to(device)
-        ratio = sparsity if layer_sparsity is None else layer_sparsity[index]
-        for name, mask in _prune_layer(layer, pruner_cls, options, batches, nm, ratio).items():
+        for name, mask in _prune_layer(layer, pruner_cls, options, batches, nm, sparsities[index]).items():
             masks[f"{stack_name}.{index}.{name}"] = mask
         if batches is not None and index < len(layers) - 1:  # the last layer's outputs feed nothing
             run_layer(layer, batches, in_place=True)
-        if offload:
+        if home is not None:
             layer.to(home)
         if park is not None:
             park(layer)
-    if offload:
-        model.to(home)
+        trim_heap()  # the layer's freed temporaries
     return masks
 
 
@@ -239,6 +255,7 @@ def _prune_layer(layer: nn.Module, pruner_cls: type[LinearPruner], options: Sett
                  batches: list | None, nm: tuple[int, int] | None, sparsity: float) -> dict[str, PackedMask]:
     """Prunes every linear of one decoder layer (statistics from ``batches`` first) and packs its masks."""
     pruners = {name: pruner_cls(mod, options) for name, mod in prunable_linears(layer).items()}
+    populate_writable(p.module.weight for p in pruners.values())  # read, then written in place
     if batches is not None:
         _collect_statistics(layer, pruners, batches)
     masks = {}

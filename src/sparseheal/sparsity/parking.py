@@ -16,14 +16,10 @@ lives. So after re-pointing, the pages that lie wholly inside the layer's old te
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import functools
 import logging
 import mmap
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
@@ -31,8 +27,9 @@ import torch
 from torch import nn
 
 from sparseheal.checks import existing_parent
+from sparseheal.sparsity.heap import file_maps, libc
 
-__all__ = ["LayerParking", "parking_for", "release_pages", "trim_heap"]
+__all__ = ["LayerParking", "parking_for", "release_pages"]
 
 log = logging.getLogger(__name__)
 
@@ -50,51 +47,17 @@ def _merged(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return merged
 
 
-def _file_maps() -> list[tuple[int, int]]:
-    """(start, end) of this process's private memory maps of regular files."""
-    maps = []
-    with open("/proc/self/maps") as fh:
-        for line in fh:
-            fields = line.split(maxsplit=5)
-            path = fields[5].strip() if len(fields) > 5 else ""
-            if fields[1].endswith("p") and path.startswith("/"):
-                start, end = (int(x, 16) for x in fields[0].split("-"))
-                maps.append((start, end))
-    return maps
-
-
-@functools.cache
-def _libc() -> ctypes.CDLL | None:
-    """The C library (Linux), its ``madvise`` typed; None elsewhere."""
-    if not sys.platform.startswith("linux"):
-        return None
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    return libc
-
-
-def trim_heap() -> None:
-    """Returns the allocator's free heap memory to the system (glibc ``malloc_trim``; elsewhere nothing).
-
-    The layers' temporaries (attention scores, MLP activations, the mask selection's sort) leave free
-    blocks scattered over the heap that glibc keeps; trimming after each layer keeps them from adding up.
-    """
-    libc = _libc()
-    if libc is not None and hasattr(libc, "malloc_trim"):
-        libc.malloc_trim(0)
-
-
 def release_pages(ranges: list[tuple[int, int]]) -> int:
     """Hands back the pages wholly inside ``ranges`` (addresses no live tensor reads) that belong to a
     private map of a file; returns the bytes released (0 where the platform offers no ``madvise``)."""
-    libc = _libc()
-    if libc is None:
+    lib = libc()
+    if lib is None:
         return 0
-    page, maps, released = mmap.PAGESIZE, _file_maps(), 0
+    page, maps, released = mmap.PAGESIZE, file_maps(), 0
     for start, end in _merged(ranges):
         first, last = -(-start // page) * page, end // page * page  # whole pages only
         if last > first and any(lo <= first and last <= hi for lo, hi in maps):
-            if libc.madvise(first, last - first, _MADV_DONTNEED) == 0:
+            if lib.madvise(first, last - first, _MADV_DONTNEED) == 0:
                 released += last - first
     return released
 
@@ -119,7 +82,6 @@ class LayerParking:
             param.data = self._park(param.detach())
             self.parked_bytes += param.numel() * param.element_size()
         self.released_bytes += release_pages(old)
-        trim_heap()
 
     def _park(self, tensor: torch.Tensor) -> torch.Tensor:
         """``tensor``'s bytes written to an unlinked file, as a private memory map of it."""

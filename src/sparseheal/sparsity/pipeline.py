@@ -28,7 +28,7 @@ from sparseheal.sparsity.base import PruneSettings
 from sparseheal.sparsity.calibrate import CalibrationSettings, prune_model
 from sparseheal.sparsity.masks import sparsity_of
 from sparseheal.sparsity.owl import LayerSparsitySettings, layer_outlier_ratios, owl_sparsities
-from sparseheal.sparsity.parking import parking_for, trim_heap
+from sparseheal.sparsity.parking import parking_for
 from sparseheal.sparsity.store import save_masks, weights_hash
 
 __all__ = ["calibration_tokens", "run_prune"]
@@ -110,8 +110,6 @@ def run_prune(model: str, output: str, overwrite: bool, how: PruneSettings, cali
     with watch("prune"):
         masks = prune_model(lm, how.pruner, tokens, how.nm, how.sparsity, calibration.calibration_batch_size,
                             device, offload=how.offload, options=options, layer_sparsity=ratios, park=park)
-    if park is not None:  # the calibration activations are gone: hand their heap back before the record
-        trim_heap()       # and the save read the parked layers back in
     record = {**_prune_record(model, how, calibration, options, source, lm, masks, watch),
               "layer_sparsity": spread_record}
     with atomic_dir(output, overwrite) as tmp:
