@@ -80,7 +80,8 @@ def unstructured_mask(scores: torch.Tensor, sparsity: float, per_row: bool) -> t
     Ties are broken by position: among equal scores the earlier one is pruned first, so the count is
     exact and the result deterministic. This is the first ``k`` of a stable ascending sort, found
     without sorting: the ``k``-th lowest score ``t`` (a selection, linear time) prunes every score below
-    ``t`` and the earliest of those equal to it until ``k`` are pruned. NaN scores sort last, as in
+    ``t`` and the earliest of those equal to it until ``k`` are pruned (when every row holds exactly
+    ``k`` scores ``<= t``, the usual case, that is one comparison). NaN scores sort last, as in
     ``torch.sort``; a row whose ``k``-th lowest is NaN falls back to the sort.
 
     Args:
@@ -100,6 +101,9 @@ def unstructured_mask(scores: torch.Tensor, sparsity: float, per_row: bool) -> t
         mask = torch.ones_like(flat, dtype=torch.bool)
         mask.scatter_(1, torch.sort(flat, dim=1, stable=True).indices[:, :k], False)
         return mask.reshape(scores.shape)
+    kept = flat > kth  # (R, C)
+    if bool((kept.sum(dim=1) == flat.shape[1] - k).all()):  # no row has a tie beyond its k-th lowest
+        return kept.reshape(scores.shape)
     below = flat < kth  # (R, C) pruned outright
     tied = flat == kth  # (R, C) pruned from the left until the row has k
     room = k - below.sum(dim=1, keepdim=True)  # (R, 1) at least 1
