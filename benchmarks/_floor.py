@@ -17,6 +17,15 @@ counts that share of the full product ``XᵀX`` timed on the same shapes.
 
 What the floor leaves out is the layer's own element-wise work (norms, rotary embedding, activation,
 residual adds), the statistics' element-wise part and the mask selection.
+
+The matrix-product rate of this machine drifts from second to second (110-171 GFLOP/s in one 40 s
+trace of one product), so every kernel is timed in ``rounds`` interleaved rounds, spread over several
+seconds, and its median taken; the prune benchmark also measures the floor before and after each prune.
+
+Magnitude pruning does no matrix products. Its floor is the selection it needs, timed on in-memory
+copies of every prunable weight of the model: ``|W|``, the k-th lowest of each matrix
+(``torch.kthvalue``), the mask written into the weight (``masked_fill_``) and the mask packed to bits.
+What it leaves out is the driver's loop and the private copies of the loaded file's pages.
 """
 
 from __future__ import annotations
@@ -29,18 +38,21 @@ import time
 import torch
 import torch.nn.functional as F
 
-__all__ = ["prune_floor"]
+__all__ = ["prune_floor", "magnitude_floor"]
 
 
-def _seconds(fn, repeats: int = 5) -> float:
-    """Median wall time of ``fn()`` after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def _medians(kernels: dict, rounds: int = 10) -> dict:
+    """Median wall time of each ``kernels[name]()``, timed once per round in turn after one warm-up call
+    each, so that a slow stretch of the machine touches every kernel alike."""
+    for fn in kernels.values():
         fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    times: dict = {name: [] for name in kernels}
+    for _ in range(rounds):
+        for name, fn in kernels.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def _call_order(layer, hidden, kwargs) -> tuple[list[str], list[str]]:
@@ -76,13 +88,16 @@ def prune_floor(model_name: str, nsamples: int, seqlen: int, batch: int) -> dict
     order, distinct = _call_order(layer, hidden, kwargs)
     linears = {name: layer.get_submodule(name) for name in order}
     x = {name: torch.randn(batch * seqlen, mod.in_features) for name, mod in linears.items()}  # (B*T, in)
-    t_lin = {name: _seconds(lambda n=name: F.linear(x[n], linears[n].weight)) for name in order}
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     q, k, v = (torch.randn(batch, heads, seqlen, head_dim) for _ in range(3))  # (B, H, T, d_head)
-    t_attn = _seconds(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))
-    t_gram = sum(_seconds(lambda n=name: x[n].t() @ x[n]) * (linears[name].in_features + 1)
-                 / (2 * linears[name].in_features) for name in distinct)  # SparseGPT's X Xᵀ, upper triangle
+    kernels = {name: (lambda n=name: F.linear(x[n], linears[n].weight)) for name in order}
+    kernels["attention"] = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    kernels.update({f"gram:{n}": (lambda n=n: x[n].t() @ x[n]) for n in distinct})  # SparseGPT's X Xᵀ
+    median = _medians(kernels)
+    t_lin, t_attn = {name: median[name] for name in order}, median["attention"]
+    t_gram = sum(median[f"gram:{n}"] * (linears[n].in_features + 1) / (2 * linears[n].in_features)
+                 for n in distinct)  # the upper triangle's share of the full product
     n_layers, n_batches = len(layers), math.ceil(nsamples / batch)
     all_lin = sum(t_lin.values())
     per_batch = n_layers * (all_lin - t_lin[order[-1]] + t_attn) + (n_layers - 1) * (all_lin + t_attn)
@@ -101,3 +116,32 @@ def prune_floor(model_name: str, nsamples: int, seqlen: int, batch: int) -> dict
         "sparsegpt_floor_s": round((per_batch + n_layers * t_gram) * n_batches, 2),
         "threads": torch.get_num_threads(),
     }
+
+
+@torch.no_grad()
+def magnitude_floor(model_name: str) -> dict:
+    """Times the selection of a magnitude prune (``|W|``, the k-th lowest of each whole matrix, the masked
+    write, the packed mask) on in-memory copies of every prunable weight of ``model_name``, at 50%."""
+    from sparseheal.models import decoder_layers, load_model, prunable_linears, weight_view
+    from sparseheal.sparsity.masks import pack_mask
+
+    lm, _, _ = load_model(model_name, "float32", "cpu")
+    _, layers = decoder_layers(lm)
+    weights = [weight_view(m).detach().clone() for layer in layers for m in prunable_linears(layer).values()]
+    del lm, layers
+
+    def select_all() -> float:
+        copies = [w.clone() for w in weights]  # written by the masked fill; not timed
+        start = time.perf_counter()
+        for w in copies:
+            flat = w.abs().reshape(1, -1)  # (1, out * in)
+            kth = flat.kthvalue(flat.shape[1] // 2, dim=1, keepdim=True).values
+            keep = (flat > kth).reshape(w.shape)  # (out, in)
+            w.masked_fill_(~keep, 0.0)
+            pack_mask(keep)
+        return time.perf_counter() - start
+
+    select_all()  # warm-up
+    seconds = statistics.median(select_all() for _ in range(5))
+    return {"magnitude_floor_s": round(seconds, 3), "matrices": len(weights),
+            "weights_m": round(sum(w.numel() for w in weights) / 1e6, 1)}

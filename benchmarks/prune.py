@@ -1,11 +1,13 @@
 """Pruning benchmark on smollm2-135m: time, peak RSS and perplexity for every method x pattern.
 
 Also measures, in the same run: (1) the compute floor of the prune (``_floor.py``: the matrix products
-the algorithm needs, timed on this machine at the layer's own shapes) and each prune's wall time as a
-ratio to it; (2) with ``--baseline-rev REV``, the same prunes with the code of an earlier git revision,
-its wall time and whether its masks and weights are bit-identical; (3) batched calibration against the
-same computation run one sample at a time (the reference code's loop); (4) evaluation throughput
-against a bare forward pass over the same windows, alternating, 3 runs each.
+the algorithm needs, timed on this machine at the layer's own shapes; for magnitude, its selection) right
+before and right after every prune, and each prune's wall time as a ratio to the mean of the two (the
+machine's rate drifts, so the range over the two is given too); (2) with ``--baseline-rev REV``, the
+same prunes with the code of an earlier git revision, its wall time and whether its masks and weights
+are bit-identical; (3) batched calibration against the same computation run one sample at a time (the
+reference code's loop); (4) evaluation throughput against a bare forward pass over the same windows,
+alternating, 3 runs each.
 
     python benchmarks/prune.py                      # full run (about an hour on 2 CPU cores)
     python benchmarks/prune.py --methods wanda --patterns unstructured --eval-windows 4
@@ -27,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import machine, print_table, run_measured, write_json  # noqa: E402
-from _floor import prune_floor  # noqa: E402
+from _floor import magnitude_floor, prune_floor  # noqa: E402
 
 PY = [sys.executable, "-m", "sparseheal"]
 ROOT = Path(__file__).resolve().parents[1]
@@ -161,7 +163,7 @@ def in_child(kind: str, args, work: Path, dirs: list[str] | None = None) -> dict
 def child(args) -> None:
     if args.child == "floor":
         row = {**prune_floor(args.model, args.nsamples, args.seqlen, args.batch),
-               "model_fp32_mb": model_fp32_mb(args.model)}
+               **magnitude_floor(args.model), "model_fp32_mb": model_fp32_mb(args.model)}
     elif args.child == "identical":  # both outputs loaded here, not in the parent
         row = {"identical": same_outputs(*(Path(d) for d in args.child_dirs))}
     else:
@@ -191,8 +193,15 @@ def plan(args) -> list[tuple]:
     memory = [
         ("memory", "wanda", "unstructured", int(b)) for b in filter(None, args.memory_batches.split(","))
     ]
-    return ([("floor",)] + first[:1] + base[:1] + cheap[:1] + first[1:] + base[1:] + single[:1]
-            + cheap[1:] + rest + memory + [("overhead",), ("dense",)] + single[1:])
+    jobs = (first[:1] + base[:1] + cheap[:1] + first[1:] + base[1:] + single[:1] + cheap[1:] + rest + memory
+            + [("overhead",), ("dense",)] + single[1:])
+    timed = [job for job in jobs if job[0] in ("prune", "baseline")]  # each one between two floors
+    planned = [("floor", 0)]
+    for job in jobs:
+        planned.append(job)
+        if job in timed:
+            planned.append(("floor", timed.index(job) + 1))
+    return planned
 
 
 def run_job(job: tuple, args, work: Path) -> dict:
@@ -218,20 +227,41 @@ def run_job(job: tuple, args, work: Path) -> dict:
     return row
 
 
+def _bracket(rows: list[dict], position: int) -> list[dict]:
+    """The floor measured last before ``rows[position]`` and first after it (those that exist)."""
+    before = [r for r in rows[:position] if r["job"] == "floor"][-1:]
+    after = [r for r in rows[position + 1:] if r["job"] == "floor"][:1]
+    return before + after
+
+
+def _floor_ratio(row: dict, floors: list[dict]) -> dict:
+    """A prune's wall time over the mean of its bracketing floors, and over each of them."""
+    key = {"sparsegpt": "sparsegpt_floor_s", "magnitude": "magnitude_floor_s"}.get(row["method"], "floor_s")
+    own = [f[key] for f in floors if key in f]
+    if not own:
+        return {}
+    mean = statistics.mean(own)
+    return {"floor_s": round(mean, 2), "x_floor": round(row["prune_s"] / mean, 3),
+            "x_floor_range": f"{row['prune_s'] / max(own):.3f}-{row['prune_s'] / min(own):.3f}"}
+
+
 def _with_ratios(rows: list[dict]) -> list[dict]:
     """The prune rows with their ratio to the floor and to the baseline revision's run of the same prune."""
-    floor = next((r for r in rows if r["job"] == "floor"), None)
     table = []
-    for row in (r for r in rows if r["job"] in ("dense", "prune")):
+    for position, row in enumerate(rows):
+        if row["job"] not in ("dense", "prune"):
+            continue
         row = dict(row)
-        if floor and row["job"] == "prune" and row["method"] != "magnitude":  # magnitude: no passes
-            own = floor["sparsegpt_floor_s"] if row["method"] == "sparsegpt" else floor["floor_s"]
-            row["x_floor"] = round(row["prune_s"] / own, 3)
+        if row["job"] == "prune":
+            row.update(_floor_ratio(row, _bracket(rows, position)))
         base = next((b for b in rows if b["job"] == "baseline" and (b["method"], b["pattern"]) ==
                      (row["method"], row["pattern"])), None)
         if base:
             row.update(baseline_s=base["prune_s"], speedup=round(base["prune_s"] / row["prune_s"], 3),
                        identical=base["identical"])
+            base_floors = _floor_ratio(base, _bracket(rows, rows.index(base)))
+            if base_floors:
+                row["baseline_x_floor"] = base_floors["x_floor"]
         table.append(row)
     for row in table:  # SparseGPT's target is a multiple of Wanda's wall time in the same run
         wanda = next((r for r in table if r["method"] == "wanda" and r["pattern"] == row["pattern"]), None)
@@ -277,7 +307,7 @@ def summarize(rows: list[dict], args, fp32_mb: float) -> dict:
         "settings": vars(args),
         "machine": machine(),
         "model_fp32_mb": fp32_mb,
-        "floor": next((r for r in rows if r["job"] == "floor"), None),
+        "floors": [r for r in rows if r["job"] == "floor"],
         "rows": table,
         "batched_vs_one_at_a_time": speed,
         "memory_by_batch": memory,
@@ -321,9 +351,10 @@ def main() -> None:
         print(rows[-1], flush=True)
         write_json(Path(args.output), summarize(rows, args, fp32_mb))
     result = summarize(rows, args, fp32_mb)
-    print_table([result["floor"]] if result["floor"] else [], ["batch", "tflop", "linear_gflop_s",
-                "attention_gflop_s", "floor_s", "hessian_tflop", "sparsegpt_floor_s"])
-    print_table(result["rows"], ["method", "pattern", "prune_s", "x_floor", "x_wanda", "baseline_s",
+    print_table(result["floors"], ["batch", "tflop", "linear_gflop_s", "attention_gflop_s", "floor_s",
+                                   "hessian_tflop", "sparsegpt_floor_s", "magnitude_floor_s"])
+    print_table(result["rows"], ["method", "pattern", "prune_s", "floor_s", "x_floor", "x_floor_range",
+                                 "x_wanda", "baseline_s", "baseline_x_floor",
                                  "speedup", "identical", "cpu_s", "peak_rss_mb", "sparsity", "ppl"])
     print_table(
         result["batched_vs_one_at_a_time"],
