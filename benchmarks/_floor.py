@@ -16,7 +16,11 @@ another). It is symmetric, so what it needs is its upper triangle, ``B T in (in 
 counts that share of the full product ``XᵀX`` timed on the same shapes.
 
 What the floor leaves out is the layer's own element-wise work (norms, rotary embedding, activation,
-residual adds), the statistics' element-wise part and the mask selection.
+residual adds), the statistics' element-wise part and the mask selection. The layer's own work is
+measured beside it: ``bare_passes_s`` is the same two passes as the model's decoder layer runs them
+(layer 0's forward on a real calibration batch, the first pass stopped at the last linear's input),
+with nothing of the prune's added; ``prune / bare passes`` is then what the driver adds (statistics,
+selection, hooks, parking), ``bare passes / floor`` what the model's element-wise code costs.
 
 The matrix-product rate of this machine drifts from second to second (110-171 GFLOP/s in one 40 s
 trace of one product), so every kernel is timed in ``rounds`` interleaved rounds, spread over several
@@ -70,11 +74,32 @@ def _call_order(layer, hidden, kwargs) -> tuple[list[str], list[str]]:
     return [n for _, n in seen], distinct
 
 
+class _Stop(Exception):
+    pass
+
+
+def _stopped_before(layer, last, hidden, kwargs):
+    """A call of ``layer``'s forward that stops when ``last`` (its last linear) is reached."""
+    def stop(_module, _inputs):
+        raise _Stop
+
+    def run():
+        handle = last.register_forward_pre_hook(stop)
+        try:
+            layer(hidden, **kwargs)
+        except _Stop:
+            pass
+        finally:
+            handle.remove()
+    return run
+
+
 @torch.no_grad()
 def prune_floor(model_name: str, nsamples: int, seqlen: int, batch: int) -> dict:
     """Measures the floor of a calibrated prune of ``model_name`` over ``nsamples`` x ``seqlen`` tokens."""
     from sparseheal.models import decoder_layers, load_model
     from sparseheal.sparsity.calibrate import CalibrationSettings, capture_layer_inputs
+    from sparseheal.sparsity.heap import heap_kept
     from sparseheal.sparsity.pipeline import calibration_tokens
 
     lm, _, _ = load_model(model_name, "float32", "cpu")
@@ -94,7 +119,10 @@ def prune_floor(model_name: str, nsamples: int, seqlen: int, batch: int) -> dict
     kernels = {name: (lambda n=name: F.linear(x[n], linears[n].weight)) for name in order}
     kernels["attention"] = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)
     kernels.update({f"gram:{n}": (lambda n=n: x[n].t() @ x[n]) for n in distinct})  # SparseGPT's X Xᵀ
-    median = _medians(kernels)
+    kernels["pass 1"] = _stopped_before(layer, linears[order[-1]], hidden, kwargs)
+    kernels["pass 2"] = lambda: layer(hidden, **kwargs)
+    with heap_kept():  # the allocator as the prune's layer loop has it
+        median = _medians(kernels)
     t_lin, t_attn = {name: median[name] for name in order}, median["attention"]
     t_gram = sum(median[f"gram:{n}"] * (linears[n].in_features + 1) / (2 * linears[n].in_features)
                  for n in distinct)  # the upper triangle's share of the full product
@@ -114,6 +142,8 @@ def prune_floor(model_name: str, nsamples: int, seqlen: int, batch: int) -> dict
         "floor_s": round(per_batch * n_batches, 2),
         "hessian_tflop": round(gram_flops * n_layers * n_batches / 1e12, 2),
         "sparsegpt_floor_s": round((per_batch + n_layers * t_gram) * n_batches, 2),
+        "bare_passes_s": round((n_layers * median["pass 1"] + (n_layers - 1) * median["pass 2"])
+                               * n_batches, 2),
         "threads": torch.get_num_threads(),
     }
 

@@ -212,7 +212,7 @@ def prune_model(
     stack_name, layers = decoder_layers(model)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     home = next(layers[0].parameters()).device  # where each layer returns to with ``offload``
-    kept = heap_kept() if device.type == "cpu" else contextlib.nullcontext()  # trimmed per layer, on leaving
+    kept = heap_kept() if device.type == "cpu" else contextlib.nullcontext()  # trimmed on leaving
     with kept:
         batches = None
         if pruner_cls.needs_calibration:
@@ -245,9 +245,9 @@ def _prune_layers(layers: nn.ModuleList, stack_name: str, pruner_cls: type[Linea
             run_layer(layer, batches, in_place=True)
         if home is not None:
             layer.to(home)
-        if park is not None:
+        if park is not None:  # the layer's pages go back to the system, and its freed temporaries
             park(layer)
-        trim_heap()  # the layer's freed temporaries
+            trim_heap()
     return masks
 
 

@@ -102,13 +102,24 @@ def unstructured_mask(scores: torch.Tensor, sparsity: float, per_row: bool) -> t
         mask.scatter_(1, torch.sort(flat, dim=1, stable=True).indices[:, :k], False)
         return mask.reshape(scores.shape)
     kept = flat > kth  # (R, C)
-    if bool((kept.sum(dim=1) == flat.shape[1] - k).all()):  # no row has a tie beyond its k-th lowest
+    if bool((kept.sum(dim=1) == flat.shape[1] - k).all()):  # k scores <= the k-th lowest in every row
         return kept.reshape(scores.shape)
-    below = flat < kth  # (R, C) pruned outright
-    tied = flat == kth  # (R, C) pruned from the left until the row has k
-    room = k - below.sum(dim=1, keepdim=True)  # (R, 1) at least 1
-    pruned = below | (tied & (tied.cumsum(dim=1) <= room))
-    return (~pruned).reshape(scores.shape)
+    return _prune_ties_from_the_left(flat, kth, k).reshape(scores.shape)
+
+
+def _prune_ties_from_the_left(flat: torch.Tensor, kth: torch.Tensor, k: int) -> torch.Tensor:
+    """The keep-mask that prunes, in each row of ``flat`` (R, C), every score below the row's ``kth``
+    (R, 1) and the earliest of those equal to it until ``k`` are pruned."""
+    keep = flat >= kth  # (R, C) NaN kept: it sorts last
+    keep |= flat.isnan()
+    tied_rows, tied_cols = (flat == kth).nonzero(as_tuple=True)  # (n_tied,) each, in row-major order
+    room = k - (flat < kth).sum(dim=1)  # (R,) ties to prune per row, at least 1
+    counts = torch.bincount(tied_rows, minlength=flat.shape[0])  # (R,)
+    first = counts.cumsum(0) - counts  # (R,) where each row's ties start among all ties
+    rank = torch.arange(tied_rows.numel(), device=flat.device) - first[tied_rows]  # (n_tied,) within its row
+    take = rank < room[tied_rows]
+    keep[tied_rows[take], tied_cols[take]] = False
+    return keep
 
 
 def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
