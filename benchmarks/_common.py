@@ -17,7 +17,8 @@ if "SPARSEHEAL_DATA_DIR" not in os.environ and _SHARED_DATA.is_dir():
 
 
 def run_measured(cmd: list[str], env: dict | None = None, log: Path | None = None) -> dict:
-    """Runs ``cmd``; returns its wall time, CPU time (user + system) and peak RSS (MiB) of that process alone.
+    """Runs ``cmd``; returns its wall time, CPU time (user + system; system alone), minor page faults and
+    peak RSS (MiB) of that process alone.
 
     CPU time is the fairer speed measure on a shared machine: it barely moves when other work competes.
     """
@@ -34,6 +35,8 @@ def run_measured(cmd: list[str], env: dict | None = None, log: Path | None = Non
     return {
         "wall_s": round(time.perf_counter() - start, 2),
         "cpu_s": round(usage.ru_utime + usage.ru_stime, 2),
+        "sys_s": round(usage.ru_stime, 2),
+        "minor_faults": usage.ru_minflt,
         "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
     }
 

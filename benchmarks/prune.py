@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import machine, print_table, run_measured, write_json  # noqa: E402
-from _floor import magnitude_floor, prune_floor  # noqa: E402
+from _floor import magnitude_floor, paired_prune, prune_floor  # noqa: E402
 
 PY = [sys.executable, "-m", "sparseheal"]
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,6 +86,8 @@ def prune_and_eval(
         "prune_s": record["timings"]["prune"],
         "total_s": run["wall_s"],
         "cpu_s": run["cpu_s"],
+        "sys_s": run["sys_s"],
+        "minor_faults": run["minor_faults"],
         "peak_rss_mb": run["peak_rss_mb"],
         "sparsity": record["sparsity_achieved"],
     }
@@ -148,22 +150,26 @@ def eval_overhead(model: str, windows: int, repeats: int = 3) -> dict:
     }
 
 
-def in_child(kind: str, args, work: Path, dirs: list[str] | None = None) -> dict:
+def in_child(kind: str, args, work: Path, dirs: list[str] | None = None, method: str = "") -> dict:
     """Runs an in-process measurement in a child process, so that this process never holds a model: a
     child forked from a large parent reports the parent's size as its own peak RSS (Linux keeps the
     larger of the two at exec)."""
-    out = work / f"{kind}.child.json"
-    run_measured([sys.executable, __file__, "--child", kind, "--child-out", str(out), "--model", args.model,
-                  "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--batch", str(args.batch),
-                  "--overhead-windows", str(args.overhead_windows),
-                  *(["--child-dirs", *dirs] if dirs else [])], log=work / f"{kind}.child.log")
-    return json.loads(out.read_text())
+    out = work / f"{kind}{method}.child.json"
+    cmd = [sys.executable, __file__, "--child", kind, "--child-out", str(out), "--model", args.model,
+           "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--batch", str(args.batch),
+           "--overhead-windows", str(args.overhead_windows), "--child-method", method,
+           *(["--child-dirs", *dirs] if dirs else [])]
+    run = run_measured(cmd, log=work / f"{kind}{method}.child.log")
+    return {**json.loads(out.read_text()), "child_peak_rss_mb": run["peak_rss_mb"]}
 
 
 def child(args) -> None:
     if args.child == "floor":
         row = {**prune_floor(args.model, args.nsamples, args.seqlen, args.batch),
                **magnitude_floor(args.model), "model_fp32_mb": model_fp32_mb(args.model)}
+    elif args.child == "paired":  # the prune in the child, the floor's kernels after each layer
+        row = paired_prune(args.model, args.child_method, args.nsamples, args.seqlen, args.batch,
+                           str(Path(args.child_out).parent / f"paired-{args.child_method}"))
     elif args.child == "identical":  # both outputs loaded here, not in the parent
         row = {"identical": same_outputs(*(Path(d) for d in args.child_dirs))}
     else:
@@ -193,8 +199,9 @@ def plan(args) -> list[tuple]:
     memory = [
         ("memory", "wanda", "unstructured", int(b)) for b in filter(None, args.memory_batches.split(","))
     ]
+    paired = [("paired", m) for m in filter(None, args.paired.split(","))]
     jobs = (first[:1] + base[:1] + cheap[:1] + first[1:] + base[1:] + single[:1] + cheap[1:] + rest + memory
-            + [("overhead",), ("dense",)] + single[1:])
+            + paired + ([("overhead",), ("dense",)] if args.eval_windows else []) + single[1:])
     timed = [job for job in jobs if job[0] in ("prune", "baseline")]  # each one between two floors
     planned = [("floor", 0)]
     for job in jobs:
@@ -211,7 +218,8 @@ def run_job(job: tuple, args, work: Path) -> dict:
         return json.loads(saved.read_text())
     kind = job[0]
     if kind in ("prune", "single", "memory"):
-        row = {"job": kind, **prune_and_eval(args.model, job[1], job[2], args, work, job[3], kind == "prune")}
+        row = {"job": kind, **prune_and_eval(args.model, job[1], job[2], args, work, job[3],
+                                                 kind == "prune" and args.eval_windows > 0)}
     elif kind == "baseline":
         env = baseline_checkout(args.baseline_rev, work)
         row = {"job": kind,
@@ -221,6 +229,8 @@ def run_job(job: tuple, args, work: Path) -> dict:
             "identical"]
     elif kind in ("floor", "overhead"):
         row = {"job": kind, **in_child(kind, args, work)}
+    elif kind == "paired":
+        row = {"job": kind, **in_child(kind, args, work, method=job[1])}
     else:
         row = {"job": kind, "method": "dense", "pattern": "-", **evaluate_ppl(args.model, args, work)}
     saved.write_text(json.dumps(row))
@@ -243,8 +253,9 @@ def _floor_ratio(row: dict, floors: list[dict]) -> dict:
     mean = statistics.mean(own)
     ratios = {"floor_s": round(mean, 2), "x_floor": round(row["prune_s"] / mean, 3),
               "x_floor_range": f"{row['prune_s'] / max(own):.3f}-{row['prune_s'] / min(own):.3f}"}
-    bare = [f["bare_passes_s"] for f in floors if "bare_passes_s" in f]
-    if bare and row["method"] != "magnitude":  # what the driver adds to the model's own two passes
+    bare_key = "magnitude_bare_s" if row["method"] == "magnitude" else "bare_passes_s"
+    bare = [f[bare_key] for f in floors if bare_key in f]
+    if bare:  # what the driver adds to the model's own two passes (magnitude: to its bare selection)
         ratios["x_bare_passes"] = round(row["prune_s"] / statistics.mean(bare), 3)
     return ratios
 
@@ -262,7 +273,8 @@ def _with_ratios(rows: list[dict]) -> list[dict]:
                      (row["method"], row["pattern"])), None)
         if base:
             row.update(baseline_s=base["prune_s"], speedup=round(base["prune_s"] / row["prune_s"], 3),
-                       identical=base["identical"])
+                       identical=base["identical"], baseline_faults=base.get("minor_faults"),
+                       baseline_sys_s=base.get("sys_s"))
             base_floors = _floor_ratio(base, _bracket(rows, rows.index(base)))
             if base_floors:
                 row["baseline_x_floor"] = base_floors["x_floor"]
@@ -312,6 +324,7 @@ def summarize(rows: list[dict], args, fp32_mb: float) -> dict:
         "machine": machine(),
         "model_fp32_mb": fp32_mb,
         "floors": [r for r in rows if r["job"] == "floor"],
+        "paired": [r for r in rows if r["job"] == "paired"],
         "rows": table,
         "batched_vs_one_at_a_time": speed,
         "memory_by_batch": memory,
@@ -331,16 +344,19 @@ def main() -> None:
         "--sequential", default="wanda,sparsegpt", help="methods also run one sample at a time"
     )
     parser.add_argument("--memory-batches", default="8", help="extra wanda batch sizes (prune only)")
+    parser.add_argument("--paired", default="wanda,sparsegpt", help="methods also pruned in one process with "
+                        "the floor's kernels timed after every layer (the drift-matched ratio)")
     parser.add_argument("--baseline-rev", default=None, help="git revision whose prunes are timed alongside "
                                                              "and compared bit for bit")
     parser.add_argument("--baseline-patterns", default="unstructured", help="patterns run with the baseline")
-    parser.add_argument("--eval-windows", type=int, default=32)
+    parser.add_argument("--eval-windows", type=int, default=32, help="0: no perplexity, no evaluation rows")
     parser.add_argument("--overhead-windows", type=int, default=8)
     parser.add_argument("--output", default="benchmarks/results/prune.json")
     parser.add_argument("--workdir", default=None, help="reuse it to resume an interrupted run")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--child-dirs", nargs=2, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--child-method", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(args)
@@ -357,10 +373,14 @@ def main() -> None:
     result = summarize(rows, args, fp32_mb)
     print_table(result["floors"], ["batch", "tflop", "linear_gflop_s", "attention_gflop_s", "floor_s",
                                    "bare_passes_s", "hessian_tflop", "sparsegpt_floor_s",
-                                   "magnitude_floor_s"])
+                                   "magnitude_floor_s", "magnitude_bare_s"])
+    print_table(result["paired"], ["method", "prune_s", "floor_s", "sparsegpt_floor_s", "bare_passes_s",
+                                   "x_floor", "x_bare_passes", "bare_x_floor", "probe_s",
+                                   "child_peak_rss_mb"])
     print_table(result["rows"], ["method", "pattern", "prune_s", "floor_s", "x_floor", "x_floor_range",
                                  "x_bare_passes", "x_wanda", "baseline_s", "baseline_x_floor",
-                                 "speedup", "identical", "cpu_s", "peak_rss_mb", "sparsity", "ppl"])
+                                 "speedup", "identical", "cpu_s", "sys_s", "minor_faults", "baseline_faults",
+                                 "peak_rss_mb", "sparsity", "ppl"])
     print_table(
         result["batched_vs_one_at_a_time"],
         [
