@@ -110,8 +110,8 @@ def unstructured_mask(scores: torch.Tensor, sparsity: float, per_row: bool) -> t
 def _prune_ties_from_the_left(flat: torch.Tensor, kth: torch.Tensor, k: int) -> torch.Tensor:
     """The keep-mask that prunes, in each row of ``flat`` (R, C), every score below the row's ``kth``
     (R, 1) and the earliest of those equal to it until ``k`` are pruned."""
-    keep = flat >= kth  # (R, C) NaN kept: it sorts last
-    keep |= flat.isnan()
+    keep = flat >= kth  # (R, C)
+    keep |= flat.isnan()  # NaN sorts last: kept
     tied_rows, tied_cols = (flat == kth).nonzero(as_tuple=True)  # (n_tied,) each, in row-major order
     room = k - (flat < kth).sum(dim=1)  # (R,) ties to prune per row, at least 1
     counts = torch.bincount(tied_rows, minlength=flat.shape[0])  # (R,)
