@@ -158,7 +158,7 @@ def in_child(kind: str, args, work: Path, dirs: list[str] | None = None, method:
     cmd = [sys.executable, __file__, "--child", kind, "--child-out", str(out), "--model", args.model,
            "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--batch", str(args.batch),
            "--overhead-windows", str(args.overhead_windows), "--child-method", method,
-           *(["--child-dirs", *dirs] if dirs else [])]
+           "--methods", args.methods, *(["--child-dirs", *dirs] if dirs else [])]
     run = run_measured(cmd, log=work / f"{kind}{method}.child.log")
     return {**json.loads(out.read_text()), "child_peak_rss_mb": run["peak_rss_mb"]}
 
@@ -166,7 +166,8 @@ def in_child(kind: str, args, work: Path, dirs: list[str] | None = None, method:
 def child(args) -> None:
     if args.child == "floor":
         row = {**prune_floor(args.model, args.nsamples, args.seqlen, args.batch),
-               **magnitude_floor(args.model), "model_fp32_mb": model_fp32_mb(args.model)}
+               **(magnitude_floor(args.model) if "magnitude" in args.methods.split(",") else {}),
+               "model_fp32_mb": model_fp32_mb(args.model)}
     elif args.child == "paired":  # the prune in the child, the floor's kernels after each layer
         row = paired_prune(args.model, args.child_method, args.nsamples, args.seqlen, args.batch,
                            str(Path(args.child_out).parent / f"paired-{args.child_method}"))
