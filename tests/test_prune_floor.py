@@ -115,6 +115,25 @@ def test_one_statistic_per_distinct_input_and_no_unused_forward(llama_dir):
     assert finished == {0: 3, 1: 0} and down_calls == {0: 3, 1: 0}
 
 
+def test_linears_that_share_an_input_are_pruned_as_one_group(llama_dir):
+    model = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32).eval()
+    _, layers = decoder_layers(model)
+    names = {m: n for layer in layers for n, m in prunable_linears(layer).items()}
+    groups = []
+
+    class _Recording(SparseGPTPruner):
+        @classmethod
+        def prune_group(cls, group, nm, sparsity):
+            groups.append([names[p.module] for p in group])
+            return super().prune_group(group, nm, sparsity)
+
+    masks = prune_model(model, _Recording, _tokens(n=4), None, 0.5, batch_size=2)
+    assert groups == len(layers) * [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+                                    ["self_attn.o_proj"], ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
+    assert list(masks) == [f"model.layers.{i}.{n}" for i, layer in enumerate(layers) for n in
+                           prunable_linears(layer)]  # in the layer's own order
+
+
 class _Unshared(WandaPruner):
     statistics = ()  # a method that does not declare its statistics is fed per linear
 

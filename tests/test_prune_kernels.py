@@ -111,6 +111,22 @@ def test_sparsegpt_kernel_gives_the_plain_loops_bits(nm, shape, kind, blocksize)
     assert torch.equal(_bits(new_w), _bits(ref_w))
 
 
+@pytest.mark.parametrize("nm", [None, (2, 4)])
+@pytest.mark.parametrize("blocksize", [128, 32])
+def test_stacked_weights_get_the_bits_they_get_alone(nm, blocksize):
+    weight, hessian = _case(40, 96, "ties")
+    gen = torch.Generator().manual_seed(11)
+    weights = [weight, torch.randn(8, 96, generator=gen), torch.randn(24, 96, generator=gen)]
+    hinv, dead = inverse_hessian_factor(hessian.clone(), 0.01)
+    alone = [sparsegpt_prune(w, hinv, dead, nm, 0.5, blocksize) for w in weights]
+    parts = [w.shape[0] for w in weights]
+    stacked_w, stacked_mask = sparsegpt_prune(torch.cat(weights), hinv, dead, nm, 0.5, blocksize, parts)
+    for (ref_w, ref_mask), new_w, new_mask in zip(alone, stacked_w.split(parts), stacked_mask.split(parts),
+                                                  strict=True):
+        assert torch.equal(new_mask, ref_mask)
+        assert torch.equal(_bits(new_w), _bits(ref_w))
+
+
 def _plain_sum(batches: list[torch.Tensor]) -> torch.Tensor:
     total = None
     for flat in batches:

@@ -30,7 +30,8 @@ class LinearPruner:
         settings: the method's own settings group (None when it has no options).
         statistics: the attributes ``add_batch`` accumulates. Linears that read the same input (q, k and
             v; gate and up) then share one accumulation: the driver feeds one of them and the others
-            ``adopt`` its statistics. Empty: every linear is fed its own.
+            ``adopt`` its statistics, and they are pruned as one group (:meth:`prune_group`). Empty:
+            every linear is fed its own.
 
     Args:
         module: the linear layer (nn.Linear or GPT-2's Conv1D).
@@ -63,9 +64,19 @@ class LinearPruner:
     def prune(self, nm: tuple[int, int] | None, sparsity: float) -> torch.Tensor:
         """Prunes the module's weight in place and returns its keep-mask in the parameter's own shape."""
         weight = weight_view(self.module)  # (out, in) view
-        mask = self.select(weight, nm, sparsity)
-        apply_mask(weight, mask)
+        return self.commit(self.select(weight, nm, sparsity))
+
+    def commit(self, mask: torch.Tensor) -> torch.Tensor:
+        """Zeroes the pruned weights of the module and returns ``mask`` (out, in) in the parameter's shape."""
+        apply_mask(weight_view(self.module), mask)
         return mask if isinstance(self.module, nn.Linear) else mask.t().contiguous()
+
+    @classmethod
+    def prune_group(cls, group: list[LinearPruner], nm: tuple[int, int] | None,
+                    sparsity: float) -> list[torch.Tensor]:
+        """Prunes linears that read one input (``group[1:]`` adopted ``group[0]``'s statistics); returns
+        their keep-masks as :meth:`prune` does. One by one here; a method may prune them together."""
+        return [pruner.prune(nm, sparsity) for pruner in group]
 
 
 @dataclass

@@ -145,8 +145,12 @@ class _Feeder:
         self.leaders, self.batch = leaders, []
 
 
-def _collect_statistics(layer: nn.Module, pruners: dict[str, LinearPruner], batches: list) -> None:
-    """Feeds every calibration batch through ``layer`` (up to its last linear) to the pruners' statistics."""
+def _collect_statistics(layer: nn.Module, pruners: dict[str, LinearPruner], batches: list) -> list[list[str]]:
+    """Feeds every calibration batch through ``layer`` (up to its last linear) to the pruners' statistics.
+
+    Returns:
+        The linears grouped by the input they share (the one fed first), each linear in one group.
+    """
     share = all(bool(p.statistics) for p in pruners.values())
     feeder = _Feeder(pruners, share)
     handles = [p.module.register_forward_pre_hook(feeder.hook(name)) for name, p in pruners.items()]
@@ -158,8 +162,11 @@ def _collect_statistics(layer: nn.Module, pruners: dict[str, LinearPruner], batc
     finally:
         for handle in handles:
             handle.remove()
+    groups = {name: [name] for name in pruners if name not in (feeder.leaders or {})}
     for follower, leader in (feeder.leaders or {}).items():
         pruners[follower].adopt(pruners[leader])
+        groups[leader].append(follower)
+    return list(groups.values())
 
 
 def _stack_parent(model: nn.Module, stack_name: str) -> tuple[nn.Module, str]:
@@ -258,9 +265,9 @@ def _prune_layer(layer: nn.Module, pruner_cls: type[LinearPruner], options: Sett
     """Prunes every linear of one decoder layer (statistics from ``batches`` first) and packs its masks."""
     pruners = {name: pruner_cls(mod, options) for name, mod in prunable_linears(layer).items()}
     populate_writable(p.module.weight for p in pruners.values())  # read, then written in place
-    if batches is not None:
-        _collect_statistics(layer, pruners, batches)
+    groups = _collect_statistics(layer, pruners, batches) if batches is not None else [[n] for n in pruners]
     masks = {}
-    for name in list(pruners):
-        masks[name] = PackedMask.pack(pruners.pop(name).prune(nm, sparsity))  # statistics freed as we go
-    return masks
+    for group in groups:  # statistics freed as we go
+        pruned = pruner_cls.prune_group([pruners.pop(name) for name in group], nm, sparsity)
+        masks.update({name: PackedMask.pack(mask) for name, mask in zip(group, pruned, strict=True)})
+    return {name: masks[name] for name in prunable_linears(layer)}  # the layer's own order

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from sparseheal.checks import non_negative, positive
+from sparseheal.models import weight_view
 from sparseheal.registry import PRUNERS
 from sparseheal.settings import Settings, setting
 from sparseheal.sparsity.base import LinearPruner
@@ -65,10 +66,14 @@ def _reconstruct_block(wt: torch.Tensor, h1: torch.Tensor, pt: torch.Tensor,
                        nm: tuple[int, int] | None) -> torch.Tensor:
     """Prunes one block column by column, spreading each column's error over the block's later columns.
 
-    The block is held transposed so that a column is a contiguous row: column ``i`` becomes
-    ``q = w_i`` with its pruned entries zeroed, its error ``e = (w_i - q) / U_ii``, and every later column
-    ``j`` of the block takes ``w_j -= U_ij e`` (the same products and differences as the outer-product
-    update ``W_:,i: -= e U_i,i:``, so the same bits).
+    The block is held transposed so that a column is a contiguous row: column ``i``'s error is
+    ``e = (w_i - q) / U_ii``, where ``q`` is ``w_i`` with its pruned entries zeroed, so ``w_i - q`` is
+    ``w_i`` where pruned and zero where kept; every later column ``j`` of the block takes
+    ``w_j -= U_ij e`` (the same products and differences as the outer-product update
+    ``W_:,i: -= e U_i,i:``, so the same bits; only a kept entry that is inf or NaN differs: its error is
+    zero here, where ``w_i - q`` would be NaN). No column is read again once its error is known, so
+    the pruned entries are zeroed once, after the loop. Every step is elementwise along the rows, so the
+    rows of several weights that share ``U`` may be stacked into one block.
 
     Args:
         wt: (b, out) float32 block of the weight, transposed; updated in place.
@@ -79,17 +84,21 @@ def _reconstruct_block(wt: torch.Tensor, h1: torch.Tensor, pt: torch.Tensor,
     Returns:
         (b, out) the columns' errors, transposed.
     """
+    b = wt.shape[0]
     errt = torch.empty_like(wt)  # (b, out)
-    diag = torch.diag(h1)  # (b,)
-    for i in range(wt.shape[0]):
+    # every view the loop needs, made up front: per column i its row, error, pruned set, U_ii, and the
+    # block's later columns with their factors U_i,i+1: as a (b - i - 1, 1) column
+    cols, errs, pruned, diag = wt.unbind(0), errt.unbind(0), pt.unbind(0), h1.diagonal().unbind(0)
+    later = [(wt[i + 1 :], h1[i, i + 1 :, None]) for i in range(b)]
+    zero = wt.new_zeros(())  # a tensor, not a Python float: torch.where wraps a float anew every call
+    for i in range(b):
         if nm is not None and i % nm[1] == 0:
-            saliency = wt[i : i + nm[1]].pow(2) / diag[i : i + nm[1]].reshape(-1, 1).pow(2)  # (m, out)
+            saliency = wt[i : i + nm[1]].pow(2) / h1.diagonal()[i : i + nm[1], None].pow(2)  # (m, out)
             pt[i : i + nm[1]] = ~nm_mask(saliency.t(), *nm).t()
-        col = wt[i]  # (out,)
-        q = col.masked_fill(pt[i], 0.0)
-        torch.div(col - q, h1[i, i], out=errt[i])
-        wt[i + 1 :] -= h1[i, i + 1 :].unsqueeze(1) * errt[i]  # (b - i - 1, out)
-        col.copy_(q)
+        torch.div(torch.where(pruned[i], cols[i], zero), diag[i], out=errs[i])  # (out,)
+        tail, factors = later[i]
+        tail.sub_(factors * errs[i])  # (b - i - 1, out)
+    wt.masked_fill_(pt, 0.0)
     return errt
 
 
@@ -100,16 +109,20 @@ def sparsegpt_prune(
     nm: tuple[int, int] | None,
     sparsity: float,
     blocksize: int,
+    parts: list[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Prunes ``weight`` with OBS reconstruction.
 
     Args:
-        weight: (out, in) weight (any float dtype; computed in float32).
+        weight: (out, in) weight (any float dtype; computed in float32); or the weights of several
+            linears that share the Hessian, stacked by rows (see ``parts``).
         hinv: (in, in) upper Cholesky factor of the inverse Hessian (:func:`inverse_hessian_factor`).
         dead: (in,) bool inputs that never fired; their weights are zeroed first.
         nm: (n, m) to keep n of every m inputs, or None for unstructured.
         sparsity: fraction pruned (unstructured).
         blocksize: columns processed per lazy-update block (rounded down to a multiple of M for N:M).
+        parts: the row count of each stacked weight (default: one weight). Each is pruned as it would be
+            alone (its own unstructured selection and updates, the same bits); they share the column loop.
 
     Returns:
         (updated (out, in) float32 weight with pruned entries zero, (out, in) bool keep-mask)
@@ -118,22 +131,30 @@ def sparsegpt_prune(
         blocksize = max(nm[1], blocksize - blocksize % nm[1])
     w = weight.detach().float().clone()  # (out, in)
     w[:, dead] = 0.0
+    rows = _row_ranges(parts or [w.shape[0]])
     pruned = torch.zeros_like(w, dtype=torch.bool)
     cols = w.shape[1]
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
         wt = w[:, i1:i2].t().contiguous()  # (b, out)
         h1 = hinv[i1:i2, i1:i2]  # (b, b)
-        if nm is None:
-            pt = _block_mask(wt, torch.diag(h1), sparsity)  # (b, out) True = pruned
+        if nm is None:  # (b, out) True = pruned
+            pt = torch.cat([_block_mask(wt[:, r0:r1], torch.diag(h1), sparsity) for r0, r1 in rows], dim=1)
         else:
             pt = torch.zeros_like(wt, dtype=torch.bool)
         errt = _reconstruct_block(wt, h1, pt, nm)  # (b, out)
         w[:, i1:i2] = wt.t()
         pruned[:, i1:i2] = pt.t()
-        w[:, i2:] -= errt.t().contiguous() @ hinv[i1:i2, i2:]  # the block's errors, on the later blocks
+        for r0, r1 in rows:  # the block's errors on the later blocks, one product per weight
+            w[r0:r1, i2:] -= errt[:, r0:r1].t().contiguous() @ hinv[i1:i2, i2:]
     w.masked_fill_(pruned, 0.0)
     return w, ~pruned
+
+
+def _row_ranges(parts: list[int]) -> list[tuple[int, int]]:
+    """(start, end) rows of each stacked weight."""
+    ends = torch.tensor(parts).cumsum(0).tolist()
+    return [(end - n, end) for n, end in zip(parts, ends, strict=True)]
 
 
 class HessianState:
@@ -185,3 +206,24 @@ class SparseGPTPruner(LinearPruner):
         weight.copy_(new_weight.to(weight.dtype))
         self.hessian = HessianState()  # this linear's reference to the shared factor is dropped
         return mask
+
+    @classmethod
+    def prune_group(cls, group: list[LinearPruner], nm: tuple[int, int] | None,
+                    sparsity: float) -> list[torch.Tensor]:
+        """Linears that share a Hessian (q, k, v; gate, up) are pruned stacked by rows: one column loop
+        instead of one per linear, each weight with the bits it would get alone."""
+        if len(group) == 1:
+            return [group[0].prune(nm, sparsity)]
+        opts = group[0].options
+        hinv, dead = group[0].hessian.factor(opts.sparsegpt_dampening)
+        weights = [weight_view(p.module) for p in group]  # (out_i, in) views
+        parts = [w.shape[0] for w in weights]
+        stacked = torch.cat([w.detach().float() for w in weights])  # (Σ out_i, in)
+        new, keep = sparsegpt_prune(stacked, hinv, dead, nm, sparsity, opts.sparsegpt_block_size, parts)
+        masks = []
+        pieces = zip(group, weights, new.split(parts), keep.split(parts), strict=True)
+        for pruner, weight, new_w, mask in pieces:
+            weight.copy_(new_w.to(weight.dtype))
+            pruner.hessian = HessianState()
+            masks.append(pruner.commit(mask))
+        return masks
