@@ -194,15 +194,19 @@ def plan(args) -> list[tuple]:
     cheap = [job for job in grid if job[1] == "magnitude"]
     first = [job for job in grid if job[2] == "unstructured" and job[1] != "magnitude"]
     rest = [job for job in grid if job not in cheap and job not in first]
-    base = [("baseline", m, p, args.batch) for _, m, p, _ in first + cheap + rest
-            if args.baseline_rev and p in args.baseline_patterns.split(",")]
+    def base(prunes: list[tuple]) -> list[tuple]:  # each baseline after the prune it is compared with
+        return [("baseline", m, p, args.batch) for _, m, p, _ in prunes
+                if args.baseline_rev and p in args.baseline_patterns.split(",")]
+
     single = [("single", m, "unstructured", 1) for m in filter(None, args.sequential.split(","))]
     memory = [
         ("memory", "wanda", "unstructured", int(b)) for b in filter(None, args.memory_batches.split(","))
     ]
     paired = [("paired", m) for m in filter(None, args.paired.split(","))]
-    jobs = (first[:1] + base[:1] + cheap[:1] + first[1:] + base[1:] + single[:1] + cheap[1:] + rest + memory
-            + paired + ([("overhead",), ("dense",)] if args.eval_windows else []) + single[1:])
+    early = base(first + cheap)
+    jobs = (first[:1] + early[:1] + cheap[:1] + first[1:] + early[1:] + single[:1] + cheap[1:] + rest
+            + base(rest) + memory + paired + ([("overhead",), ("dense",)] if args.eval_windows else [])
+            + single[1:])
     timed = [job for job in jobs if job[0] in ("prune", "baseline")]  # each one between two floors
     planned = [("floor", 0)]
     for job in jobs:
@@ -320,6 +324,10 @@ def summarize(rows: list[dict], args, fp32_mb: float) -> dict:
         and r["pattern"] == "unstructured"
     ]
     overhead = [r for r in rows if r["job"] == "overhead"]
+    paired = {r["method"]: r for r in rows if r["job"] == "paired"}
+    if {"wanda", "sparsegpt"} <= paired.keys():  # each prune over the products' floor of its own run
+        ratio = [paired[m]["prune_s"] / paired[m]["floor_s"] for m in ("sparsegpt", "wanda")]
+        paired["sparsegpt"]["drift_matched_x_wanda"] = round(ratio[0] / ratio[1], 3)
     return {
         "settings": vars(args),
         "machine": machine(),
@@ -376,8 +384,8 @@ def main() -> None:
                                    "bare_passes_s", "hessian_tflop", "sparsegpt_floor_s",
                                    "magnitude_floor_s", "magnitude_bare_s"])
     print_table(result["paired"], ["method", "prune_s", "floor_s", "sparsegpt_floor_s", "bare_passes_s",
-                                   "x_floor", "x_bare_passes", "bare_x_floor", "probe_s",
-                                   "child_peak_rss_mb"])
+                                   "x_floor", "x_bare_passes", "bare_x_floor", "drift_matched_x_wanda",
+                                   "probe_s", "child_peak_rss_mb"])
     print_table(result["rows"], ["method", "pattern", "prune_s", "floor_s", "x_floor", "x_floor_range",
                                  "x_bare_passes", "x_wanda", "baseline_s", "baseline_x_floor",
                                  "speedup", "identical", "cpu_s", "sys_s", "minor_faults", "baseline_faults",
