@@ -6,10 +6,11 @@ recomputes the layer's outputs with the pruned layer and passes them on as the n
 Samples go through each layer in batches; only the current layer needs to be on the compute device.
 
 No work whose result is unused: the statistics pass stops each layer's forward at its last linear's
-input, linears that read one input share one statistic (see ``LinearPruner.statistics``), and the
-last layer's pruned outputs are not computed. On the CPU the loop keeps freed heap memory for reuse
-instead of faulting it in again at every forward, and copies each layer's weights out of the loaded
-file's map in one call before they are read and then written (see ``heap.py``).
+input, linears that read one input share one statistic (see ``LinearPruner.statistics``) and are
+pruned as one group (``LinearPruner.prune_group``), and the last layer's pruned outputs are not
+computed. On the CPU the loop keeps freed heap memory for reuse instead of faulting it in again at
+every forward, and copies each layer's weights out of the loaded file's map in one call before they
+are read and then written (see ``heap.py``).
 """
 
 from __future__ import annotations
