@@ -96,11 +96,14 @@ def _case(rows: int, cols: int, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
     if kind == "ties":  # equal saliencies: whole rows of zero weights, and a dead input
         weight[::3] = 0.0
         x[:, 5] = 0.0
+    if kind == "nonfinite":  # large weights that stay kept, inf and NaN among them
+        weight[1, 3], weight[2, 7], weight[4, 150] = float("inf"), float("nan"), float("-inf")
     return weight, x.t() @ x / x.shape[0]
 
 
 @pytest.mark.parametrize("nm", [None, (2, 4), (4, 8)])
-@pytest.mark.parametrize("shape,kind", [((24, 200), "random"), ((40, 96), "ties"), ((8, 13), "random")])
+@pytest.mark.parametrize("shape,kind", [((24, 200), "random"), ((40, 96), "ties"), ((8, 13), "random"),
+                                        ((24, 200), "nonfinite")])
 @pytest.mark.parametrize("blocksize", [128, 32])
 def test_sparsegpt_kernel_gives_the_plain_loops_bits(nm, shape, kind, blocksize):
     weight, hessian = _case(*shape, kind)
@@ -120,11 +123,40 @@ def test_stacked_weights_get_the_bits_they_get_alone(nm, blocksize):
     hinv, dead = inverse_hessian_factor(hessian.clone(), 0.01)
     alone = [sparsegpt_prune(w, hinv, dead, nm, 0.5, blocksize) for w in weights]
     parts = [w.shape[0] for w in weights]
-    stacked_w, stacked_mask = sparsegpt_prune(torch.cat(weights), hinv, dead, nm, 0.5, blocksize, parts)
+    stacked_w, stacked_mask = sparsegpt_prune(weights, hinv, dead, nm, 0.5, blocksize)
     for (ref_w, ref_mask), new_w, new_mask in zip(alone, stacked_w.split(parts), stacked_mask.split(parts),
                                                   strict=True):
         assert torch.equal(new_mask, ref_mask)
         assert torch.equal(_bits(new_w), _bits(ref_w))
+
+
+@pytest.mark.parametrize("conv1d", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("nm", [None, (2, 4)])
+def test_a_group_prune_equals_pruning_each_linear_alone(conv1d, dtype, nm):
+    from transformers.pytorch_utils import Conv1D
+
+    def linears() -> list[nn.Module]:
+        torch.manual_seed(5)
+        mods = [Conv1D(out, 64) if conv1d else nn.Linear(64, out, bias=False) for out in (24, 8, 16)]
+        return [m.to(dtype) for m in mods]
+
+    x = torch.randn(2, 40, 64, generator=torch.Generator().manual_seed(6)).to(dtype)  # (B, T, in)
+    group = [SparseGPTPruner(m) for m in linears()]
+    group[0].add_batch(x)
+    for follower in group[1:]:
+        follower.adopt(group[0])
+    masks = SparseGPTPruner.prune_group(group, nm, 0.5)
+    assert all(p.hessian._factor is None for p in group)  # the shared factor is let go
+    alone = []
+    for module in linears():
+        pruner = SparseGPTPruner(module)
+        pruner.add_batch(x)
+        alone.append((module, pruner.prune(nm, 0.5)))
+    for pruner, mask, (module, ref_mask) in zip(group, masks, alone, strict=True):
+        assert torch.equal(mask, ref_mask)
+        bits = torch.int16 if dtype == torch.bfloat16 else torch.int32
+        assert torch.equal(pruner.module.weight.detach().view(bits), module.weight.detach().view(bits))
 
 
 def _plain_sum(batches: list[torch.Tensor]) -> torch.Tensor:

@@ -74,8 +74,16 @@ class LinearPruner:
     @classmethod
     def prune_group(cls, group: list[LinearPruner], nm: tuple[int, int] | None,
                     sparsity: float) -> list[torch.Tensor]:
-        """Prunes linears that read one input (``group[1:]`` adopted ``group[0]``'s statistics); returns
-        their keep-masks as :meth:`prune` does. One by one here; a method may prune them together."""
+        """Prunes linears that read one input, one by one here; a method may prune them together.
+
+        Args:
+            group: the pruners of those linears (``group[1:]`` adopted ``group[0]``'s statistics).
+            nm: (n, m) pattern or None.
+            sparsity: fraction pruned (unstructured).
+
+        Returns:
+            Each linear's keep-mask in its parameter's shape, as :meth:`prune` gives it.
+        """
         return [pruner.prune(nm, sparsity) for pruner in group]
 
 

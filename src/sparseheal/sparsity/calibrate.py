@@ -267,7 +267,7 @@ def _prune_layer(layer: nn.Module, pruner_cls: type[LinearPruner], options: Sett
     pruners = {name: pruner_cls(mod, options) for name, mod in prunable_linears(layer).items()}
     populate_writable(p.module.weight for p in pruners.values())  # read, then written in place
     groups = _collect_statistics(layer, pruners, batches) if batches is not None else [[n] for n in pruners]
-    masks = {}
+    masks: dict[str, PackedMask] = {}
     for group in groups:  # statistics freed as we go
         pruned = pruner_cls.prune_group([pruners.pop(name) for name in group], nm, sparsity)
         masks.update({name: PackedMask.pack(mask) for name, mask in zip(group, pruned, strict=True)})

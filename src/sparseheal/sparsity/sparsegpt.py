@@ -11,6 +11,7 @@ Can Be Accurately Pruned in One-Shot", https://arxiv.org/abs/2301.00774.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import accumulate
 
 import torch
 
@@ -70,8 +71,9 @@ def _reconstruct_block(wt: torch.Tensor, h1: torch.Tensor, pt: torch.Tensor,
     ``e = (w_i - q) / U_ii``, where ``q`` is ``w_i`` with its pruned entries zeroed, so ``w_i - q`` is
     ``w_i`` where pruned and zero where kept; every later column ``j`` of the block takes
     ``w_j -= U_ij e`` (the same products and differences as the outer-product update
-    ``W_:,i: -= e U_i,i:``, so the same bits; only a kept entry that is inf or NaN differs: its error is
-    zero here, where ``w_i - q`` would be NaN). No column is read again once its error is known, so
+    ``W_:,i: -= e U_i,i:``, so the same bits). A block holding an inf or NaN takes ``w_i - q`` itself,
+    which is NaN at such a kept entry (as the reference computes it). No column is read again once its
+    error is known, so
     the pruned entries are zeroed once, after the loop. Every step is elementwise along the rows, so the
     rows of several weights that share ``U`` may be stacked into one block.
 
@@ -91,11 +93,14 @@ def _reconstruct_block(wt: torch.Tensor, h1: torch.Tensor, pt: torch.Tensor,
     cols, errs, pruned, diag = wt.unbind(0), errt.unbind(0), pt.unbind(0), h1.diagonal().unbind(0)
     later = [(wt[i + 1 :], h1[i, i + 1 :, None]) for i in range(b)]
     zero = wt.new_zeros(())  # a tensor, not a Python float: torch.where wraps a float anew every call
+    finite = bool(torch.isfinite(wt).all())  # then w_i - q is w_i where pruned and +0 where kept
     for i in range(b):
         if nm is not None and i % nm[1] == 0:
             saliency = wt[i : i + nm[1]].pow(2) / h1.diagonal()[i : i + nm[1], None].pow(2)  # (m, out)
             pt[i : i + nm[1]] = ~nm_mask(saliency.t(), *nm).t()
-        torch.div(torch.where(pruned[i], cols[i], zero), diag[i], out=errs[i])  # (out,)
+        col = cols[i]  # (out,)
+        lost = torch.where(pruned[i], col, zero) if finite else col - col.masked_fill(pruned[i], 0.0)
+        torch.div(lost, diag[i], out=errs[i])  # (out,)
         tail, factors = later[i]
         tail.sub_(factors * errs[i])  # (b - i - 1, out)
     wt.masked_fill_(pt, 0.0)
@@ -103,35 +108,36 @@ def _reconstruct_block(wt: torch.Tensor, h1: torch.Tensor, pt: torch.Tensor,
 
 
 def sparsegpt_prune(
-    weight: torch.Tensor,
+    weight: torch.Tensor | list[torch.Tensor],
     hinv: torch.Tensor,
     dead: torch.Tensor,
     nm: tuple[int, int] | None,
     sparsity: float,
     blocksize: int,
-    parts: list[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Prunes ``weight`` with OBS reconstruction.
 
     Args:
-        weight: (out, in) weight (any float dtype; computed in float32); or the weights of several
-            linears that share the Hessian, stacked by rows (see ``parts``).
+        weight: (out, in) weight (any float dtype; computed in float32), or a list of the (out_i, in)
+            weights of linears that share the Hessian. These are stacked by rows and each is pruned as
+            it would be alone (its own unstructured selection and trailing updates, the same bits); they
+            share the column loop.
         hinv: (in, in) upper Cholesky factor of the inverse Hessian (:func:`inverse_hessian_factor`).
         dead: (in,) bool inputs that never fired; their weights are zeroed first.
         nm: (n, m) to keep n of every m inputs, or None for unstructured.
         sparsity: fraction pruned (unstructured).
         blocksize: columns processed per lazy-update block (rounded down to a multiple of M for N:M).
-        parts: the row count of each stacked weight (default: one weight). Each is pruned as it would be
-            alone (its own unstructured selection and updates, the same bits); they share the column loop.
 
     Returns:
-        (updated (out, in) float32 weight with pruned entries zero, (out, in) bool keep-mask)
+        (updated (Σ out_i, in) float32 weight with pruned entries zero, (Σ out_i, in) bool keep-mask),
+        stacked in the order given.
     """
     if nm is not None:  # blocks start on group boundaries, so groups never straddle two blocks
         blocksize = max(nm[1], blocksize - blocksize % nm[1])
-    w = weight.detach().float().clone()  # (out, in)
+    weights = weight if isinstance(weight, list) else [weight]
+    w = torch.cat([x.detach().float() for x in weights])  # (Σ out_i, in), a copy
     w[:, dead] = 0.0
-    rows = _row_ranges(parts or [w.shape[0]])
+    rows = _row_ranges([x.shape[0] for x in weights])
     pruned = torch.zeros_like(w, dtype=torch.bool)
     cols = w.shape[1]
     for i1 in range(0, cols, blocksize):
@@ -153,8 +159,7 @@ def sparsegpt_prune(
 
 def _row_ranges(parts: list[int]) -> list[tuple[int, int]]:
     """(start, end) rows of each stacked weight."""
-    ends = torch.tensor(parts).cumsum(0).tolist()
-    return [(end - n, end) for n, end in zip(parts, ends, strict=True)]
+    return [(end - n, end) for n, end in zip(parts, accumulate(parts), strict=True)]
 
 
 class HessianState:
@@ -210,19 +215,27 @@ class SparseGPTPruner(LinearPruner):
     @classmethod
     def prune_group(cls, group: list[LinearPruner], nm: tuple[int, int] | None,
                     sparsity: float) -> list[torch.Tensor]:
-        """Linears that share a Hessian (q, k, v; gate, up) are pruned stacked by rows: one column loop
-        instead of one per linear, each weight with the bits it would get alone."""
-        if len(group) == 1:
-            return [group[0].prune(nm, sparsity)]
-        opts = group[0].options
-        hinv, dead = group[0].hessian.factor(opts.sparsegpt_dampening)
+        """Prunes linears that share a Hessian (q, k, v; gate, up) stacked by rows, in one column loop.
+
+        Args:
+            group: SparseGPT pruners whose ``hessian`` is one shared state (``adopt``).
+            nm: (n, m) pattern or None.
+            sparsity: fraction pruned (unstructured).
+
+        Returns:
+            Each linear's keep-mask in its parameter's shape, as :meth:`prune` gives it alone.
+        """
+        lead = group[0]
+        if len(group) == 1 or cls.select is not SparseGPTPruner.select or \
+                any(p.hessian is not lead.hessian for p in group):  # a subclass's own select is kept
+            return super().prune_group(group, nm, sparsity)
+        hinv, dead = lead.hessian.factor(lead.options.sparsegpt_dampening)
         weights = [weight_view(p.module) for p in group]  # (out_i, in) views
+        new, keep = sparsegpt_prune(weights, hinv, dead, nm, sparsity, lead.options.sparsegpt_block_size)
         parts = [w.shape[0] for w in weights]
-        stacked = torch.cat([w.detach().float() for w in weights])  # (Σ out_i, in)
-        new, keep = sparsegpt_prune(stacked, hinv, dead, nm, sparsity, opts.sparsegpt_block_size, parts)
-        masks = []
-        pieces = zip(group, weights, new.split(parts), keep.split(parts), strict=True)
-        for pruner, weight, new_w, mask in pieces:
+        masks: list[torch.Tensor] = []
+        for pruner, weight, new_w, mask in zip(group, weights, new.split(parts), keep.split(parts),
+                                               strict=True):
             weight.copy_(new_w.to(weight.dtype))
             pruner.hessian = HessianState()
             masks.append(pruner.commit(mask))
