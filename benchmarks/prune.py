@@ -279,7 +279,8 @@ def _with_ratios(rows: list[dict]) -> list[dict]:
         if base:
             row.update(baseline_s=base["prune_s"], speedup=round(base["prune_s"] / row["prune_s"], 3),
                        identical=base["identical"], baseline_faults=base.get("minor_faults"),
-                       baseline_sys_s=base.get("sys_s"))
+                       baseline_sys_s=base.get("sys_s"), baseline_cpu_s=base.get("cpu_s"),
+                       baseline_peak_rss_mb=base.get("peak_rss_mb"))
             base_floors = _floor_ratio(base, _bracket(rows, rows.index(base)))
             if base_floors:
                 row["baseline_x_floor"] = base_floors["x_floor"]

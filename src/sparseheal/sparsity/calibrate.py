@@ -163,8 +163,9 @@ def _collect_statistics(layer: nn.Module, pruners: dict[str, LinearPruner], batc
     finally:
         for handle in handles:
             handle.remove()
-    groups = {name: [name] for name in pruners if name not in (feeder.leaders or {})}
-    for follower, leader in (feeder.leaders or {}).items():
+    leaders = feeder.leaders or {}
+    groups = {name: [name] for name in pruners if name not in leaders}
+    for follower, leader in leaders.items():
         pruners[follower].adopt(pruners[leader])
         groups[leader].append(follower)
     return list(groups.values())
@@ -267,8 +268,8 @@ def _prune_layer(layer: nn.Module, pruner_cls: type[LinearPruner], options: Sett
     pruners = {name: pruner_cls(mod, options) for name, mod in prunable_linears(layer).items()}
     populate_writable(p.module.weight for p in pruners.values())  # read, then written in place
     groups = _collect_statistics(layer, pruners, batches) if batches is not None else [[n] for n in pruners]
-    masks: dict[str, PackedMask] = {}
+    masks = dict.fromkeys(pruners)  # the layer's own order, filled group by group
     for group in groups:  # statistics freed as we go
         pruned = pruner_cls.prune_group([pruners.pop(name) for name in group], nm, sparsity)
         masks.update({name: PackedMask.pack(mask) for name, mask in zip(group, pruned, strict=True)})
-    return {name: masks[name] for name in prunable_linears(layer)}  # the layer's own order
+    return masks

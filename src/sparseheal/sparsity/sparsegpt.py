@@ -73,9 +73,8 @@ def _reconstruct_block(wt: torch.Tensor, h1: torch.Tensor, pt: torch.Tensor,
     ``w_j -= U_ij e`` (the same products and differences as the outer-product update
     ``W_:,i: -= e U_i,i:``, so the same bits). A block holding an inf or NaN takes ``w_i - q`` itself,
     which is NaN at such a kept entry (as the reference computes it). No column is read again once its
-    error is known, so
-    the pruned entries are zeroed once, after the loop. Every step is elementwise along the rows, so the
-    rows of several weights that share ``U`` may be stacked into one block.
+    error is known, so the pruned entries are zeroed once, after the loop. Every step is elementwise
+    along the rows, so the rows of several weights that share ``U`` may be stacked into one block.
 
     Args:
         wt: (b, out) float32 block of the weight, transposed; updated in place.
@@ -90,13 +89,14 @@ def _reconstruct_block(wt: torch.Tensor, h1: torch.Tensor, pt: torch.Tensor,
     errt = torch.empty_like(wt)  # (b, out)
     # every view the loop needs, made up front: per column i its row, error, pruned set, U_ii, and the
     # block's later columns with their factors U_i,i+1: as a (b - i - 1, 1) column
-    cols, errs, pruned, diag = wt.unbind(0), errt.unbind(0), pt.unbind(0), h1.diagonal().unbind(0)
+    hdiag = h1.diagonal()  # (b,)
+    cols, errs, pruned, diag = wt.unbind(0), errt.unbind(0), pt.unbind(0), hdiag.unbind(0)
     later = [(wt[i + 1 :], h1[i, i + 1 :, None]) for i in range(b)]
     zero = wt.new_zeros(())  # a tensor, not a Python float: torch.where wraps a float anew every call
     finite = bool(torch.isfinite(wt).all())  # then w_i - q is w_i where pruned and +0 where kept
     for i in range(b):
         if nm is not None and i % nm[1] == 0:
-            saliency = wt[i : i + nm[1]].pow(2) / h1.diagonal()[i : i + nm[1], None].pow(2)  # (m, out)
+            saliency = wt[i : i + nm[1]].pow(2) / hdiag[i : i + nm[1], None].pow(2)  # (m, out)
             pt[i : i + nm[1]] = ~nm_mask(saliency.t(), *nm).t()
         col = cols[i]  # (out,)
         lost = torch.where(pruned[i], col, zero) if finite else col - col.masked_fill(pruned[i], 0.0)
@@ -205,12 +205,7 @@ class SparseGPTPruner(LinearPruner):
         self.hessian.add(inputs.reshape(-1, inputs.shape[-1]).float())  # (B*T, in)
 
     def select(self, weight: torch.Tensor, nm: tuple[int, int] | None, sparsity: float) -> torch.Tensor:
-        opts = self.options
-        hinv, dead = self.hessian.factor(opts.sparsegpt_dampening)
-        new_weight, mask = sparsegpt_prune(weight, hinv, dead, nm, sparsity, opts.sparsegpt_block_size)
-        weight.copy_(new_weight.to(weight.dtype))
-        self.hessian = HessianState()  # this linear's reference to the shared factor is dropped
-        return mask
+        return self._reconstruct([self], [weight], nm, sparsity)[0]
 
     @classmethod
     def prune_group(cls, group: list[LinearPruner], nm: tuple[int, int] | None,
@@ -225,18 +220,21 @@ class SparseGPTPruner(LinearPruner):
         Returns:
             Each linear's keep-mask in its parameter's shape, as :meth:`prune` gives it alone.
         """
-        lead = group[0]
-        if len(group) == 1 or cls.select is not SparseGPTPruner.select or \
-                any(p.hessian is not lead.hessian for p in group):  # a subclass's own select is kept
-            return super().prune_group(group, nm, sparsity)
-        hinv, dead = lead.hessian.factor(lead.options.sparsegpt_dampening)
-        weights = [weight_view(p.module) for p in group]  # (out_i, in) views
-        new, keep = sparsegpt_prune(weights, hinv, dead, nm, sparsity, lead.options.sparsegpt_block_size)
+        if cls.select is not SparseGPTPruner.select or any(p.hessian is not group[0].hessian for p in group):
+            return super().prune_group(group, nm, sparsity)  # a subclass's own select; unshared states
+        masks = cls._reconstruct(group, [weight_view(p.module) for p in group], nm, sparsity)
+        return [pruner.commit(mask) for pruner, mask in zip(group, masks, strict=True)]
+
+    @staticmethod
+    def _reconstruct(group: list[SparseGPTPruner], weights: list[torch.Tensor], nm: tuple[int, int] | None,
+                     sparsity: float) -> list[torch.Tensor]:
+        """Prunes ``weights`` (each (out_i, in), one per pruner of ``group``, sharing ``group[0]``'s
+        Hessian) with reconstruction, writes the new values into them and returns their keep-masks."""
+        opts = group[0].options
+        hinv, dead = group[0].hessian.factor(opts.sparsegpt_dampening)
+        new, keep = sparsegpt_prune(weights, hinv, dead, nm, sparsity, opts.sparsegpt_block_size)
         parts = [w.shape[0] for w in weights]
-        masks: list[torch.Tensor] = []
-        for pruner, weight, new_w, mask in zip(group, weights, new.split(parts), keep.split(parts),
-                                               strict=True):
+        for pruner, weight, new_w in zip(group, weights, new.split(parts), strict=True):
             weight.copy_(new_w.to(weight.dtype))
-            pruner.hessian = HessianState()
-            masks.append(pruner.commit(mask))
-        return masks
+            pruner.hessian = HessianState()  # its reference to the shared factor is dropped
+        return list(keep.split(parts))
