@@ -217,12 +217,12 @@ def test_captured_batches_hold_their_equal_keyword_tensors_once(llama_dir):
     lm = AutoModelForCausalLM.from_pretrained(str(llama_dir))
     _, layers = decoder_layers(lm)
     tokens = torch.randint(0, lm.config.vocab_size, (6, 16), generator=torch.Generator().manual_seed(0))
-    batches = capture_layer_inputs(lm, layers[0], tokens, 2, torch.device("cpu"))
-    first_cos, first_sin = batches[0][1]["position_embeddings"]
+    batches = capture_layer_inputs(lm, layers, tokens, 2, torch.device("cpu"))
+    first_cos, first_sin = batches[0][1][0]["position_embeddings"]
     for hidden, kwargs in batches[1:]:
-        cos, sin = kwargs["position_embeddings"]
+        cos, sin = kwargs[0]["position_embeddings"]
         assert cos is first_cos and sin is first_sin
         assert hidden.data_ptr() != batches[0][0].data_ptr()
     with torch.no_grad():  # the kept tensors are the ones each batch would have computed
-        fresh = capture_layer_inputs(lm, layers[0], tokens[4:], 2, torch.device("cpu"))
-    assert torch.equal(fresh[0][1]["position_embeddings"][0], first_cos)
+        fresh = capture_layer_inputs(lm, layers, tokens[4:], 2, torch.device("cpu"))
+    assert torch.equal(fresh[0][1][0]["position_embeddings"][0], first_cos)

@@ -62,7 +62,9 @@ def test_heal_writes_adapter_and_record_and_leaves_base_untouched(pruned, tmp_pa
     assert record["base_hash"] == hash_weights(pruned)
     assert record["base_path"] == str(pruned.resolve())
     assert record["method"] == "lora" and record["recipe"]["rank"] == 8 and record["recipe"]["lr"] == 1e-4
-    assert record["recipe"]["targets"] == "q_proj,v_proj" and record["recipe"]["dropout"] == 0.05
+    # the recipe keeps what was asked (the default), the adapter what it settled to for this model
+    assert record["recipe"]["targets"] is None and record["adapter"]["targets"] == "q_proj,v_proj"
+    assert record["recipe"]["dropout"] == 0.05
     assert record["tokens_seen"] == 4 * 32 and record["steps"] == 4
     assert record["trainable_parameters"] == 2 * 2 * 8 * (64 + 64) - 2 * 8 * 32  # q: 64->64, v: 64->32 (GQA)
     assert record["peak_rss_mb"] > 0 and record["wall_seconds"] > 0

@@ -23,6 +23,7 @@ from typer.exceptions import TyperException
 
 from sparseheal import api
 from sparseheal.errors import ConfigError, StageError
+from sparseheal.layout import describe_families
 from sparseheal.records import read_record
 from sparseheal.registry import HEALERS
 from sparseheal.run import report as report_stage
@@ -116,8 +117,14 @@ def command(func: Callable, printer: Callable[[Any], int | None], name: str | No
 
 def _print_prune(output: Path) -> None:
     record = read_record(output) or {}
+    families = record.get("families")
     print(f"pruned {record.get('base_model')} with {record.get('method')} ({record.get('pattern')}): "
           f"{100 * record.get('sparsity_achieved', 0):.2f}% of prunable weights are zero -> {output}")
+    if families:
+        print(f"  by family in the decoder layers: {describe_families(families)}")
+    if record.get("left_dense"):
+        print(f"  left dense, a layout no method prunes: {len(record['left_dense'])} weights "
+              f"({', '.join(record['left_dense'][:3])}{' ...' if len(record['left_dense']) > 3 else ''})")
 
 
 def _print_evaluate(report: dict) -> None:
@@ -156,6 +163,8 @@ def _print_inspect(report: dict) -> int:
     if spread.get("mode") == "owl":
         shown = ", ".join(f"{i}: {x:.3f}" for i, x in enumerate(spread["sparsities"]))
         print(f"owl layer sparsities (M={spread['m']:g}, lambda={spread['lambda']:g}): {shown}")
+    if report.get("families_line"):
+        print(f"by family in the decoder layers: {report['families_line']}")
     print(f"total sparsity {report['total_sparsity']:.4f}; pattern {report['pattern']}; "
           f"N:M violations {report['nm_violations']}; mask violations {report['mask_violations']}; "
           f"{'OK' if report['ok'] else 'FAILED'}")

@@ -7,9 +7,12 @@ converted once to a plain float32 checkpoint cached under the user's cache direc
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
+import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +51,7 @@ __all__ = [
     "write_weights_index",
     "decoder_layers",
     "prunable_linears",
+    "is_linear",
     "weight_view",
     "hash_weights",
     "cache_dir",
@@ -56,6 +60,9 @@ __all__ = [
     "torch_dtype",
     "max_positions",
     "source_hash",
+    "checkpoint_names",
+    "checkpoint_keys",
+    "read_as_loaded",
 ]
 
 log = logging.getLogger(__name__)
@@ -252,7 +259,8 @@ def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return best
 
 
-def _is_linear(module: nn.Module) -> bool:
+def is_linear(module: nn.Module) -> bool:
+    """nn.Linear, or GPT-2's Conv1D (which stores its weight (in, out))."""
     if isinstance(module, nn.Linear):
         return True
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
@@ -260,7 +268,7 @@ def _is_linear(module: nn.Module) -> bool:
 
 def prunable_linears(module: nn.Module) -> dict[str, nn.Module]:
     """All nn.Linear (and GPT-2 Conv1D) submodules of ``module``, by qualified name."""
-    return {name: sub for name, sub in module.named_modules() if name and _is_linear(sub)}
+    return {name: sub for name, sub in module.named_modules() if name and is_linear(sub)}
 
 
 def weight_view(module: nn.Module) -> torch.Tensor:
@@ -281,3 +289,47 @@ def max_positions(config) -> int | None:
     return None
 
 
+
+
+def checkpoint_names(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors of ``model`` (by in-memory name) as ``save_pretrained`` names and lays them out on disk.
+
+    transformers loads some checkpoints through conversions (each expert's ``w1``/``w3`` on disk become
+    one fused ``experts.gate_up_proj`` in memory) and saves through their reverse; this is that reverse
+    (transformers' own), applied to any tensors shaped like the model's (masks, index maps).
+    """
+    from transformers.core_model_loading import revert_weight_conversion
+
+    return revert_weight_conversion(model, dict(tensors))
+
+
+def read_as_loaded(model: nn.Module, shapes: dict[str, tuple[int, ...]],
+                   read: Callable[[str], torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Builds in-memory tensors (by name and shape) from a checkpoint that ``save_pretrained`` wrote.
+
+    Every element's place on disk is found by sending an index map through :func:`checkpoint_names`
+    (the conversions only move elements), then each checkpoint tensor is read (``read(key)``) and its
+    elements put back where they belong.
+
+    Returns:
+        The tensors by in-memory name, in the checkpoint's dtype.
+    """
+    sizes = {name: math.prod(shape) for name, shape in shapes.items()}
+    starts = dict(zip(sizes, itertools.accumulate([0, *sizes.values()]), strict=False))
+    index = {name: torch.arange(starts[name], starts[name] + sizes[name]).reshape(shapes[name])
+             for name in shapes}
+    flat: torch.Tensor | None = None
+    for key, where in checkpoint_names(model, index).items():
+        value = read(key)
+        if tuple(value.shape) != tuple(where.shape):
+            raise ValueError(f"{key} has shape {tuple(value.shape)}, expected {tuple(where.shape)}")
+        if flat is None:
+            flat = torch.empty(sum(sizes.values()), dtype=value.dtype)
+        flat[where.reshape(-1)] = value.reshape(-1).to(flat.dtype)
+    return {name: flat[starts[name]: starts[name] + sizes[name]].reshape(shapes[name]) for name in shapes}
+
+
+def checkpoint_keys(model: nn.Module, shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    """The checkpoint keys and shapes ``save_pretrained`` writes for the named in-memory tensors."""
+    meta = {name: torch.empty(shape, device="meta") for name, shape in shapes.items()}
+    return {key: tuple(t.shape) for key, t in checkpoint_names(model, meta).items()}

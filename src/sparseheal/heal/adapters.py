@@ -10,7 +10,8 @@ from torch import nn
 
 from sparseheal.checks import MASKS_FILE, check_pickle
 from sparseheal.errors import ConfigError
-from sparseheal.models import decoder_layers, prunable_linears, resolve_source
+from sparseheal.layout import model_weights
+from sparseheal.models import resolve_source
 from sparseheal.records import read_record
 from sparseheal.sparsity.store import (
     check_masks_belong,
@@ -45,8 +46,7 @@ def model_masks(
         check_masks_belong(path, model_dir, flag, meta)
         check_masks_match(model, masks, str(path))
         return masks, "file"
-    prefix, layers = decoder_layers(model)
-    names = [f"{prefix}.{name}" for name in prunable_linears(layers)]
+    names = list(model_weights(model))
     log.warning("%s has no %s; taking the masks from the zero weights (W != 0)", model_dir, MASKS_FILE)
     return masks_from_zeros(model, names, packed), "zeros"
 

@@ -50,7 +50,7 @@ from sparseheal.errors import ConfigError
 from sparseheal.heal.base import Healer
 from sparseheal.heal.checkpoints import RECIPE_FILE
 from sparseheal.heal.full import MaskKeeper, weight_files
-from sparseheal.models import decoder_layers
+from sparseheal.models import checkpoint_keys, decoder_layers, read_as_loaded
 from sparseheal.registry import HEALERS
 from sparseheal.settings import Settings, setting
 
@@ -114,38 +114,47 @@ def _to(value: Any, device: torch.device) -> Any:
 class DenseLayers:
     """Builds the dense twin of a decoder layer from the teacher's files, one layer at a time.
 
+    The teacher's checkpoint may name and lay out tensors otherwise than the model holds them in memory
+    (experts saved one by one, fused in memory): each layer's tensors are read through transformers'
+    own conversion (:func:`~sparseheal.models.read_as_loaded`).
+
     Args:
         model_dir: the teacher's directory (safetensors weights, same architecture as the student).
         prefix: the qualified name of the decoder stack (``model.layers``).
+        model: the student model (its conversions name the checkpoint's tensors).
     """
 
-    def __init__(self, model_dir: str, prefix: str) -> None:
+    def __init__(self, model_dir: str, prefix: str, model: nn.Module) -> None:
         self.files = weight_files(Path(model_dir))  # tensor name -> file, from the headers
         self.prefix = prefix
+        self.model = model
+
+    def _shapes(self, layer: nn.Module, index: int) -> dict[str, tuple[int, ...]]:
+        return {f"{self.prefix}.{index}.{n}": tuple(p.shape) for n, p in layer.state_dict().items()}
 
     def check(self, student_layers: nn.ModuleList) -> None:
         """Refuses a teacher whose decoder layers differ in count or shape (headers only)."""
         for index, layer in enumerate(student_layers):
-            for name, param in layer.state_dict().items():
-                key = f"{self.prefix}.{index}.{name}"
+            for key, shape in checkpoint_keys(self.model, self._shapes(layer, index)).items():
                 if key not in self.files:
                     raise ConfigError("--teacher", f"the teacher has no {key}: its layers differ from the "
                                                    "student's (another depth or architecture)")
                 with safe_open(str(self.files[key]), framework="pt") as fh:
-                    shape = tuple(fh.get_slice(key).get_shape())
-                if shape != tuple(param.shape):
-                    raise ConfigError("--teacher", f"the teacher's {key} has shape {shape}, the student's "
-                                                   f"{tuple(param.shape)}")
+                    found = tuple(fh.get_slice(key).get_shape())
+                if found != shape:
+                    raise ConfigError("--teacher", f"the teacher's {key} has shape {found}, the student's "
+                                                   f"{shape}")
+
+    def _read(self, key: str) -> torch.Tensor:
+        with safe_open(str(self.files[key]), framework="pt") as fh:
+            return fh.get_tensor(key)
 
     def build(self, student_layer: nn.Module, index: int, device: torch.device) -> nn.Module:
         """A copy of ``student_layer`` holding the teacher's weights for layer ``index``, on ``device``."""
         twin = copy.deepcopy(student_layer).to(device)
-        state = {}
-        for name in twin.state_dict():
-            key = f"{self.prefix}.{index}.{name}"
-            with safe_open(str(self.files[key]), framework="pt") as fh:
-                state[name] = fh.get_tensor(key)
-        twin.load_state_dict(state)
+        state = read_as_loaded(self.model, self._shapes(twin, index), self._read)
+        start = len(f"{self.prefix}.{index}.")
+        twin.load_state_dict({key[start:]: value for key, value in state.items()})
         return twin.eval().requires_grad_(False)
 
 
@@ -266,7 +275,7 @@ def run_blockwise(job: Any, healer: BlockwiseHealer) -> Path:
     from sparseheal.heal.distill import resolve_teacher
     from sparseheal.models import default_device, load_model, resolve_source
     from sparseheal.records import Stopwatch, read_record
-    from sparseheal.sparsity.calibrate import capture_layer_inputs
+    from sparseheal.sparsity.capture import capture_layer_inputs
 
     watch, source = Stopwatch(), resolve_source(job.pruned_dir)
     pruned_record = read_record(source.path) or {}
@@ -274,13 +283,13 @@ def run_blockwise(job: Any, healer: BlockwiseHealer) -> Path:
     lm, tokenizer, _ = load_model(job.pruned_dir, job.compute.dtype, "cpu", job.trust.trust_remote_code,
                                   job.trust.allow_pickle, flag="PRUNED_DIR")
     prefix, layers = decoder_layers(lm)
-    dense = DenseLayers(teacher.path, prefix)
+    dense = DenseLayers(teacher.path, prefix, lm)
     dense.check(layers)
     masks, mask_source = model_masks(lm, source.path, "PRUNED_DIR", packed=True)  # unpacked per layer
     check_sparse(job.pruned_dir, masks)
     device = torch.device(job.compute.device or default_device())
     tokens, spec = _calibration(job, healer.options, pruned_record, tokenizer)
-    sparse_stream = capture_layer_inputs(lm, layers[0], tokens, job.training.batch_size, torch.device("cpu"))
+    sparse_stream = capture_layer_inputs(lm, layers, tokens, job.training.batch_size, torch.device("cpu"))
     dense_stream = [(x.clone(), kw) for x, kw in sparse_stream]  # the embeddings are the dense model's
     done = load_progress(job.checkpoint_dir) if job.training.resume else []
     if not job.training.resume:  # a fresh start: what a later --resume is checked against
@@ -304,7 +313,11 @@ def _heal_layer(healer: BlockwiseHealer, job: Any, layer: nn.Module, index: int,
     """Layer ``index``: its dense targets, then its fit (or its finished weights), then the next inputs.
 
     Both streams are rewritten in place: the dense stream becomes this layer's targets (and the next
-    layer's dense inputs), the sparse stream the healed layer's outputs."""
+    layer's dense inputs), the sparse stream the healed layer's outputs. Each batch goes with the
+    keyword arguments the model's forward gives this layer."""
+    from sparseheal.sparsity.capture import at_layer
+
+    streams = {name: at_layer(stream, index) for name, stream in streams.items()}
     twin = dense.build(layer, index, device)
     propagate(twin, streams["dense"], None, device)  # the dense twin's outputs
     del twin
@@ -333,29 +346,30 @@ def write_blockwise_output(job: Any, lm, tokenizer, ctx: dict, watch: Any) -> Pa
     from sparseheal.errors import StageError
     from sparseheal.heal.full import verify_saved_masks
     from sparseheal.heal.output import check_finite_weights
+    from sparseheal.layout import masked_weight
     from sparseheal.models import save_model, source_hash
     from sparseheal.records import atomic_dir, peak_rss_mb, write_record
     from sparseheal.sparsity.masks import sparsity_of
     from sparseheal.sparsity.store import save_masks, weights_hash
 
     pruned, teacher = ctx["pruned_record"], ctx["teacher"]
-    modules = dict(lm.named_modules())
     with atomic_dir(job.output, job.overwrite) as tmp, watch("save"):
         save_model(lm, tokenizer, tmp)
         check_finite_weights(tmp)
         weights = weights_hash(tmp)
         save_masks(ctx["masks"], tmp / MASKS_FILE, {"pattern": pruned.get("pattern", "unstructured"),
                                                     "weights_hash": weights})
-        verification = verify_saved_masks(tmp, ctx["masks"])
+        verification = verify_saved_masks(tmp, ctx["masks"], lm)
         if not verification["ok"]:
             raise StageError("--lr", f"{verification['mask_violations']} pruned weights are not +0.0; "
                                      "nothing was written")
-        keep = ("method", "pattern", "sparsity", "layer_sparsity", "pruned_parameters", "prunable_parameters")
+        keep = ("method", "pattern", "sparsity", "layer_sparsity", "pruned_parameters", "prunable_parameters",
+                "families", "left_dense")
         record = {"stage": "heal", **{k: pruned.get(k) for k in keep}, "heal_method": job.healer.name,
                   "base_model": teacher.name, "base_path": teacher.path,
                   "base_hash": source_hash(teacher), "pruned_from": job.pruned_dir, "weights_hash": weights,
                   "calibration": ctx["calibration"], "masks_from": ctx["mask_source"],
-                  "layers": {n: round(sparsity_of(modules[n].weight), 6) for n in ctx["masks"]},
+                  "layers": {n: round(sparsity_of(masked_weight(lm, n).param), 6) for n in ctx["masks"]},
                   "sparsity_achieved": pruned.get("sparsity_achieved"), "mask_verification": verification,
                   "blockwise": {"layers": ctx["layers"], "epochs": job.training.epochs, "lr": job.training.lr,
                                 "batch_size": job.training.batch_size, "scheduler": job.training.scheduler},

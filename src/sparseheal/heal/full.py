@@ -52,7 +52,8 @@ from sparseheal.checks import MASKS_FILE
 from sparseheal.errors import StageError
 from sparseheal.heal.base import Healer
 from sparseheal.heal.fsdp import is_sharded, local, shard_like
-from sparseheal.models import decoder_layers, prunable_linears, save_model
+from sparseheal.layout import masked_weight, model_weights, parameter_families
+from sparseheal.models import checkpoint_names, decoder_layers, prunable_linears, save_model
 from sparseheal.registry import HEALERS
 from sparseheal.settings import Settings, setting
 from sparseheal.sparsity.masks import PackedMask, as_bool, count_violations
@@ -79,36 +80,48 @@ def select_trainable(model: nn.Module, masks: dict[str, torch.Tensor], train_emb
                      train_norms: bool) -> dict[str, list[str]]:
     """Sets ``requires_grad`` by role and returns the parameter names of each role.
 
-    Roles: ``linears`` (weights and biases of the decoder's linears and of every masked module),
-    ``norms`` (parameters of normalisation modules), ``embeddings`` (input/output/position embeddings,
-    lm_head) and ``other``. Only linears, norms (when ``train_norms``) and embeddings (when
-    ``train_embeddings``) train.
+    Roles: ``linears`` (every masked weight, fused expert tensors included, and the other parameters of
+    the decoder's linears and experts modules, such as biases), ``routers`` (the routers and gates of
+    mixture-of-experts layers), ``norms`` (parameters of normalisation modules), ``embeddings``
+    (input/output/position embeddings, lm_head) and ``other``. Linears always train; routers and norms
+    train together, when ``train_norms``; embeddings when ``train_embeddings``.
     """
-    stack, _ = decoder_layers(model)
-    linears = {n for n in prunable_linears(model) if n.startswith(stack + ".")} | set(masks)
+    stack, layers = decoder_layers(model)
+    masked = {id(masked_weight(model, name).param) for name in masks}
+    owners = {id(m) for m in prunable_linears(layers).values()}  # linears and experts modules (biases)
+    owners |= {id(w.module) for w in model_weights(model).values()}
+    families = {f"{stack}.{i}.{n}": f for i, layer in enumerate(layers)
+                for n, f in parameter_families(layer).items()}
     embeddings = {id(m) for m in model.modules() if isinstance(m, nn.Embedding)}
     heads = (model.get_input_embeddings(), model.get_output_embeddings())
     embeddings |= {id(m) for m in heads if m is not None}
-    roles: dict[str, list[str]] = {"linears": [], "norms": [], "embeddings": [], "other": []}
+    roles: dict[str, list[str]] = {"linears": [], "routers": [], "norms": [], "embeddings": [], "other": []}
     seen: set[int] = set()
     for module_name, module in model.named_modules():
         for param_name, param in module.named_parameters(recurse=False):
             if id(param) in seen:  # tied weights: the first owner decides
                 continue
             seen.add(id(param))
-            if id(module) in embeddings:
-                role = "embeddings"
-            elif module_name in linears:
-                role = "linears"
-            elif _is_norm(module):
-                role = "norms"
-            else:
-                role = "other"
-            trains = role == "linears" or (role == "norms" and train_norms) or (
+            name = f"{module_name}.{param_name}" if module_name else param_name
+            role = _role(module, param, name, masked, owners, embeddings, families)
+            trains = role == "linears" or (role in ("norms", "routers") and train_norms) or (
                 role == "embeddings" and train_embeddings)
             param.requires_grad_(trains)
-            roles[role].append(f"{module_name}.{param_name}" if module_name else param_name)
+            roles[role].append(name)
     return roles
+
+
+def _role(module: nn.Module, param: nn.Parameter, name: str, masked: set[int], owners: set[int],
+          embeddings: set[int], families: dict[str, str]) -> str:
+    if id(module) in embeddings:
+        return "embeddings"
+    if id(param) in masked:
+        return "linears"
+    if families.get(name) == "routers":
+        return "routers"
+    if id(module) in owners:
+        return "linears"
+    return "norms" if _is_norm(module) else "other"
 
 
 class MaskKeeper:
@@ -120,10 +133,9 @@ class MaskKeeper:
     """
 
     def __init__(self, model: nn.Module, masks: dict[str, torch.Tensor | PackedMask]) -> None:
-        modules = dict(model.named_modules())
         self.entries: list[tuple[str, nn.Parameter, torch.Tensor | PackedMask]] = []
         for name, mask in masks.items():
-            weight = modules[name].weight
+            weight = masked_weight(model, name).param
             if is_sharded(weight):  # the bool keep-mask of the local shard of an FSDP2 weight (heal/fsdp.py)
                 keep: torch.Tensor | PackedMask = shard_like(as_bool(mask).bool(), weight)
             else:  # bit-packed on the weight's device, unpacked one weight at a time
@@ -221,9 +233,14 @@ def weight_files(model_dir: Path) -> dict[str, Path]:
     return found
 
 
-def verify_saved_masks(model_dir: str | os.PathLike, masks: dict[str, torch.Tensor | PackedMask]) -> dict:
+def verify_saved_masks(model_dir: str | os.PathLike, masks: dict[str, torch.Tensor | PackedMask],
+                       model: nn.Module | None = None) -> dict:
     """Checks bit for bit that every pruned position of the saved weights is +0.0 (bool or bit-packed
-    masks; one layer's weight and mask are read at a time).
+    masks; one weight's mask is unpacked at a time).
+
+    With ``model`` (the model that was saved), each mask is first laid out as ``save_pretrained`` wrote
+    its weight (transformers' reverse conversion: a fused experts mask becomes one mask per expert and
+    projection); without it, a mask ``name`` belongs to the saved tensor ``name.weight``.
 
     Returns:
         {"ok", "mask_violations" (pruned positions not +0.0), "negative_zeros" (of those, -0.0),
@@ -232,18 +249,24 @@ def verify_saved_masks(model_dir: str | os.PathLike, masks: dict[str, torch.Tens
     files = weight_files(Path(model_dir))
     violations = negative = pruned_total = 0
     for name, mask in masks.items():
-        key = f"{name}.weight"
-        if key not in files:
-            raise RuntimeError(f"{key} is missing from the saved weights in {model_dir}")
-        with safe_open(str(files[key]), framework="pt") as fh:
-            weight = fh.get_tensor(key)
-        mask = as_bool(mask)
-        pruned = ~mask
-        violations += count_violations(weight, mask)
-        negative += int((torch.signbit(weight[pruned]) & (weight[pruned] == 0)).sum())
-        pruned_total += int(pruned.sum())
+        for key, keep in _saved_masks(model, name, as_bool(mask)).items():
+            if key not in files:
+                raise RuntimeError(f"{key} is missing from the saved weights in {model_dir}")
+            with safe_open(str(files[key]), framework="pt") as fh:
+                weight = fh.get_tensor(key)
+            pruned = ~keep
+            violations += count_violations(weight, keep)
+            negative += int((torch.signbit(weight[pruned]) & (weight[pruned] == 0)).sum())
+            pruned_total += int(pruned.sum())
     return {"ok": violations == 0, "mask_violations": violations, "negative_zeros": negative,
             "pruned_parameters": pruned_total, "layers_checked": len(masks)}
+
+
+def _saved_masks(model: nn.Module | None, name: str, keep: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A mask by the checkpoint key(s) of the weight it covers (see :func:`verify_saved_masks`)."""
+    weight = masked_weight(model, name) if model is not None else None
+    key = name if weight is not None and weight.experts is not None else f"{name}.weight"
+    return checkpoint_names(model, {key: keep}) if model is not None else {key: keep}
 
 
 @dataclass
@@ -280,8 +303,9 @@ class FullHealer(Healer):
         self.keeper.apply()
         self.keeper.install_grad_hooks()
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        log.info("full fine-tuning: %d trainable parameters (%d linear, %d norm, %d embedding tensors); "
-                 "%d masked weights", trainable, len(self.roles["linears"]),
+        log.info("full fine-tuning: %d trainable parameters (%d linear and expert, %d router, %d norm, %d "
+                 "embedding tensors); %d masked weights", trainable, len(self.roles["linears"]),
+                 len(self.roles["routers"]) if cfg.train_norms else 0,
                  len(self.roles["norms"]) if cfg.train_norms else 0,
                  len(self.roles["embeddings"]) if cfg.train_embeddings else 0, len(masks))
         return model
@@ -303,7 +327,7 @@ class FullHealer(Healer):
             param.requires_grad_(False)
         save_model(model, tokenizer, out_dir)
         save_masks(masks, Path(out_dir) / MASKS_FILE, {"pattern": pattern})
-        report = verify_saved_masks(out_dir, masks)
+        report = verify_saved_masks(out_dir, masks, model)
         if not report["ok"]:
             # a non-finite weight times the mask stays non-finite: then the cause is the training's, not
             # the mask's (the products keep +0.0 for every finite weight)

@@ -3,6 +3,7 @@ normal model directory with its record. The merge maths lives in :mod:`sparsehea
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -36,6 +37,21 @@ from sparseheal.sparsity.store import check_own_masks, weights_hash
 __all__ = ["preflight_merge", "run_merge", "merge_record"]
 
 
+def _check_linear_adapter(adapter: str) -> None:
+    """Refuses an adapter on parameters (PEFT's ``target_parameters``, such as fused expert tensors):
+    only adapters on linear layers merge here, with the mask kept."""
+    try:
+        config = json.loads((Path(adapter).expanduser() / "adapter_config.json").read_text())
+    except (OSError, ValueError) as err:
+        raise ConfigError("ADAPTER_DIR", f"{adapter}/adapter_config.json is not readable JSON "
+                                         f"({type(err).__name__})") from err
+    targets = config.get("target_parameters") if isinstance(config, dict) else None
+    if targets:
+        named = ", ".join(map(str, targets))[:80]
+        raise ConfigError("ADAPTER_DIR", f"{adapter} adapts parameters ({named}), such as fused expert "
+                                         "tensors; only adapters on linear layers merge keeping the sparsity")
+
+
 def preflight_merge(adapter: str, output: str, overwrite: bool, settings: MergeSettings,
                     allow_pickle: bool, data_dir: str | None) -> tuple[str, torch.Tensor | None]:
     """Every check of the merge before any weights load; returns the base directory and the (W, T)
@@ -43,6 +59,7 @@ def preflight_merge(adapter: str, output: str, overwrite: bool, settings: MergeS
     if not (Path(adapter).expanduser() / "adapter_config.json").is_file():
         raise ConfigError("ADAPTER_DIR", f"{adapter} is not a PEFT adapter directory "
                                          "(no adapter_config.json)")
+    _check_linear_adapter(adapter)
     if settings.base is not None:
         check_model_dir(settings.base, "--base")
     check_output(output, overwrite)

@@ -14,7 +14,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from sparseheal.models import weight_view
+from sparseheal.layout import Slot
 from sparseheal.registry import PRUNERS
 from sparseheal.settings import Settings, setting
 from sparseheal.sparsity.masks import apply_mask, parse_pattern, resolve_sparsity
@@ -33,8 +33,13 @@ class LinearPruner:
             ``adopt`` its statistics, and they are pruned as one group (:meth:`prune_group`). Empty:
             every linear is fed its own.
 
+    Statistics are sums over tokens, so the statistics of several matrices can be pooled
+    (:meth:`absorb`): an expert that no calibration token reaches is pruned with the pooled statistics
+    of the other experts of its tensor (see ``calibrate.py``).
+
     Args:
-        module: the linear layer (nn.Linear or GPT-2's Conv1D).
+        module: the matrix to prune: a linear layer (nn.Linear or GPT-2's Conv1D), or a
+            :class:`~sparseheal.layout.Slot` (a linear's weight or one expert's matrix of a fused tensor).
         options: the built ``settings`` group (None when the method has none).
     """
 
@@ -43,8 +48,9 @@ class LinearPruner:
     settings: ClassVar[type[Settings] | None] = None
     statistics: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, module: nn.Module, options: Settings | None = None) -> None:
-        self.module = module
+    def __init__(self, module: nn.Module | Slot, options: Settings | None = None) -> None:
+        self.slot = module if isinstance(module, Slot) else Slot.of_linear(module)
+        self.module = self.slot.weight.module  # where a linear's inputs are hooked
         self.options = options
 
     def add_batch(self, inputs: torch.Tensor) -> None:
@@ -57,19 +63,29 @@ class LinearPruner:
             value = getattr(other, attr)
             setattr(self, attr, value.clone() if isinstance(value, torch.Tensor) else value)
 
+    def absorb(self, other: LinearPruner) -> None:
+        """Adds the statistics ``other`` accumulated to this pruner's (pooling sums over tokens)."""
+        for attr in self.statistics:
+            mine, theirs = getattr(self, attr), getattr(other, attr)
+            if hasattr(mine, "absorb"):
+                mine.absorb(theirs)
+            elif theirs is not None:
+                setattr(self, attr, theirs.clone() if mine is None and torch.is_tensor(theirs)
+                        else theirs if mine is None else mine + theirs)
+
     def select(self, weight: torch.Tensor, nm: tuple[int, int] | None, sparsity: float) -> torch.Tensor:
         """Returns the (out, in) keep-mask for ``weight``; may update kept weights in place."""
         raise NotImplementedError
 
     def prune(self, nm: tuple[int, int] | None, sparsity: float) -> torch.Tensor:
-        """Prunes the module's weight in place and returns its keep-mask in the parameter's own shape."""
-        weight = weight_view(self.module)  # (out, in) view
+        """Prunes the matrix in place and returns its keep-mask in its stored orientation."""
+        weight = self.slot.view()  # (out, in) view
         return self.commit(self.select(weight, nm, sparsity))
 
     def commit(self, mask: torch.Tensor) -> torch.Tensor:
-        """Zeroes the pruned weights of the module and returns ``mask`` (out, in) in the parameter's shape."""
-        apply_mask(weight_view(self.module), mask)
-        return mask if isinstance(self.module, nn.Linear) else mask.t().contiguous()
+        """Zeroes the matrix's pruned weights; returns ``mask`` (out, in) in its stored orientation."""
+        apply_mask(self.slot.view(), mask)
+        return self.slot.stored(mask)
 
     @classmethod
     def prune_group(cls, group: list[LinearPruner], nm: tuple[int, int] | None,

@@ -1,8 +1,10 @@
 """The layer-by-layer driver shared by every pruning method.
 
-Captures the inputs of the first decoder layer for all calibration samples, then for each layer:
-collects statistics for all its linears from the dense layer (forward pre-hooks), prunes them,
-recomputes the layer's outputs with the pruned layer and passes them on as the next layer's inputs.
+Captures the inputs of the first decoder layer for all calibration samples, and the keyword arguments
+the model's forward gives each layer (``capture.py``), then for each layer: collects statistics for all
+its prunable matrices from the dense layer (``feed.py``: linears by forward pre-hooks, each expert of a
+fused tensor from the tokens the model's router sends it), prunes them, recomputes the layer's outputs
+with the pruned layer and passes them on as the next layer's inputs.
 Samples go through each layer in batches; only the current layer needs to be on the compute device.
 
 No work whose result is unused: the statistics pass stops each layer's forward at its last linear's
@@ -19,16 +21,18 @@ import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from sparseheal.checks import positive
-from sparseheal.models import decoder_layers, prunable_linears
+from sparseheal.layout import layer_weights
+from sparseheal.models import decoder_layers
 from sparseheal.settings import Settings, setting
 from sparseheal.sparsity.base import LinearPruner
+from sparseheal.sparsity.capture import StopForward, at_layer, capture_layer_inputs, run_layer
+from sparseheal.sparsity.feed import Feeder, eager_experts
 from sparseheal.sparsity.heap import heap_kept, populate_writable, trim_heap
 from sparseheal.sparsity.masks import PackedMask
 
@@ -53,122 +57,52 @@ class CalibrationSettings(Settings):
                 "seed": self.seed, "batch_size": self.calibration_batch_size}
 
 
-class _StopForward(Exception):
-    """Raised by the capture hook once the first decoder layer's inputs are recorded."""
-
-
-def capture_layer_inputs(
-    model: nn.Module, first_layer: nn.Module, tokens: torch.Tensor, batch_size: int, device: torch.device
-) -> list[tuple[torch.Tensor, dict]]:
-    """Runs the model up to its first decoder layer and records that layer's inputs.
-
-    Args:
-        tokens: (N, T) calibration token ids.
+def _collect_statistics(layer: nn.Module, index: int, pruners: dict[str, LinearPruner], batches: list,
+                        unreached: dict[str, list[int]]) -> list[list[str]]:
+    """Feeds every calibration batch through decoder layer ``index`` (up to its last matrix's input) to
+    the pruners' statistics; an expert no token reached takes the pooled statistics of the others.
 
     Returns:
-        One (hidden (B, T, d), keyword arguments) pair per batch of ``batch_size`` samples.
-    """
-    captured: list[tuple[torch.Tensor, dict]] = []
-
-    def hook(_module: nn.Module, args: tuple, kwargs: dict):
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        kept = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values", "cache")}
-        if captured:  # the rotary cos/sin and position ids of equal-length batches are held once
-            kept = {k: _same_or(v, captured[0][1].get(k)) for k, v in kept.items()}
-        captured.append((hidden.detach(), kept))
-        raise _StopForward
-
-    handle = first_layer.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        for start in range(0, tokens.shape[0], batch_size):
-            batch = tokens[start : start + batch_size].to(device)  # (B, T)
-            try:
-                model(input_ids=batch, use_cache=False)
-            except _StopForward:
-                pass
-    finally:
-        handle.remove()
-    return captured
-
-
-def _same_or(value: Any, first: Any) -> Any:
-    """``first`` (the first batch's keyword argument) where ``value`` equals it exactly, else ``value``."""
-    if isinstance(value, tuple) and isinstance(first, tuple) and len(value) == len(first):
-        return tuple(_same_or(v, f) for v, f in zip(value, first, strict=True))
-    if torch.is_tensor(value) and torch.is_tensor(first) and value.dtype == first.dtype \
-            and value.shape == first.shape and torch.equal(value, first):
-        return first
-    return value
-
-
-def run_layer(layer: nn.Module, batches: list[tuple[torch.Tensor, dict]], in_place: bool = False) -> None:
-    """Runs every batch through ``layer``; with ``in_place`` each batch's hidden states (B, T, d) are
-    replaced by the layer's outputs, so only one copy of the activations is ever held."""
-    for hidden, kwargs in batches:
-        out = layer(hidden, **kwargs)
-        if in_place:
-            hidden.copy_(out[0] if isinstance(out, tuple) else out)
-
-
-class _Feeder:
-    """Forward pre-hooks on a layer's linears that feed each distinct input to one pruner.
-
-    Within one batch a linear whose input tensor is the very object an earlier linear received (q, k and
-    v read the same normed hidden states; gate and up likewise) is not fed: after the pass it adopts
-    the statistics of that earlier linear. Once every linear has received its input the layer's forward
-    is stopped, so the last linear's product and the rest of the layer (whose outputs nothing reads:
-    they are recomputed after pruning) are never computed.
-    """
-
-    def __init__(self, pruners: dict[str, LinearPruner], share: bool) -> None:
-        self.pruners, self.share = pruners, share
-        self.batch: list[tuple[torch.Tensor, str, str]] = []  # (input, linear, linear fed): inputs are held
-        # for the whole batch, so an `is` comparison never meets a freed tensor's reused identity
-        self.leaders: dict[str, str] | None = None  # follower -> the linear it shares an input with
-
-    def hook(self, name: str) -> Callable:
-        def feed(_module: nn.Module, inputs: tuple) -> None:
-            x = inputs[0]
-            same = next((fed for seen, _, fed in self.batch if seen is x), None) if self.share else None
-            self.batch.append((x, name, name if same is None else same))
-            if same is None:
-                self.pruners[name].add_batch(x.detach())
-            if len({fed_name for _, fed_name, _ in self.batch}) == len(self.pruners):
-                raise _StopForward
-        return feed
-
-    def end_batch(self) -> None:
-        """Checks that every batch groups the linears alike (the adopted statistics cover every batch)."""
-        leaders = {name: fed for _x, name, fed in self.batch if fed != name}
-        if self.leaders is not None and leaders != self.leaders:
-            raise RuntimeError(f"linears shared inputs differently between batches: {self.leaders} against "
-                               f"{leaders}")
-        self.leaders, self.batch = leaders, []
-
-
-def _collect_statistics(layer: nn.Module, pruners: dict[str, LinearPruner], batches: list) -> list[list[str]]:
-    """Feeds every calibration batch through ``layer`` (up to its last linear) to the pruners' statistics.
-
-    Returns:
-        The linears grouped by the input they share (the one fed first), each linear in one group.
+        The matrices grouped by the input they share (the one fed first), each matrix in one group.
     """
     share = all(bool(p.statistics) for p in pruners.values())
-    feeder = _Feeder(pruners, share)
-    handles = [p.module.register_forward_pre_hook(feeder.hook(name)) for name, p in pruners.items()]
-    try:
+    feeder = Feeder(pruners, share)
+    with feeder.installed():
         for hidden, kwargs in batches:
-            with contextlib.suppress(_StopForward):
-                layer(hidden, **kwargs)
+            with contextlib.suppress(StopForward):
+                layer(hidden, **kwargs[index])
             feeder.end_batch()
-    finally:
-        for handle in handles:
-            handle.remove()
     leaders = feeder.leaders or {}
     groups = {name: [name] for name in pruners if name not in leaders}
     for follower, leader in leaders.items():
         pruners[follower].adopt(pruners[leader])
         groups[leader].append(follower)
+    unreached.update(_pool_unreached(pruners, feeder.fed))
     return list(groups.values())
+
+
+def _pool_unreached(pruners: dict[str, LinearPruner], fed: set[str]) -> dict[str, list[int]]:
+    """Gives each expert that no calibration token reached the summed statistics of the experts of its
+    tensor that were reached (the best estimate of its inputs there is: its tensor's own token mix).
+
+    Returns:
+        The unreached experts' indices by mask key.
+    """
+    unreached: dict[str, list[int]] = {}
+    for name, pruner in pruners.items():
+        if pruner.slot.expert is not None and name not in fed:
+            unreached.setdefault(pruner.slot.weight.key, []).append(pruner.slot.expert)
+    for key, experts in unreached.items():
+        reached = [p for n, p in pruners.items() if n in fed and p.slot.weight.key == key]
+        if not reached:
+            raise RuntimeError(f"no calibration token reached any expert of {key}")
+        for expert in experts:
+            pruner = pruners[f"{key}[{expert}]"]
+            for other in reached:
+                pruner.absorb(other)
+        log.info("%s: %d experts no calibration token reached take the pooled statistics of the other %d",
+                 key, len(experts), len(reached))
+    return unreached
 
 
 def _stack_parent(model: nn.Module, stack_name: str) -> tuple[nn.Module, str]:
@@ -200,8 +134,9 @@ def prune_model(
     options: Settings | None = None,
     layer_sparsity: list[float] | None = None,
     park: Callable[[nn.Module], None] | None = None,
+    unreached: dict[str, list[int]] | None = None,
 ) -> dict[str, PackedMask]:
-    """Prunes every linear of every decoder layer in place.
+    """Prunes every prunable weight of every decoder layer in place (see :mod:`sparseheal.layout`).
 
     Args:
         model: a causal LM (its decoder stack is found structurally).
@@ -216,25 +151,27 @@ def prune_model(
         options: the method's own settings (``pruner_cls.settings`` built), passed to each pruner.
         layer_sparsity: one sparsity per decoder layer (OWL), instead of ``sparsity`` for all.
         park: called with each layer once nothing reads it any more (see ``sparsity/parking.py``).
+        unreached: filled, when given, with the experts no calibration token reached, by mask key.
 
     Returns:
-        Bit-packed keep-masks by qualified module name, each shaped like the module's weight parameter.
+        Bit-packed keep-masks by mask key (a linear's module name, or a fused experts parameter's name),
+        each shaped like its parameter.
     """
     stack_name, layers = decoder_layers(model)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     home = next(layers[0].parameters()).device  # where each layer returns to with ``offload``
     kept = heap_kept() if device.type == "cpu" else contextlib.nullcontext()  # trimmed on leaving
-    with kept:
+    with kept, eager_experts(model):
         batches = None
         if pruner_cls.needs_calibration:
             if tokens is None:
                 raise ValueError("this method needs calibration tokens")
             if offload:
                 _move_all_but_layers(model, stack_name, device)
-            batches = capture_layer_inputs(model, layers[0], tokens, batch_size, device)
+            batches = capture_layer_inputs(model, layers, tokens, batch_size, device)
         masks = _prune_layers(layers, stack_name, pruner_cls, options, batches, nm,
                               [sparsity] * len(layers) if layer_sparsity is None else layer_sparsity,
-                              device, home if offload else None, park)
+                              device, home if offload else None, park, unreached)
         del batches  # freed before the heap is handed back
         if offload:
             model.to(home)
@@ -244,16 +181,20 @@ def prune_model(
 def _prune_layers(layers: nn.ModuleList, stack_name: str, pruner_cls: type[LinearPruner],
                   options: Settings | None, batches: list | None, nm: tuple[int, int] | None,
                   sparsities: list[float], device: torch.device, home: torch.device | None,
-                  park: Callable[[nn.Module], None] | None) -> dict[str, PackedMask]:
+                  park: Callable[[nn.Module], None] | None,
+                  unreached: dict[str, list[int]] | None) -> dict[str, PackedMask]:
     """The layer loop of :func:`prune_model`: prune each layer, pass its outputs on, send it ``home``
     (offload), park it."""
     masks: dict[str, PackedMask] = {}
+    missed: dict[str, list[int]] = {} if unreached is None else unreached
     for index, layer in enumerate(tqdm(layers, desc="pruning layers", unit="layer")):
         layer.to(device)
-        for name, mask in _prune_layer(layer, pruner_cls, options, batches, nm, sparsities[index]).items():
-            masks[f"{stack_name}.{index}.{name}"] = mask
+        prefix = f"{stack_name}.{index}."
+        pruned, layer_missed = _prune_layer(layer, index, pruner_cls, options, batches, nm, sparsities[index])
+        masks.update({prefix + name: mask for name, mask in pruned.items()})
+        missed.update({prefix + key: experts for key, experts in layer_missed.items()})
         if batches is not None and index < len(layers) - 1:  # the last layer's outputs feed nothing
-            run_layer(layer, batches, in_place=True)
+            run_layer(layer, at_layer(batches, index), in_place=True)
         if home is not None:
             layer.to(home)
         if park is not None:  # the layer's pages go back to the system, and its freed temporaries
@@ -262,14 +203,28 @@ def _prune_layers(layers: nn.ModuleList, stack_name: str, pruner_cls: type[Linea
     return masks
 
 
-def _prune_layer(layer: nn.Module, pruner_cls: type[LinearPruner], options: Settings | None,
-                 batches: list | None, nm: tuple[int, int] | None, sparsity: float) -> dict[str, PackedMask]:
-    """Prunes every linear of one decoder layer (statistics from ``batches`` first) and packs its masks."""
-    pruners = {name: pruner_cls(mod, options) for name, mod in prunable_linears(layer).items()}
-    populate_writable(p.module.weight for p in pruners.values())  # read, then written in place
-    groups = _collect_statistics(layer, pruners, batches) if batches is not None else [[n] for n in pruners]
-    masks = dict.fromkeys(pruners)  # the layer's own order, filled group by group
+def _prune_layer(layer: nn.Module, index: int, pruner_cls: type[LinearPruner], options: Settings | None,
+                 batches: list | None, nm: tuple[int, int] | None,
+                 sparsity: float) -> tuple[dict[str, PackedMask], dict[str, list[int]]]:
+    """Prunes every prunable matrix of decoder layer ``index`` (statistics from ``batches`` first).
+
+    Returns:
+        (its packed masks by mask key relative to the layer, the experts no token reached by key)
+    """
+    weights = layer_weights(layer)
+    pruners = {slot.name: pruner_cls(slot, options) for w in weights.values() for slot in w.slots()}
+    populate_writable(w.param for w in weights.values())  # read, then written in place
+    unreached: dict[str, list[int]] = {}
+    if batches is not None:
+        groups = _collect_statistics(layer, index, pruners, batches, unreached)
+    else:
+        groups = [[n] for n in pruners]
+    stored = {}  # each matrix's mask in its stored orientation, filled group by group
     for group in groups:  # statistics freed as we go
         pruned = pruner_cls.prune_group([pruners.pop(name) for name in group], nm, sparsity)
-        masks.update({name: PackedMask.pack(mask) for name, mask in zip(group, pruned, strict=True)})
-    return masks
+        stored.update(zip(group, pruned, strict=True))
+    masks = {}
+    for key, weight in weights.items():  # the layer's own order
+        parts = [stored.pop(slot.name) for slot in weight.slots()]
+        masks[key] = PackedMask.pack(parts[0] if weight.experts is None else torch.stack(parts))
+    return masks, unreached

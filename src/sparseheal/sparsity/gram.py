@@ -104,6 +104,13 @@ class GramSum:
             target = self.total[r0:r1, c0:c1]
             target.copy_(product) if first else target.add_(product)
 
+    @classmethod
+    def of(cls, total: torch.Tensor) -> GramSum:
+        """A sum that starts from the whole (d, d) ``total``."""
+        made = cls()
+        made.total = total
+        return made
+
     def value(self) -> torch.Tensor | None:
         """The (d, d) sum so far (None before any batch)."""
         if self._upper:

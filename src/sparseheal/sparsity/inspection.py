@@ -1,4 +1,8 @@
-"""Sparsity inspection: per-layer and total sparsity, N:M conformance, and mask verification."""
+"""Sparsity inspection: per-weight and total sparsity, N:M conformance, and mask verification.
+
+Every prunable weight of the decoder layers is inspected (linears, and fused expert tensors with each
+expert's matrix checked as a linear of its own), plus the weights a masks file names.
+"""
 
 from __future__ import annotations
 
@@ -6,19 +10,19 @@ import os
 
 from torch import nn
 
-from sparseheal.models import decoder_layers, prunable_linears, weight_view
+from sparseheal.layout import MaskedWeight, describe_families, family_table, masked_weight, model_weights
 from sparseheal.sparsity.masks import count_violations, detect_nm, nm_violations, parse_pattern, sparsity_of
 from sparseheal.sparsity.store import check_masks_match, load_masks
 
 __all__ = ["inspect_model"]
 
 
-def _layer_row(name: str, module: nn.Module, nm: tuple[int, int] | None, mask) -> dict:
-    weight = weight_view(module)  # (out, in)
+def _layer_row(name: str, masked: MaskedWeight, nm: tuple[int, int] | None, mask) -> dict:
+    weight = masked.rows()  # (rows, in): every expert's rows for a fused tensor
     found = detect_nm(weight)
     row = {
         "name": name,
-        "shape": list(module.weight.shape),
+        "shape": list(masked.param.shape),
         "sparsity": round(sparsity_of(weight), 6),
         "zeros": int((weight == 0).sum()),
         "numel": weight.numel(),
@@ -27,7 +31,7 @@ def _layer_row(name: str, module: nn.Module, nm: tuple[int, int] | None, mask) -
     if nm is not None:
         row["nm_violations"] = nm_violations(weight, *nm)
     if mask is not None:
-        row["mask_violations"] = count_violations(module.weight, mask)
+        row["mask_violations"] = count_violations(masked.param, mask)
     return row
 
 
@@ -42,17 +46,18 @@ def inspect_model(model: nn.Module, record: dict | None, masks_file: str | os.Pa
     Returns:
         {"layers": [...], "total_sparsity", "pattern", "nm_violations", "mask_violations", "ok"}
     """
-    stack, _ = decoder_layers(model)
-    linears = {name: mod for name, mod in prunable_linears(model).items() if name.startswith(stack + ".")}
+    weights = model_weights(model)
     pattern = (record or {}).get("pattern")
     nm = parse_pattern(pattern) if pattern else None
     masks = None
     if masks_file is not None:
         masks, _ = load_masks(masks_file)
         check_masks_match(model, masks, str(masks_file))
-    rows = [
-        _layer_row(name, mod, nm, None if masks is None else masks.get(name)) for name, mod in linears.items()
-    ]
+    if masks is not None:  # the weights the file names too (checked to exist by check_masks_match)
+        weights.update({name: masked_weight(model, name) for name in masks if name not in weights})
+    rows = [_layer_row(name, w, nm, None if masks is None else masks.get(name))
+            for name, w in weights.items()]
+    families = family_table(model, {r["name"]: r["numel"] - r["zeros"] for r in rows})
     zeros, numel = sum(r["zeros"] for r in rows), sum(r["numel"] for r in rows)
     nm_bad = sum(r.get("nm_violations", 0) for r in rows)
     mask_bad = sum(r.get("mask_violations", 0) for r in rows)
@@ -66,5 +71,7 @@ def inspect_model(model: nn.Module, record: dict | None, masks_file: str | os.Pa
         "mask_violations": mask_bad if masks is not None else None,
         "masks_file": str(masks_file) if masks_file is not None else None,
         "layer_sparsity": (record or {}).get("layer_sparsity"),  # per decoder layer, as pruned (OWL)
+        "families": families,  # the decoder layers' parameters by family: zeros of the inspected weights
+        "families_line": describe_families(families),
         "ok": nm_bad == 0 and mask_bad == 0,
     }

@@ -31,9 +31,12 @@ from tqdm.auto import tqdm
 
 from sparseheal.checks import above_zero
 from sparseheal.errors import ConfigError
-from sparseheal.models import decoder_layers, prunable_linears, weight_view
+from sparseheal.layout import layer_weights
+from sparseheal.models import decoder_layers
 from sparseheal.settings import Settings, setting
-from sparseheal.sparsity.calibrate import capture_layer_inputs, run_layer
+from sparseheal.sparsity.capture import at_layer, capture_layer_inputs, run_layer
+from sparseheal.sparsity.feed import Feeder, eager_experts
+from sparseheal.sparsity.wanda import WandaPruner, wanda_scores
 
 __all__ = ["LayerSparsitySettings", "outlier_ratio", "owl_sparsities", "layer_outlier_ratios"]
 
@@ -89,24 +92,14 @@ def owl_sparsities(ratios: list[float], sizes: list[int], sparsity: float, lam: 
     return result
 
 
-class _ColumnNorms:
-    """Sum of squared inputs per column of one linear (Wanda's statistic), fed by a forward hook."""
-
-    def __init__(self) -> None:
-        self.sq_sum: torch.Tensor | None = None
-        self.tokens = 0
-
-    def __call__(self, _module: nn.Module, inputs: tuple, _output: torch.Tensor) -> None:
-        flat = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()  # (B*T, in)
-        batch = flat.pow(2).sum(dim=0)  # (in,)
-        self.sq_sum = batch if self.sq_sum is None else self.sq_sum + batch
-        self.tokens += flat.shape[0]
-
-
 @torch.no_grad()
 def layer_outlier_ratios(model: nn.Module, tokens: torch.Tensor, m: float, batch_size: int,
                          device: torch.device | str) -> tuple[list[float], list[int]]:
     """The dense statistics pass: each decoder layer's outlier ratio ``D_l`` and prunable parameter count.
+
+    Each layer runs whole on its inputs (with the keyword arguments the model's forward gives it), its
+    outputs feeding the next layer, while every prunable matrix (each expert's too) gathers Wanda's
+    column norms.
 
     Args:
         model: the dense model (left unchanged).
@@ -116,22 +109,19 @@ def layer_outlier_ratios(model: nn.Module, tokens: torch.Tensor, m: float, batch
         device: where the layers run.
     """
     _, layers = decoder_layers(model)
-    batches = capture_layer_inputs(model, layers[0], tokens, batch_size, torch.device(device))
     ratios, sizes = [], []
-    for layer in tqdm(layers, desc="owl: outlier ratios", unit="layer"):
-        home = next(layer.parameters()).device
-        layer.to(device)  # one layer on the compute device at a time (it is already there without --offload)
-        linears = prunable_linears(layer)
-        norms = {name: _ColumnNorms() for name in linears}
-        handles = [linears[name].register_forward_hook(norms[name]) for name in linears]
-        try:
-            run_layer(layer, batches, in_place=True)  # the dense outputs feed the next layer
-        finally:
-            for handle in handles:
-                handle.remove()
-        scores = [weight_view(linears[name]).abs().float() * (norms[name].sq_sum / norms[name].tokens).sqrt()
-                  for name in linears]  # (out, in) each
-        ratios.append(outlier_ratio(scores, m))
-        sizes.append(sum(s.numel() for s in scores))
-        layer.to(home)
+    with eager_experts(model):
+        batches = capture_layer_inputs(model, layers, tokens, batch_size, torch.device(device))
+        for index, layer in enumerate(tqdm(layers, desc="owl: outlier ratios", unit="layer")):
+            home = next(layer.parameters()).device
+            layer.to(device)  # one layer on the compute device at a time (already there without --offload)
+            pruners = {s.name: WandaPruner(s) for w in layer_weights(layer).values() for s in w.slots()}
+            feeder = Feeder(pruners, share=False, stop=False)
+            with feeder.installed():
+                run_layer(layer, at_layer(batches, index), in_place=True)  # dense outputs feed the next layer
+            scores = [wanda_scores(p.slot.view(), p.sq_sum / p.tokens) for p in pruners.values()
+                      if p.sq_sum is not None]  # (out, in) each; an expert no token reached has none
+            ratios.append(outlier_ratio(scores, m))
+            sizes.append(sum(p.slot.view().numel() for p in pruners.values()))
+            layer.to(home)
     return ratios, sizes

@@ -11,6 +11,7 @@ import torch
 from sparseheal.cards import write_card
 from sparseheal.checks import MASKS_FILE
 from sparseheal.data import calibration_samples, load_documents
+from sparseheal.layout import describe_families, family_table, masked_weight, unhandled_parameters
 from sparseheal.models import (
     ComputeSettings,
     TrustSettings,
@@ -59,11 +60,11 @@ def _layer_sparsity(lm, tokens, how: PruneSettings, spread: LayerSparsitySetting
 
 
 def _prune_record(model: str, how: PruneSettings, calibration: CalibrationSettings, options: Settings | None,
-                  source, lm, masks: dict, watch: Stopwatch) -> dict:
-    modules = dict(lm.named_modules())
-    layers = {name: round(sparsity_of(modules[name].weight), 6) for name in masks}
+                  source, lm, masks: dict, watch: Stopwatch, unreached: dict[str, list[int]]) -> dict:
+    layers = {name: round(sparsity_of(masked_weight(lm, name).param), 6) for name in masks}
+    kept = {name: m.kept() for name, m in masks.items()}
     total = sum(m.numel() for m in masks.values())
-    pruned = total - sum(m.kept() for m in masks.values())
+    pruned = total - sum(kept.values())
     record = {
         "stage": "prune",
         "base_model": model,
@@ -78,6 +79,11 @@ def _prune_record(model: str, how: PruneSettings, calibration: CalibrationSettin
         "pruned_parameters": pruned,
         "prunable_parameters": total,
         "layers": layers,
+        "families": family_table(lm, kept),  # the decoder layers' parameters by family, pruned or dense
+        "left_dense": unhandled_parameters(lm),  # weights no method can prune here (named, not hidden)
+        "unreached_experts": {"rule": "pooled statistics of the tensor's reached experts",
+                              "experts": unreached} if unreached else None,
+        "routers": "dense (routers and gates output routing or gating scalars)",
         "timings": watch.times,
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "previous": read_record(source.path) if source.kind == "local" else None,
@@ -107,10 +113,16 @@ def run_prune(model: str, output: str, overwrite: bool, how: PruneSettings, cali
     if how.pruner.needs_calibration:
         model_bytes = sum(p.numel() * p.element_size() for p in lm.parameters())
         park = parking_for(output, model_bytes, torch.device("cpu" if how.offload else device))
+    unhandled = unhandled_parameters(lm)
+    if unhandled:
+        log.warning("%d weights of the decoder layers have a layout no method can prune and stay dense: %s",
+                    len(unhandled), ", ".join(unhandled[:4]) + (" ..." if len(unhandled) > 4 else ""))
+    unreached: dict[str, list[int]] = {}
     with watch("prune"):
         masks = prune_model(lm, how.pruner, tokens, how.nm, how.sparsity, calibration.calibration_batch_size,
-                            device, offload=how.offload, options=options, layer_sparsity=ratios, park=park)
-    record = {**_prune_record(model, how, calibration, options, source, lm, masks, watch),
+                            device, offload=how.offload, options=options, layer_sparsity=ratios, park=park,
+                            unreached=unreached)
+    record = {**_prune_record(model, how, calibration, options, source, lm, masks, watch, unreached),
               "layer_sparsity": spread_record}
     with atomic_dir(output, overwrite) as tmp:
         save_model(lm, tokenizer, tmp)
@@ -119,6 +131,7 @@ def run_prune(model: str, output: str, overwrite: bool, how: PruneSettings, cali
                                              "weights_hash": record["weights_hash"]})
         write_record(tmp, record)
         write_card(tmp, name=Path(output).name)
-    log.info("pruned %s with %s (%s) -> %s: %.2f%% of prunable weights are zero", model, how.method,
-             how.pattern, output, 100 * record["sparsity_achieved"])
+    log.info("pruned %s with %s (%s) -> %s: %.2f%% of the %d weights it pruned are zero (%s)", model,
+             how.method, how.pattern, output, 100 * record["sparsity_achieved"],
+             record["prunable_parameters"], describe_families(record["families"]))
     return Path(output)

@@ -16,7 +16,6 @@ from itertools import accumulate
 import torch
 
 from sparseheal.checks import non_negative, positive
-from sparseheal.models import weight_view
 from sparseheal.registry import PRUNERS
 from sparseheal.settings import Settings, setting
 from sparseheal.sparsity.base import LinearPruner
@@ -179,6 +178,15 @@ class HessianState:
         self.gram_sum.add(flat)
         self.tokens += flat.shape[0]
 
+    def absorb(self, other: HessianState) -> None:
+        """Adds the sum and token count of another state (before either is factored)."""
+        theirs = other.gram_sum.value() if other.gram_sum is not None else None
+        if theirs is None:
+            return
+        mine = self.gram_sum.value()
+        self.gram_sum = GramSum.of(theirs.clone() if mine is None else mine.add_(theirs))
+        self.tokens += other.tokens
+
     def factor(self, percdamp: float) -> tuple[torch.Tensor, torch.Tensor]:
         """(U, dead) of :func:`inverse_hessian_factor` for ``H = 2/n Σ x xᵀ`` (the sum is consumed)."""
         if self._factor is None:
@@ -222,7 +230,7 @@ class SparseGPTPruner(LinearPruner):
         """
         if cls.select is not SparseGPTPruner.select or any(p.hessian is not group[0].hessian for p in group):
             return super().prune_group(group, nm, sparsity)  # a subclass's own select; unshared states
-        masks = cls._reconstruct(group, [weight_view(p.module) for p in group], nm, sparsity)
+        masks = cls._reconstruct(group, [p.slot.view() for p in group], nm, sparsity)
         return [pruner.commit(mask) for pruner, mask in zip(group, masks, strict=True)]
 
     @staticmethod

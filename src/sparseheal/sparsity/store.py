@@ -14,7 +14,8 @@ from torch import nn
 
 from sparseheal.checks import MASKS_FILE, check_safetensors
 from sparseheal.errors import ConfigError
-from sparseheal.models import hash_weights, model_skeleton, prunable_linears
+from sparseheal.layout import masked_weight
+from sparseheal.models import hash_weights, model_skeleton
 from sparseheal.records import read_record
 from sparseheal.sparsity.masks import PackedMask, pack_mask, unpack_mask
 
@@ -96,23 +97,23 @@ def load_masks(
 
 
 def masks_from_zeros(model: nn.Module, names: list[str], packed: bool = False) -> dict[str, torch.Tensor]:
-    """Masks for a model pruned elsewhere: kept = (W != 0) (bit-packed with ``packed``)."""
-    modules = dict(model.named_modules())
+    """Masks for a model pruned elsewhere: kept = (W != 0) (bit-packed with ``packed``), by mask key."""
     masks = {}
     for name in names:
-        keep = modules[name].weight.detach().ne(0).cpu()  # (out, in)
+        keep = masked_weight(model, name).param.detach().ne(0).cpu()  # the parameter's shape
         masks[name] = PackedMask.pack(keep) if packed else keep
     return masks
 
 
 def check_masks_match(model: nn.Module, masks: dict[str, torch.Tensor], source: str = "masks file") -> None:
-    """Refuses masks whose module names or shapes do not match the model's prunable linears."""
-    linears = prunable_linears(model)
+    """Refuses masks whose keys or shapes do not match the model's linears or fused expert tensors."""
     for name, mask in masks.items():
-        if name not in linears:
-            raise ConfigError("--masks", f"{source} names {name}, which is not a linear layer of the model")
-        if tuple(linears[name].weight.shape) != tuple(mask.shape):
-            shape = tuple(linears[name].weight.shape)
+        weight = masked_weight(model, name)
+        if weight is None:
+            raise ConfigError("--masks", f"{source} names {name}, which is not a linear layer of the model "
+                                         "(nor a fused experts tensor)")
+        if tuple(weight.param.shape) != tuple(mask.shape):
+            shape = tuple(weight.param.shape)
             raise ConfigError(
                 "--masks", f"{source}: {name} has shape {tuple(mask.shape)}, the model's weight {shape}"
             )
