@@ -117,7 +117,8 @@ def _probe(lm, model_name: str, batch: int, seqlen: int) -> tuple[dict[str, Call
     _, layers = decoder_layers(lm)
     draw = CalibrationSettings(nsamples=batch, seqlen=seqlen)  # real C4 text, as the prune sees it
     tokens = calibration_tokens(model_name, draw, os.environ.get("SPARSEHEAL_DATA_DIR"))
-    (hidden, kwargs), = capture_layer_inputs(lm, layers[0], tokens, batch, torch.device("cpu"))
+    (hidden, per_layer), = capture_layer_inputs(lm, layers, tokens, batch, torch.device("cpu"))
+    kwargs = per_layer[0]  # layer 0's arguments
     hidden = hidden.clone()
     layer = copy.deepcopy(layers[0])  # in memory, dense, whatever the prune does to the model's own
     order, distinct = _call_order(layer, hidden, kwargs)

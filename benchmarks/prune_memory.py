@@ -175,9 +175,8 @@ def phase_child(args: argparse.Namespace) -> None:
 
     def measured_capture(*a, **kw):
         batches = capture(*a, **kw)
-        captured["activation_bytes"] = sum(
-            t.numel() * t.element_size() for hidden, kwargs in batches
-            for t in [hidden, *_tensors(kwargs)])
+        held = {id(t): t for hidden, kwargs in batches for t in [hidden, *_tensors(kwargs)]}  # once each
+        captured["activation_bytes"] = sum(t.numel() * t.element_size() for t in held.values())
         return batches
 
     calibrate.capture_layer_inputs = measured_capture

@@ -13,9 +13,11 @@ import math
 import pytest
 import torch
 from architectures import ARCHITECTURES, MOE, make_arch_dir
+from conftest import build_tokenizer
 from safetensors.torch import load_file
 
 import sparseheal
+from sparseheal.cli import main
 from sparseheal.layout import masked_weight, parameter_families
 from sparseheal.models import decoder_layers, load_model
 from sparseheal.sparsity.masks import count_violations
@@ -65,7 +67,7 @@ def _check_prune(out, pattern: str, moe: bool) -> None:
         else:  # routers, norms (and nothing else here) stay dense
             assert row["masked"] == 0 and row["pruned"] == 0, (family, row)
     assert ("experts" in families) == moe and ("routers" in families) == moe
-    assert record["sparsity_achieved"] == 0.5 and record["left_dense"] == []
+    assert record["sparsity_achieved"] == 0.5 and record["partial_groups"] is None
     report = sparseheal.inspect(str(out))
     assert report["ok"] and report["mask_violations"] == 0, report
     if pattern == "2:4":
@@ -103,3 +105,78 @@ def test_every_stage_on_every_architecture(model_type, arch_dir, tmp_path):
     merged_file = outputs["lora"] / "sparsity_masks.safetensors"
     assert set(load_masks(merged_file)[0]) == set(masks)
     assert all(k in load_file(str(merged_file)) for k in masks)
+
+
+def _refused(argv, capsys, flag: str, *needles: str) -> None:
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"sparseheal: error: {flag}"), err
+    for needle in needles:
+        assert needle in err[0]
+
+
+@pytest.mark.parametrize("model_type,targets", [("phi3", "o_proj,qkv_proj"), ("falcon", "query_key_value"),
+                                                ("bloom", "query_key_value"), ("mixtral", "q_proj,v_proj")])
+def test_lora_default_targets_follow_the_model(model_type, targets, arch_dir, tmp_path):
+    pruned = sparseheal.prune(str(arch_dir(model_type)), str(tmp_path / "p"), **PRUNE)
+    out = sparseheal.heal(str(pruned), str(tmp_path / "a"), method="lora", **HEAL)
+    record = json.loads((out / "sparseheal.json").read_text())
+    assert record["recipe"]["targets"] is None and record["adapter"]["targets"] == targets
+    assert {m.rsplit(".", 1)[-1] for m in record["adapter"]["modules"]} == set(targets.split(","))
+
+
+def test_lora_on_fused_experts_and_parameter_adapters_are_refused(arch_dir, tmp_path, capsys):
+    pruned = sparseheal.prune(str(arch_dir("mixtral")), str(tmp_path / "p"), **PRUNE)
+    out = tmp_path / "a"
+    _refused(["heal", str(pruned), "-o", str(out), "--targets", "all-linear", "--max-steps", "1",
+              "--block-size", "32"], capsys,
+             "--targets", "fused expert tensors", "--method full")
+    assert not out.exists()
+    adapter = sparseheal.heal(str(pruned), str(out), method="lora", **HEAL)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["target_parameters"] = ["mlp.experts.gate_up_proj"]  # as PEFT writes an adapter on parameters
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    _refused(["merge", str(adapter), "-o", str(tmp_path / "m")], capsys, "ADAPTER_DIR", "fused expert")
+    assert not (tmp_path / "m").exists()
+
+
+def test_the_summary_inspect_and_card_give_the_share_by_family(arch_dir, tmp_path, capsys):
+    out = tmp_path / "p"
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["prune", str(arch_dir("qwen2_moe")), "-o", str(out), "--nsamples", "2", "--seqlen", "32"])
+    assert exit_info.value.code == 0
+    printed = capsys.readouterr().out
+    assert "50.00% of prunable weights are zero" in printed
+    assert "by family in the decoder layers: attention 49.5% of" in printed  # q/k/v biases stay dense
+    assert "experts 50.0% of" in printed and "left dense: routers 640, norms 256" in printed
+    with pytest.raises(SystemExit) as exit_info:
+        main(["inspect", str(out)])
+    assert exit_info.value.code == 0 and "experts 50.0% of" in capsys.readouterr().out
+    assert "experts 24576 of 49152" in (out / "README.md").read_text()
+
+
+def test_a_model_whose_expert_layout_is_unknown_is_refused(tmp_path, capsys):
+    """Llama 4 applies its 3-D experts in one batched product, a layout transformers does not declare."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("llama4_text", vocab_size=256, hidden_size=64, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                  intermediate_size=64, intermediate_size_mlp=128, num_local_experts=4,
+                                  num_experts_per_tok=1, max_position_embeddings=256)
+    src = tmp_path / "llama4"
+    AutoModelForCausalLM.from_config(config).save_pretrained(src)
+    build_tokenizer(src)
+    _refused(["prune", str(src), "-o", str(tmp_path / "p"), "--nsamples", "2", "--seqlen", "32"], capsys,
+             "MODEL", "feed_forward.experts.gate_up_proj", "Llama4TextExperts", "would stay dense")
+    assert not (tmp_path / "p").exists()
+
+
+def test_a_pattern_whose_groups_do_not_divide_the_inputs_says_so_in_the_record(arch_dir, tmp_path):
+    out = sparseheal.prune(str(arch_dir("mixtral")), str(tmp_path / "p"), method="magnitude", pattern="2:3")
+    partial = json.loads((out / "sparseheal.json").read_text())["partial_groups"]
+    assert partial["rule"] == "the trailing group of fewer than 3 inputs of each row keeps at most 2"
+    assert "model.layers.0.mlp.experts.gate_up_proj" in partial["weights"]  # 64 inputs: 21 groups and 1

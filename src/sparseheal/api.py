@@ -32,7 +32,15 @@ from sparseheal.heal.fsdp import FsdpSettings
 from sparseheal.heal.merge import HealMergeSettings, MergeSettings
 from sparseheal.heal.selfgen import SelfGenSettings
 from sparseheal.heal.training import TrainingSettings
-from sparseheal.models import ComputeSettings, TrustSettings, check_seqlen, input_path, weights_bytes
+from sparseheal.layout import check_prunable_layout
+from sparseheal.models import (
+    ComputeSettings,
+    TrustSettings,
+    check_seqlen,
+    input_path,
+    model_skeleton,
+    weights_bytes,
+)
 from sparseheal.records import output_lock, write_json_atomic
 from sparseheal.registry import HEALERS, PRUNERS
 from sparseheal.settings import REQUIRED, Settings, Stage, setting
@@ -101,10 +109,12 @@ EVALUATE = Stage("evaluate", [EvaluateIO, PerplexitySettings, ZeroShotSettings, 
 INSPECT = Stage("inspect", [InspectIO, TrustSettings])
 
 
-def check_prune_model(model: str, how: PruneSettings, calibration: CalibrationSettings) -> None:
+def check_prune_model(model: str, how: PruneSettings, calibration: CalibrationSettings,
+                      trust_remote_code: bool = False) -> None:
     """The prune checks that read the model's config and the calibration data's files. A method without
     calibration ignores the calibration settings: given anyway, they are warned about (and the record
-    leaves them out)."""
+    leaves them out). A model holding weights of a layout no method can prune is refused."""
+    check_prunable_layout(model_skeleton(model, trust_remote_code))
     if how.pruner.needs_calibration:
         check_seqlen(model, calibration.seqlen)
         check_source(calibration.calibration_data, "--calibration-data")
@@ -134,7 +144,8 @@ def _prune_preflight(built: dict) -> Settings | None:
     check_output(io.output, built[Overwrite].overwrite)
     calibration_file = calibration.calibration_data if how.pruner.needs_calibration else None
     check_not_an_input(io.output, {"MODEL": input_path(io.model), "--calibration-data": calibration_file})
-    check_prune_model(io.model, how, calibration)  # the config first: a broken one says so
+    check_prune_model(io.model, how, calibration, built[TrustSettings].trust_remote_code)  # a broken config
+    # says so first
     check_weight_files(input_path(io.model) if Path(io.model).is_dir() else None, "MODEL")
     check_free_space(io.output, weights_bytes(io.model), "the size of the model's weight files")
     return options

@@ -42,6 +42,10 @@ def _prune_lines(record: dict) -> list[str]:
              f"- sparsity achieved: {number(record.get('sparsity_achieved'))} "
              f"({number(record.get('pruned_parameters'))} of {number(record.get('prunable_parameters'))} "
              "prunable weights are zero)"]
+    if record.get("families"):
+        shown = ", ".join(f"{name} {number(row['pruned'])} of {number(row['parameters'])}"
+                          + ("" if row["masked"] else " (dense)") for name, row in record["families"].items())
+        lines.append(f"- pruned weights by family in the decoder layers (of all parameters): {shown}")
     if cal:
         lines.append(f"- calibration: `{cal.get('source')}`, {number(cal.get('nsamples'))} samples of "
                      f"{number(cal.get('seqlen'))} tokens, seed {number(cal.get('seed'))}")

@@ -122,9 +122,7 @@ def _print_prune(output: Path) -> None:
           f"{100 * record.get('sparsity_achieved', 0):.2f}% of prunable weights are zero -> {output}")
     if families:
         print(f"  by family in the decoder layers: {describe_families(families)}")
-    if record.get("left_dense"):
-        print(f"  left dense, a layout no method prunes: {len(record['left_dense'])} weights "
-              f"({', '.join(record['left_dense'][:3])}{' ...' if len(record['left_dense']) > 3 else ''})")
+
 
 
 def _print_evaluate(report: dict) -> None:

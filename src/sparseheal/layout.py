@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from sparseheal.errors import ConfigError
 from sparseheal.models import decoder_layers, is_linear, prunable_linears
 
 __all__ = [
@@ -37,6 +38,7 @@ __all__ = [
     "masked_weight",
     "parameter_families",
     "unhandled_parameters",
+    "check_prunable_layout",
     "family_table",
     "describe_families",
 ]
@@ -258,6 +260,17 @@ def unhandled_parameters(model: nn.Module) -> list[str]:
         out += [f"{stack}.{index}.{n}" for n, p in layer.named_parameters()
                 if p.dim() > 2 and id(p) not in handled]
     return out
+
+
+def check_prunable_layout(model: nn.Module) -> None:
+    """Refuses a model holding weights of a layout no method can prune (3-D expert tensors of a class
+    transformers does not mark with its layout): they would stay dense under a figure that says not."""
+    unhandled = unhandled_parameters(model)
+    if unhandled:
+        owner = type(model.get_submodule(unhandled[0].rpartition(".")[0])).__name__
+        raise ConfigError("MODEL", f"{type(model).__name__} holds {len(unhandled)} weights of a layout "
+                                   f"sparseheal cannot prune ({unhandled[0]} in {owner}, whose expert layout "
+                                   "transformers does not declare); they would stay dense")
 
 
 def family_table(model: nn.Module, kept: dict[str, int]) -> dict[str, dict[str, int]]:

@@ -364,7 +364,7 @@ def write_blockwise_output(job: Any, lm, tokenizer, ctx: dict, watch: Any) -> Pa
             raise StageError("--lr", f"{verification['mask_violations']} pruned weights are not +0.0; "
                                      "nothing was written")
         keep = ("method", "pattern", "sparsity", "layer_sparsity", "pruned_parameters", "prunable_parameters",
-                "families", "left_dense")
+                "families")
         record = {"stage": "heal", **{k: pruned.get(k) for k in keep}, "heal_method": job.healer.name,
                   "base_model": teacher.name, "base_path": teacher.path,
                   "base_hash": source_hash(teacher), "pruned_from": job.pruned_dir, "weights_hash": weights,

@@ -11,7 +11,7 @@ import torch
 from sparseheal.cards import write_card
 from sparseheal.checks import MASKS_FILE
 from sparseheal.data import calibration_samples, load_documents
-from sparseheal.layout import describe_families, family_table, masked_weight, unhandled_parameters
+from sparseheal.layout import describe_families, family_table, masked_weight, model_weights
 from sparseheal.models import (
     ComputeSettings,
     TrustSettings,
@@ -59,6 +59,15 @@ def _layer_sparsity(lm, tokens, how: PruneSettings, spread: LayerSparsitySetting
                         "sparsities": [round(x, 6) for x in sparsities]}
 
 
+def _partial_groups(lm, nm: tuple[int, int] | None) -> dict | None:
+    """The weights whose inputs do not split into whole groups of M, and the rule they were pruned by."""
+    if nm is None:
+        return None
+    weights = [k for k, w in model_weights(lm).items() if w.matrix(0 if w.experts else None).shape[1] % nm[1]]
+    return {"rule": f"the trailing group of fewer than {nm[1]} inputs of each row keeps at most {nm[0]}",
+            "weights": weights} if weights else None
+
+
 def _prune_record(model: str, how: PruneSettings, calibration: CalibrationSettings, options: Settings | None,
                   source, lm, masks: dict, watch: Stopwatch, unreached: dict[str, list[int]]) -> dict:
     layers = {name: round(sparsity_of(masked_weight(lm, name).param), 6) for name in masks}
@@ -80,10 +89,10 @@ def _prune_record(model: str, how: PruneSettings, calibration: CalibrationSettin
         "prunable_parameters": total,
         "layers": layers,
         "families": family_table(lm, kept),  # the decoder layers' parameters by family, pruned or dense
-        "left_dense": unhandled_parameters(lm),  # weights no method can prune here (named, not hidden)
         "unreached_experts": {"rule": "pooled statistics of the tensor's reached experts",
                               "experts": unreached} if unreached else None,
         "routers": "dense (routers and gates output routing or gating scalars)",
+        "partial_groups": _partial_groups(lm, how.nm),
         "timings": watch.times,
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "previous": read_record(source.path) if source.kind == "local" else None,
@@ -113,10 +122,6 @@ def run_prune(model: str, output: str, overwrite: bool, how: PruneSettings, cali
     if how.pruner.needs_calibration:
         model_bytes = sum(p.numel() * p.element_size() for p in lm.parameters())
         park = parking_for(output, model_bytes, torch.device("cpu" if how.offload else device))
-    unhandled = unhandled_parameters(lm)
-    if unhandled:
-        log.warning("%d weights of the decoder layers have a layout no method can prune and stay dense: %s",
-                    len(unhandled), ", ".join(unhandled[:4]) + (" ..." if len(unhandled) > 4 else ""))
     unreached: dict[str, list[int]] = {}
     with watch("prune"):
         masks = prune_model(lm, how.pruner, tokens, how.nm, how.sparsity, calibration.calibration_batch_size,
