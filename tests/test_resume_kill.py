@@ -85,7 +85,8 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(pruned, tmp_path, metho
     present = _kill_after_first_checkpoint(argv, out, delay, tmp_path / "stderr.txt")
     # the killed run left no output that looks finished: only its checkpoints and, maybe, a temp sibling
     assert not out.exists()
-    assert {p.name for p in tmp_path.iterdir()} <= {"killed.ckpt", ".killed.partial", "stderr.txt"}
+    left = {p.name for p in tmp_path.iterdir()} - {"killed.ckpt", "stderr.txt", ".killed.sparseheal-lock"}
+    assert all(name.startswith(".killed.") and name.endswith(".partial") for name in left), left
     resumed_from = last_checkpoint(tmp_path / "killed.ckpt")
     assert resumed_from is not None
     print(f"{method}: killed {delay:.3f} s after the first checkpoint; on disk {present}; "
@@ -166,11 +167,16 @@ def test_kill_while_writing_the_output_resumes_from_the_final_checkpoint(pruned,
     out = sparseheal.heal(str(pruned), str(tmp_path / "o"), **settings)
     reference = load_file(str(out / WEIGHTS["lora"]))
     shutil.rmtree(out)  # as if the kill came before the rename ...
-    partial = tmp_path / ".o.partial"
+    partial = tmp_path / ".o.k1ll3d.partial"  # ... of a process that is gone, with the output half written
     partial.mkdir()
-    (partial / WEIGHTS["lora"]).write_bytes(b"half a file")  # ... with the output half written
+    (partial / WEIGHTS["lora"]).write_bytes(b"half a file")
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    (partial / ".sparseheal-partial").write_text(gone)
+    user = tmp_path / ".o.mine.partial"  # a folder of the user's that only looks like one
+    user.mkdir()
     resumed = sparseheal.heal(str(pruned), str(out), resume=True, **settings)
-    assert not partial.exists()
+    assert not partial.exists() and user.is_dir()
     weights = load_file(str(resumed / WEIGHTS["lora"]))
     assert weights.keys() == reference.keys() and all(torch.equal(weights[k], reference[k]) for k in weights)
     record = json.loads((resumed / "sparseheal.json").read_text())

@@ -17,12 +17,13 @@ import sparseheal.heal  # noqa: F401  (registers the healers before the heal sta
 import sparseheal.sparsity  # noqa: F401  (registers the pruning methods likewise)
 from sparseheal.checks import (
     check_free_space,
+    check_name_length,
     check_not_an_input,
     check_output,
     check_pickle,
     check_weight_files,
 )
-from sparseheal.data import DataSettings, check_source
+from sparseheal.data import DataSettings, check_source, protected_inputs
 from sparseheal.errors import ConfigError
 from sparseheal.evaluate.perplexity import PerplexitySettings
 from sparseheal.evaluate.zeroshot import ZeroShotSettings
@@ -38,10 +39,12 @@ from sparseheal.models import (
     TrustSettings,
     check_seqlen,
     input_path,
+    load_tokenizer,
     model_skeleton,
+    resolve_source,
     weights_bytes,
 )
-from sparseheal.records import output_lock, write_json_atomic
+from sparseheal.records import output_lock, read_record, write_json_atomic
 from sparseheal.registry import HEALERS, PRUNERS
 from sparseheal.settings import REQUIRED, Settings, Stage, setting
 from sparseheal.sparsity.base import PruneSettings
@@ -115,6 +118,7 @@ def check_prune_model(model: str, how: PruneSettings, calibration: CalibrationSe
     calibration ignores the calibration settings: given anyway, they are warned about (and the record
     leaves them out). A model holding weights of a layout no method can prune is refused."""
     check_prunable_layout(model_skeleton(model, trust_remote_code))
+    load_tokenizer(resolve_source(model), trust_remote_code)  # a missing or broken one: refused now
     if how.pruner.needs_calibration:
         check_seqlen(model, calibration.seqlen)
         check_source(calibration.calibration_data, "--calibration-data")
@@ -143,7 +147,10 @@ def _prune_preflight(built: dict) -> Settings | None:
     spread.check_against(how.sparsity, how.pattern, how.pruner.needs_calibration, how.method)
     check_output(io.output, built[Overwrite].overwrite)
     calibration_file = calibration.calibration_data if how.pruner.needs_calibration else None
-    check_not_an_input(io.output, {"MODEL": input_path(io.model), "--calibration-data": calibration_file})
+    check_not_an_input(io.output, [("MODEL", input_path(io.model)), ("--calibration-data", calibration_file),
+                                   *protected_inputs(built[DataSettings].data_dir)])
+    if Path(io.model).expanduser().is_dir():
+        read_record(io.model, "MODEL")  # a damaged record of the input: refused now, not after the work
     check_prune_model(io.model, how, calibration, built[TrustSettings].trust_remote_code)  # a broken config
     # says so first
     check_weight_files(input_path(io.model) if Path(io.model).is_dir() else None, "MODEL")
@@ -219,6 +226,9 @@ def check_evaluate_model(model: str | None, ppl: PerplexitySettings) -> None:
 def _evaluate_preflight(built: dict) -> None:
     """The evaluate checks of files and model configs: the results file, the model, adapter and data."""
     io, ppl = built[EvaluateIO], built[PerplexitySettings]
+    for flag, path in (("MODEL", io.model), ("--adapter", io.adapter)):
+        if path is not None and Path(path).expanduser().is_dir():
+            read_record(path, flag)  # a damaged record: refused before any work
     if io.adapter is not None and not Path(io.adapter).is_dir():
         raise ConfigError("--adapter", f"{io.adapter} is not a directory")
     if io.adapter is not None and not (Path(io.adapter) / "adapter_config.json").is_file():
@@ -229,14 +239,17 @@ def _evaluate_preflight(built: dict) -> None:
         if out.is_dir():
             raise ConfigError("--output", f"{out} is a directory; give a .json file path")
         inputs = [("MODEL", input_path(io.model)), ("--adapter", io.adapter)]
-        check_not_an_input(out, inputs + [("--dataset", d) for d in ppl.datasets])
+        check_not_an_input(out, inputs + [("--dataset", d) for d in ppl.datasets]
+                           + protected_inputs(built[DataSettings].data_dir))
         if out.exists() and not built[Overwrite].overwrite:
             raise ConfigError("--output", f"{out} already exists; pass --overwrite to replace it")
         check_output(out.parent if str(out.parent) else ".", overwrite=True)
+        check_name_length(out, "--output")
         check_free_space(out, None, "a results file", minimum=2 * 2**20)
     check_weight_files(io.model if Path(io.model).is_dir() else None, "MODEL")
     check_weight_files(io.adapter, "--adapter", stem="adapter_model")
     check_evaluate_model(io.model, ppl)
+    load_tokenizer(resolve_source(io.model), built[TrustSettings].trust_remote_code)  # refused now if broken
 
 
 @EVALUATE.api(preflight=_evaluate_preflight)
@@ -268,7 +281,6 @@ def inspect(built: dict) -> dict:
         A report dict; ``report["ok"]`` is False when any check fails.
     """
     from sparseheal.models import load_model, resolve_source
-    from sparseheal.records import read_record
     from sparseheal.sparsity.inspection import inspect_model
     from sparseheal.sparsity.store import MASKS_FILE, check_masks_file, check_own_masks
 
@@ -281,7 +293,9 @@ def inspect(built: dict) -> dict:
         check_masks_file(io.masks, io.model)
     else:  # the directory's own masks must belong to its weights
         check_own_masks(resolve_source(io.model).path, "MODEL")
-    lm, _, source = load_model(io.model, None, "cpu", trust.trust_remote_code, trust.allow_pickle)
+    # in the stored dtype: a pruned weight too small for float32 (1e-50 in float64) is still not zero
+    record = read_record(resolve_source(io.model).path, "MODEL")
+    lm, _, source = load_model(io.model, "auto", "cpu", trust.trust_remote_code, trust.allow_pickle)
     masks_file = io.masks or (Path(source.path) / MASKS_FILE)
     masks_file = masks_file if Path(masks_file).is_file() else None
-    return inspect_model(lm, read_record(source.path), masks_file)
+    return inspect_model(lm, record, masks_file)

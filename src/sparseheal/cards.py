@@ -23,7 +23,7 @@ import yaml
 
 from sparseheal.card_stages import done_section, heal_method, number, pruning_record, stage_summary
 from sparseheal.checks import MASKS_FILE
-from sparseheal.records import RECORD_FILE, read_record
+from sparseheal.records import RECORD_FILE, read_record, replace_file
 from sparseheal.sources import BUILTIN_HUB_IDS
 
 __all__ = ["CARD_FILE", "number", "stage_chain", "card_base", "base_license", "front_matter", "render_card",
@@ -210,9 +210,7 @@ def _write_if_changed(path: Path, text: str) -> bool:
     """Writes ``text`` to ``path`` through a temporary sibling, unless the file already holds it."""
     if path.is_file() and path.read_text(errors="replace") == text:
         return False
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    replace_file(path, text)
     return True
 
 

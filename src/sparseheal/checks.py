@@ -25,6 +25,8 @@ __all__ = [
     "MIN_FREE_BYTES",
     "Check",
     "positive",
+    "window_length",
+    "seed",
     "non_negative",
     "above_zero",
     "unit_interval",
@@ -33,6 +35,7 @@ __all__ = [
     "check_model_dir",
     "check_pickle",
     "check_output",
+    "check_name_length",
     "check_free_space",
     "existing_parent",
     "check_not_an_input",
@@ -61,11 +64,24 @@ def positive(flag: str, value: int | None) -> None:
         raise ConfigError(flag, f"must be an integer >= 1, got {value}")
 
 
+def seed(flag: str, value: int | None) -> None:
+    """A random seed: an integer from 0 to 2**32 - 1 (what numpy, torch and random all take)."""
+    if value is not None and (isinstance(value, bool) or not 0 <= value < 2**32):
+        raise ConfigError(flag, f"must be an integer from 0 to {2**32 - 1}, got {value}")
+
+
+def window_length(flag: str, value: int | None) -> None:
+    """A perplexity window of at least 2 tokens (its tokens 1..T-1 are predicted; one predicts nothing)."""
+    positive(flag, value)
+    if value is not None and value < 2:
+        raise ConfigError(flag, f"must be at least 2 (a window of one token predicts nothing), got {value}")
+
+
 def non_negative(what: str = "a number") -> Check:
     """A number >= 0; ``what`` names it in the message ("an integer")."""
 
-    def check(flag: str, value: float) -> None:
-        if isinstance(value, bool) or value < 0:
+    def check(flag: str, value: float | None) -> None:
+        if value is not None and (isinstance(value, bool) or value < 0):
             raise ConfigError(flag, f"must be {what} >= 0, got {value}")
 
     return check
@@ -147,6 +163,7 @@ def check_output(output: str | os.PathLike, overwrite: bool, flag: str = "--outp
         raise ConfigError(flag, f"{path} already exists; pass --overwrite to replace it")
     if path.exists() and not path.is_dir():
         raise ConfigError(flag, f"{path} exists and is not a directory")
+    check_name_length(path, flag)
     parent = path.absolute().parent
     while not parent.exists():
         parent = parent.parent
@@ -158,6 +175,23 @@ def check_output(output: str | os.PathLike, overwrite: bool, flag: str = "--outp
         reason = err.strerror or type(err).__name__
         raise ConfigError(flag, f"cannot write under {parent} ({reason})") from err
     return path
+
+
+_TEMPORARY_NAME = 40  # bytes a temporary sibling's name adds to the output's (".NAME.<random>.partial")
+
+
+def check_name_length(path: Path, flag: str) -> None:
+    """Refuses a name the file system cannot hold, with room for its temporary sibling's name."""
+    parent = existing_parent(path.absolute().parent)
+    try:
+        limit = os.pathconf(parent, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):
+        limit = 255
+    size = len(os.fsencode(path.name))
+    if size + _TEMPORARY_NAME > limit:
+        raise ConfigError(flag, f"the name {path.name[:24]}... is {size} bytes; the file system holds names "
+                                f"of {limit}, and this one needs room for {_TEMPORARY_NAME} more while it "
+                                "is written: choose a shorter name")
 
 
 def _size(n: float) -> str:
@@ -193,6 +227,21 @@ def _inside(path: Path, root: Path) -> bool:
 Inputs = dict[str, "str | os.PathLike | None"] | Sequence[tuple[str, "str | os.PathLike | None"]]
 
 
+def _real_inputs(inputs: Inputs) -> list[tuple[str, Path]]:
+    """Each existing input resolved to its real path, and, for a directory, the real folders its links
+    lead to (weights linked from a store elsewhere are read from there)."""
+    found = []
+    for flag, path in inputs.items() if isinstance(inputs, dict) else inputs:
+        if path is None or not str(path) or not Path(path).expanduser().exists():
+            continue
+        source = Path(path).expanduser().resolve()
+        found.append((flag, source))
+        if source.is_dir():
+            links = {entry.resolve().parent for entry in source.iterdir() if entry.is_symlink()}
+            found += [(flag, target) for target in sorted(links) if target != source]
+    return found
+
+
 def check_not_an_input(output: str | os.PathLike, inputs: Inputs, flag: str = "--output") -> None:
     """Refuses an output that is, contains or lies inside one of the command's inputs (``{flag: path}``
     or (flag, path) pairs; paths that do not exist are skipped) or the working directory: writing it
@@ -203,10 +252,7 @@ def check_not_an_input(output: str | os.PathLike, inputs: Inputs, flag: str = "-
         raise ConfigError(flag, f"{output} is {'' if out == cwd else 'a directory above '}the working "
                                 "directory; writing it would replace the files there: choose another "
                                 f"{flag}")
-    for input_flag, path in inputs.items() if isinstance(inputs, dict) else inputs:
-        if path is None or not str(path) or not Path(path).expanduser().exists():
-            continue
-        source = Path(path).expanduser().resolve()
+    for input_flag, source in _real_inputs(inputs):
         if out == source:
             where = "is"
         elif _inside(source, out):
@@ -215,7 +261,7 @@ def check_not_an_input(output: str | os.PathLike, inputs: Inputs, flag: str = "-
             where = "lies inside"
         else:
             continue
-        raise ConfigError(flag, f"{output} {where} the input {input_flag} ({path}); the command never "
+        raise ConfigError(flag, f"{output} {where} the input {input_flag} ({source}); the command never "
                                 f"writes over its inputs: choose another {flag}")
 
 

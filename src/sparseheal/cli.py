@@ -29,7 +29,7 @@ from sparseheal.registry import HEALERS
 from sparseheal.run import report as report_stage
 from sparseheal.run import run as run_stage
 from sparseheal.run.report import results_table
-from sparseheal.settings import Field, parse_yaml
+from sparseheal.settings import Field, flag_keys, parse_yaml
 
 __all__ = ["app", "main"]
 
@@ -56,6 +56,7 @@ def _config_callback(ctx: typer.Context, _param: typer.CallbackParam, value: str
         raise ConfigError("--config", f"{value} must hold a mapping of flag names to values")
     known = {p.name for p in ctx.command.params if p.name != "config"}
     defaults = {}
+    flag_keys(data, "--config")  # both spellings of one setting: refused
     for key, val in data.items():
         name = str(key).replace("-", "_")
         if name not in known:

@@ -21,6 +21,7 @@ from sparseheal.errors import ConfigError
 from sparseheal.settings import Settings, setting
 
 __all__ = [
+    "protected_inputs",
     "DataSettings",
     "NAMED_SETS",
     "data_root",
@@ -60,6 +61,17 @@ def data_root(data_dir: str | None = None) -> Path | None:
     """The local mirror directory: ``data_dir``, else ``$SPARSEHEAL_DATA_DIR``, else None."""
     root = data_dir or os.environ.get("SPARSEHEAL_DATA_DIR")
     return Path(root).expanduser() if root else None
+
+
+def protected_inputs(data_dir: str | None = None) -> list[tuple[str, str]]:
+    """What every command reads besides its arguments, never a valid output: the data mirror behind the
+    named data sets (``--data-dir`` or ``$SPARSEHEAL_DATA_DIR``) and the cache that holds the built-in
+    model's conversion. As ``(what, path)`` pairs for :func:`~sparseheal.checks.check_not_an_input`."""
+    from sparseheal.sources import cache_dir
+
+    root = data_root(data_dir)
+    found = [("--data-dir" if data_dir else "$SPARSEHEAL_DATA_DIR", str(root))] if root is not None else []
+    return found + [("the model cache ($SPARSEHEAL_CACHE)", str(cache_dir()))]
 
 
 def _wikitext_rows(raw: str) -> list[str]:

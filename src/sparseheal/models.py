@@ -110,12 +110,19 @@ def load_config(model: str | ModelSource, trust_remote_code: bool = False):
 
     source = model if isinstance(model, ModelSource) else resolve_source(model)
     try:
-        return AutoConfig.from_pretrained(source.path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as err:
+        config = AutoConfig.from_pretrained(source.path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as err:
         where = "the Hugging Face Hub" if source.kind == "hub" else source.path
         raise ConfigError(
             "MODEL", f"cannot read the model config of {source.name} from {where} ({type(err).__name__})"
         ) from err
+    stored = getattr(config, "dtype", None)
+    if isinstance(stored, str) and stored != "auto" and not isinstance(getattr(torch, stored, None),
+                                                                       torch.dtype):
+        raise ConfigError("MODEL", f"the config of {source.name} names the dtype {stored[:40]!r}, which is "
+                                   "not a torch dtype (float32, bfloat16, float16, ...); correct its "
+                                   "config.json")
+    return config
 
 
 def check_positions(config, length: int, flag: str) -> int | None:
@@ -141,10 +148,14 @@ def model_skeleton(model: str | ModelSource, trust_remote_code: bool = False) ->
 
 
 def load_tokenizer(source: ModelSource, trust_remote_code: bool = False):
-    """Loads the tokenizer that belongs to ``source``."""
+    """Loads the tokenizer that belongs to ``source``; a missing or broken one is a ConfigError."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code)
+    try:
+        return AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code)
+    except Exception as err:  # noqa: BLE001 (the loaders raise whatever their parsers meet)
+        raise ConfigError("MODEL", f"cannot load the tokenizer of {source.name} ({_short(err)}); a model "
+                                   "directory needs its tokenizer files") from err
 
 
 def load_model(
@@ -159,7 +170,8 @@ def load_model(
 
     Args:
         model: Hub id, local directory, ``.gguf`` file or a built-in name.
-        dtype: float32, bfloat16 or float16 (default float32 on CPU, bfloat16 on GPU).
+        dtype: float32, bfloat16 or float16 (default float32 on CPU, bfloat16 on GPU), or ``auto``: the
+            dtype the weights are stored in (what verification reads, so that nothing rounds to zero).
         device: torch device string (default cuda when available).
         trust_remote_code: allow code shipped with the model to run.
         allow_pickle: allow pickle-based ``.bin`` weights.
@@ -177,7 +189,7 @@ def load_model(
     try:
         lm = AutoModelForCausalLM.from_pretrained(
             source.path,
-            dtype=torch_dtype(dtype, device),
+            dtype="auto" if dtype == "auto" else torch_dtype(dtype, device),
             trust_remote_code=trust_remote_code,
             use_safetensors=_use_safetensors(source, allow_pickle),
         )

@@ -28,7 +28,7 @@ import yaml
 from sparseheal.checks import Check, finite, one_of
 from sparseheal.errors import ConfigError
 
-__all__ = ["REQUIRED", "setting", "Settings", "Field", "Stage", "flag_of", "parse_yaml"]
+__all__ = ["REQUIRED", "setting", "Settings", "Field", "Stage", "flag_of", "parse_yaml", "flag_keys"]
 
 REQUIRED: Any = inspect.Parameter.empty  # the default of a setting that must be given
 S = TypeVar("S", bound="Settings")
@@ -198,8 +198,24 @@ _INT = "tag:yaml.org,2002:int"
 _FLOAT = "tag:yaml.org,2002:float"
 
 
+class _DuplicateKey(Exception):
+    def __init__(self, key: Any) -> None:
+        super().__init__(key)
+        self.key = key
+
+
 class _Loader(yaml.SafeLoader):
-    """SafeLoader with YAML 1.2 numbers: no sexagesimal ``2:4`` ints, and ``1e-4`` is a float."""
+    """SafeLoader with YAML 1.2 numbers: no sexagesimal ``2:4`` ints, and ``1e-4`` is a float; a mapping
+    that repeats a key is refused (YAML says keys are unique; PyYAML would keep the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _value in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise _DuplicateKey(key)
+            seen.add(key if isinstance(key, (str, int, float, bool)) else id(key_node))
+        return super().construct_mapping(node, deep=deep)
 
 
 _Loader.yaml_implicit_resolvers = {
@@ -243,5 +259,20 @@ def parse_yaml(text: str, flag: str, what: str = "the text") -> Any:
         data = yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError as err:
         raise ConfigError(flag, f"{what} is not valid YAML ({err.__class__.__name__})") from err
+    except _DuplicateKey as err:
+        raise ConfigError(flag, f"{what} gives the key {err.key!r} twice; keep one") from None
     _check_size(data, flag, what)
     return data
+
+
+def flag_keys(data: dict, flag: str) -> dict[str, Any]:
+    """A mapping's keys as setting names (``max-steps`` -> ``max_steps``); the two spellings of one setting
+    given together are refused, whatever their values."""
+    out: dict[str, Any] = {}
+    spelled: dict[str, Any] = {}
+    for raw, value in data.items():
+        name = str(raw).replace("-", "_")
+        if name in out:
+            raise ConfigError(flag, f"{spelled[name]!r} and {raw!r} name one setting; keep one")
+        out[name], spelled[name] = value, raw
+    return out

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,11 +77,10 @@ def _builtin_gguf(name: str) -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / filename
 
 
-def _convert_gguf(gguf: Path, target: Path) -> None:
-    """Dequantizes a GGUF file into a plain float32 HF checkpoint at ``target`` (atomically)."""
+def _convert_gguf(gguf: Path, into: Path) -> None:
+    """Dequantizes a GGUF file into a plain float32 HF checkpoint written into the directory ``into``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    log.info("converting %s to a float32 checkpoint at %s (once)", gguf.name, target)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     config = quantized.config
@@ -87,19 +88,58 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
         del config.quantization_config
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(quantized.state_dict())
-    tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    plain.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
+    plain.save_pretrained(into)
+    tokenizer.save_pretrained(into)
+
+
+def _cache_conversion(gguf: Path, target: Path) -> None:
+    """Converts ``gguf`` into the cache directory ``target`` atomically, with the hash of its weights
+    (any earlier, changed conversion there is replaced)."""
+    log.info("converting %s to a float32 checkpoint at %s (once)", gguf.name, target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, target)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+    try:
+        _convert_gguf(gguf, tmp)
+        (tmp / _CACHE_STAMP).write_text(json.dumps({"weights_hash": hash_weights(tmp)}) + "\n")
+        if target.exists():  # a damaged or changed conversion, set aside, then removed
+            stale = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".stale", dir=target.parent))
+            os.replace(target, stale)
+            shutil.rmtree(stale, ignore_errors=True)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+_CACHE_STAMP = "sparseheal-cache.json"  # the hash of the converted weights, written with them
+_INTACT: dict[tuple, bool] = {}
+
+
+def _cache_intact(target: Path) -> bool:
+    """Whether a cached conversion still holds the weights it was written with (hashed once per process
+    while its files keep their sizes and times)."""
+    stamp = target / _CACHE_STAMP
+    if not (target / "config.json").is_file() or not stamp.is_file():
+        return False
+    files = sorted(f for f in target.iterdir() if f.is_file())
+    key = (str(target), tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+    if key not in _INTACT:
+        try:
+            expected = json.loads(stamp.read_text()).get("weights_hash")
+        except (OSError, ValueError, AttributeError):
+            expected = None
+        _INTACT[key] = expected is not None and expected == hash_weights(target)
+    return _INTACT[key]
 
 
 def _gguf_checkpoint(gguf: Path) -> Path:
     target = cache_dir() / "gguf" / f"{gguf.stem}-{_file_sha256(gguf)[:16]}"
-    if not (target / "config.json").exists():
+    if not _cache_intact(target):
+        if target.exists():
+            log.warning("the cached conversion %s no longer holds the weights it was written with; "
+                        "converting %s again", target, gguf.name)
         check_gguf(gguf, "MODEL")  # a damaged file is refused before the converter reads it
-        _convert_gguf(gguf, target)
+        _cache_conversion(gguf, target)
     return target
 
 

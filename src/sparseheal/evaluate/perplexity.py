@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from sparseheal.checks import positive
+from sparseheal.checks import positive, window_length
 from sparseheal.errors import ConfigError
 from sparseheal.settings import Settings, setting
 
@@ -33,8 +33,8 @@ class PerplexitySettings(Settings):
 
     dataset: str = setting("wikitext2", "wikitext2, c4, ptb or a local file; several separated by commas "
                                         "(none: no perplexity).")
-    seqlen: int | None = setting(None, "window length (default min(2048, the model's positions)).",
-                                 check=positive)
+    seqlen: int | None = setting(None, "window length, at least 2 (default min(2048, the model's "
+                                       "positions)).", check=window_length)
     max_windows: int | None = setting(None, "evaluate only the first K windows.", check=positive)
     batch_size: int = setting(1, "windows (or zero-shot requests) per forward pass.", check=positive)
 

@@ -134,6 +134,19 @@ def _resolve_local(spec: str, data_dir: str | None) -> LocalTask:
     return LocalTask(name=name, spec=spec, files=[f.resolve() for f in files], docs=docs)
 
 
+def _distinct_names(tasks: list[LocalTask]) -> list[LocalTask]:
+    """Local tasks with one name per set of files: a second file of the same name elsewhere gets
+    ``local_<stem>_2`` (and so on), so that two tasks never collapse into one result."""
+    owners: dict[str, list[Path]] = {}
+    for task in tasks:
+        base, number = task.name, 1
+        while task.name in owners and owners[task.name] != task.files:
+            number += 1
+            task.name = f"{base}_{number}"
+        owners[task.name] = task.files
+    return tasks
+
+
 def local_task_config(task: LocalTask, cache_dir: Path) -> dict:
     """The lm-eval task YAML (as a dict) for a local multiple-choice task."""
     return {
@@ -181,7 +194,8 @@ def prepare_tasks(tasks: list[str] | str, data_dir: str | None = None) -> Iterat
     wanted = _split(tasks)
     if not wanted:
         raise ConfigError(_FLAG, f"no task given {_HINT}")
-    local = [_resolve_local(t[len(LOCAL_PREFIX):], data_dir) for t in wanted if t.startswith(LOCAL_PREFIX)]
+    local = _distinct_names([_resolve_local(t[len(LOCAL_PREFIX):], data_dir) for t in wanted
+                             if t.startswith(LOCAL_PREFIX)])
     standard = [t for t in wanted if not t.startswith(LOCAL_PREFIX)]
     with tempfile.TemporaryDirectory(prefix="sparseheal-tasks-") as tmp:
         for task in local:

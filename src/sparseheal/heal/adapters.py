@@ -62,7 +62,7 @@ def check_sparse(model_dir: str, masks: dict) -> None:
 
 def check_adapter_base(adapter: str | Path, base: str, flag: str = "--adapter") -> dict:
     """Refuses an adapter whose record names other base weights than ``base``'s; returns the record."""
-    record = read_record(adapter) or {}
+    record = read_record(adapter, flag) or {}
     expected = record.get("base_hash")
     if expected is not None:
         source = resolve_source(base)

@@ -45,7 +45,7 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from sparseheal.checks import positive
+from sparseheal.checks import positive, seed
 from sparseheal.errors import ConfigError
 from sparseheal.heal.base import Healer
 from sparseheal.heal.checkpoints import RECIPE_FILE
@@ -72,7 +72,7 @@ class BlockwiseSettings(Settings):
     seqlen: int | None = setting(None, "blockwise: tokens per sample (default: the pruned model's).",
                                  check=positive)
     calibration_seed: int | None = setting(None, "blockwise: seed of the calibration draw (default: the "
-                                                 "pruned model's).")
+                                                 "pruned model's).", check=seed)
 
 
 def layer_loss(layer: nn.Module, inputs: list, targets: list[torch.Tensor], device: torch.device) -> float:

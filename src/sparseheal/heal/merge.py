@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparseheal.checks import MASKS_FILE, non_negative, positive
+from sparseheal.checks import MASKS_FILE, non_negative, window_length
 from sparseheal.models import save_model
 from sparseheal.settings import Settings, setting
 from sparseheal.sparsity.masks import apply_mask, as_bool, sparsity_of
@@ -89,7 +89,7 @@ class MergeSettings(Settings):
     eval_data: str = setting("wikitext2", "data set whose first windows compare the adapter model with the "
                                           "merged model.")
     eval_seqlen: int | None = setting(None, "window length of that comparison (default min(1024, the model's "
-                                            "positions)).", check=positive)
+                                            "positions)).", check=window_length)
     eval_windows: int = setting(4, "windows compared (0 skips the comparison).",
                                 check=non_negative("an integer (0 skips the comparison)"))
 

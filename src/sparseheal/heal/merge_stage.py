@@ -10,6 +10,7 @@ import torch
 
 from sparseheal.cards import write_card
 from sparseheal.checks import (
+    MASKS_FILE,
     check_free_space,
     check_model_dir,
     check_not_an_input,
@@ -17,7 +18,7 @@ from sparseheal.checks import (
     check_pickle,
     check_weight_files,
 )
-from sparseheal.data import eval_tokens
+from sparseheal.data import eval_tokens, protected_inputs
 from sparseheal.errors import ConfigError
 from sparseheal.heal.adapters import apply_adapter, check_adapter_base, model_masks
 from sparseheal.heal.merge import MergeSettings, save_merged
@@ -32,7 +33,7 @@ from sparseheal.models import (
     weights_bytes,
 )
 from sparseheal.records import Stopwatch, atomic_dir, peak_rss_mb, read_record, write_record
-from sparseheal.sparsity.store import check_own_masks, weights_hash
+from sparseheal.sparsity.store import check_masks_hold, check_own_masks, weights_hash
 
 __all__ = ["preflight_merge", "run_merge", "merge_record"]
 
@@ -52,6 +53,21 @@ def _check_linear_adapter(adapter: str) -> None:
                                          "tensors; only adapters on linear layers merge keeping the sparsity")
 
 
+def _check_finite_adapter(adapter: str) -> None:
+    """Refuses an adapter holding NaN or inf: merged, it would write them into the model's weights."""
+    from safetensors import safe_open
+
+    for path in sorted(Path(adapter).expanduser().glob("adapter_model*.safetensors")):
+        with safe_open(str(path), framework="pt") as fh:
+            for key in fh.keys():
+                tensor = fh.get_tensor(key)
+                bad = int((~torch.isfinite(tensor)).sum()) if tensor.is_floating_point() else 0
+                if bad:
+                    raise ConfigError("ADAPTER_DIR", f"{adapter} holds {bad} weights that are not finite "
+                                                     f"(NaN or inf, {key} first); merging would write them "
+                                                     "into the model")
+
+
 def preflight_merge(adapter: str, output: str, overwrite: bool, settings: MergeSettings,
                     allow_pickle: bool, data_dir: str | None) -> tuple[str, torch.Tensor | None]:
     """Every check of the merge before any weights load; returns the base directory and the (W, T)
@@ -63,8 +79,8 @@ def preflight_merge(adapter: str, output: str, overwrite: bool, settings: MergeS
     if settings.base is not None:
         check_model_dir(settings.base, "--base")
     check_output(output, overwrite)
-    base = settings.base or (read_record(adapter) or {}).get("base_path")
-    check_not_an_input(output, {"ADAPTER_DIR": adapter, "--base": base})
+    base = settings.base or (read_record(adapter, "ADAPTER_DIR") or {}).get("base_path")
+    check_not_an_input(output, [("ADAPTER_DIR", adapter), ("--base", base), *protected_inputs(data_dir)])
     check_pickle(base, allow_pickle)
     check_pickle(adapter, allow_pickle, "adapter_model")
     check_free_space(output, weights_bytes(base) if base else None, "the size of the base's weights")
@@ -72,8 +88,11 @@ def preflight_merge(adapter: str, output: str, overwrite: bool, settings: MergeS
         raise ConfigError("--base", f"the adapter's record names no usable base ({base}); pass --base DIR")
     check_adapter_base(adapter, base, "--base")
     check_own_masks(resolve_source(base).path, "--base")
+    if (Path(resolve_source(base).path) / MASKS_FILE).is_file():
+        check_masks_hold(resolve_source(base).path, Path(resolve_source(base).path) / MASKS_FILE, "--base")
     check_weight_files(base, "--base")
     check_weight_files(adapter, "ADAPTER_DIR", stem="adapter_model")
+    _check_finite_adapter(adapter)
     windows = _merge_windows(base, settings, data_dir) if settings.eval_windows else None
     return base, windows
 

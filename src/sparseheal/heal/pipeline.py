@@ -29,7 +29,7 @@ from sparseheal.checks import (
     check_pickle,
     check_weight_files,
 )
-from sparseheal.data import DataSettings, training_split
+from sparseheal.data import DataSettings, protected_inputs, training_split
 from sparseheal.errors import ConfigError, StageError
 from sparseheal.heal.adapters import check_sparse
 from sparseheal.heal.base import HealMethodSettings, refuse_foreign_settings
@@ -56,7 +56,7 @@ from sparseheal.models import (
 from sparseheal.records import Stopwatch, read_record
 from sparseheal.registry import HEALERS
 from sparseheal.settings import Settings
-from sparseheal.sparsity.store import check_masks_file, check_own_masks
+from sparseheal.sparsity.store import check_masks_file, check_masks_hold, check_own_masks, weights_hash
 
 __all__ = ["HealJob", "plan_heal", "preflight_heal", "check_heal_model", "run_heal"]
 
@@ -96,8 +96,14 @@ def _check_checkpoints(job: HealJob, resumable: set[str]) -> None:
     if not resume and last is not None and not job.overwrite:
         raise ConfigError("--resume", f"{ckpt} holds checkpoints of an earlier run; pass --resume to "
                                       "continue it or --overwrite to start over")
+    job.recipe["input_hash"] = weights_hash(job.pruned_dir)  # what the checkpoints are trained from
     if resume and (ckpt / RECIPE_FILE).is_file():  # a resumed run must train what the interrupted one did
         before = json.loads((ckpt / RECIPE_FILE).read_text())
+        if before.get("input_hash") not in (None, job.recipe["input_hash"]):
+            raise ConfigError("--resume", f"the checkpoints in {ckpt} were trained from weights "
+                                          f"{before['input_hash']}, but {job.pruned_dir} now holds weights "
+                                          f"{job.recipe['input_hash']} (pruned again?); pass --overwrite to "
+                                          "start over")
         changed = sorted(k for k, v in job.recipe.items() if k in before and k not in resumable
                          and before[k] != v)
         if changed:
@@ -113,12 +119,14 @@ def check_heal_model(model: str, job: HealJob) -> None:
         check_positions(load_config(model, job.trust.trust_remote_code), job.training.block_size,
                         "--block-size")
     job.healer.validate(model_skeleton(model, job.trust.trust_remote_code))
+    load_tokenizer(resolve_source(model), job.trust.trust_remote_code)  # a missing or broken one: refused now
 
 
 def preflight_heal(job: HealJob, resumable: set[str]) -> None:
     """Every check of the heal that needs the file system or the model's config, before any weights
     load; ``resumable`` names the settings a resumed run may change."""
     check_model_dir(job.pruned_dir, "PRUNED_DIR")
+    read_record(job.pruned_dir, "PRUNED_DIR")  # a damaged record: refused before any work
     check_pickle(job.pruned_dir, job.trust.allow_pickle)
     check_output(job.output, job.overwrite)
     _check_not_inputs(job)
@@ -132,6 +140,7 @@ def preflight_heal(job: HealJob, resumable: set[str]) -> None:
     if masks_file.is_file():  # readable, of the model's shapes, and written beside these weights
         check_masks_file(masks_file, job.pruned_dir, "PRUNED_DIR")
         check_own_masks(resolve_source(job.pruned_dir).path, "PRUNED_DIR")
+        check_masks_hold(job.pruned_dir, masks_file, "PRUNED_DIR")
     if job.distill.losses:  # the teacher is found and fits, before data and weights load
         source, _ = resolve_teacher(job.distill.teacher, read_record(job.pruned_dir))
         check_teacher_config(source, load_config(job.pruned_dir), job.pruned_dir, job.distill.losses)
@@ -142,7 +151,8 @@ def _check_not_inputs(job: HealJob) -> None:
     from sparseheal.models import input_path
 
     data = job.training.data if Path(job.training.data).expanduser().exists() else None
-    inputs = {"PRUNED_DIR": job.pruned_dir, "--teacher": input_path(job.distill.teacher), "--data": data}
+    inputs = [("PRUNED_DIR", job.pruned_dir), ("--teacher", input_path(job.distill.teacher)),
+              ("--data", data), *protected_inputs(job.data_dir)]
     check_not_an_input(job.output, inputs)
     check_not_an_input(job.checkpoint_dir, inputs)
 
@@ -203,10 +213,10 @@ def _training_data(job: HealJob, source, pruned_record: dict | None) -> tuple[An
         tokens, self_record = self_generated_tokens(job.selfgen, job.distill.teacher, dtype, device,
                                                     pruned_record, tokenizer)
         train_blocks, eval_blocks, split = self_training_blocks(tokens, t.block_size, t.max_train_samples,
-                                                                t.max_eval_samples)
+                                                                t.eval_limit)
         return train_blocks, eval_blocks, {**record, **self_record, **split}
     train_blocks, eval_blocks = training_split(t.data, tokenizer, t.block_size, t.block_limit,
-                                               t.max_eval_samples, job.data_dir)
+                                               t.eval_limit, job.data_dir)
     record.update(train_blocks=len(train_blocks), eval_blocks=0 if eval_blocks is None else len(eval_blocks))
     return train_blocks, eval_blocks, record
 

@@ -35,7 +35,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from sparseheal.checks import above_zero, positive, unit_interval
+from sparseheal.checks import above_zero, positive, seed, unit_interval
 from sparseheal.data import blocks_from_sequences, split_blocks
 from sparseheal.errors import ConfigError
 from sparseheal.heal.distill import check_vocabulary, load_teacher, resolve_teacher
@@ -75,7 +75,7 @@ class SelfGenSettings(Settings):
     self_length: int = setting(256, "--data self: tokens per generated sequence.", check=positive)
     self_temperature: float = setting(1.0, "--data self: sampling temperature.", check=above_zero)
     self_top_p: float = setting(0.95, "--data self: nucleus sampling top-p.", check=_top_p)
-    self_seed: int = setting(0, "--data self: sampling seed.")
+    self_seed: int = setting(0, "--data self: sampling seed.", check=seed)
     self_batch_size: int = setting(64, "--data self: sequences generated at once (the teacher's KV cache "
                                        "grows with it).", check=positive)
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sparseheal.checks import above_zero, non_negative, positive
+from sparseheal.checks import seed as seed_check
 from sparseheal.errors import ConfigError
 from sparseheal.heal.base import format_rate
 from sparseheal.registry import HEALERS
@@ -41,8 +42,10 @@ class TrainingSettings(Settings):
     data: str = setting("c4", "training text: c4, wikitext2, ptb, a local file or directory, or self "
                               "(teacher-generated).")
     max_train_samples: int = setting(30000, "at most this many training blocks.", check=positive)
-    max_eval_samples: int = setting(128, "blocks held out of the training text for the eval loss (0: none).",
-                                    check=non_negative("an integer"))
+    max_eval_samples: int | None = setting(None, "blocks held out of the training text for the eval loss "
+                                                 "(0: none; default 128, and no more than the training "
+                                                 "blocks the run trains on).",
+                                           check=non_negative("an integer"))
     block_size: int = setting(1024, "tokens per training block.", check=positive)
     max_steps: int | None = setting(None, "optimizer steps (overrides epochs).", check=positive)
     epochs: float = setting(1.0, "passes over the training blocks.", check=above_zero)
@@ -55,7 +58,7 @@ class TrainingSettings(Settings):
     warmup_steps: int = setting(0, "linear warm-up steps.", check=non_negative("an integer"))
     max_grad_norm: float = setting(1.0, "gradient clipping norm (0 disables).",
                                    check=non_negative("a number (0 disables clipping)"))
-    seed: int = setting(0, "seed of adapter initialisation, dropout and data order.")
+    seed: int = setting(0, "seed of adapter initialisation, dropout and data order.", check=seed_check)
     gradient_checkpointing: bool = setting(False, "recompute activations in the backward pass to save "
                                                   "memory.")
     bf16: bool = setting(False, "bfloat16 mixed precision (autocast).")
@@ -78,6 +81,12 @@ class TrainingSettings(Settings):
         if self.scheduler is None and "scheduler" in defaults:
             self.scheduler = defaults["scheduler"]
         return self
+
+    @property
+    def eval_limit(self) -> int:
+        """Held-out blocks: ``--max-eval-samples`` when given, else 128 but never more blocks than the run
+        trains on (a three-step heal is not evaluated on 128 blocks)."""
+        return self.max_eval_samples if self.max_eval_samples is not None else min(128, self.block_limit)
 
     @property
     def block_limit(self) -> int:

@@ -78,6 +78,8 @@ def report(built: dict) -> dict:
     from sparseheal.cards import write_run_cards
     from sparseheal.run.report import write_report
 
-    result = write_report(built[ReportSettings].run_dir)
-    write_run_cards(built[ReportSettings].run_dir)
+    run_dir = built[ReportSettings].run_dir
+    with output_lock(run_dir, "RUN_DIR"):  # a run still writing it is not read half-way, nor written into
+        result = write_report(run_dir)
+        write_run_cards(run_dir)
     return result

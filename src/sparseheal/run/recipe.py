@@ -29,10 +29,11 @@ from pathlib import Path
 from typing import Any
 
 from sparseheal import api
+from sparseheal.data import protected_inputs
 from sparseheal.errors import ConfigError
 from sparseheal.registry import HEALERS
 from sparseheal.run.heals import HealItem, route_overrides, split_items
-from sparseheal.settings import Field, Stage, parse_yaml
+from sparseheal.settings import Field, Stage, flag_keys, parse_yaml
 
 __all__ = [
     "SECTIONS",
@@ -96,6 +97,7 @@ def _section(section: str, data: Any, where: str, label: str | None = None) -> d
     keys = section_fields(section)
     valid = sorted(keys)
     out = {}
+    flag_keys(data, f"{where}: {label}")  # both spellings of one setting: refused
     for raw, value in data.items():
         key = str(raw).replace("-", "_")
         flag = f"{where}: {label}.{raw}"
@@ -210,7 +212,8 @@ def recipe_inputs(recipe: Recipe) -> list[tuple[str, str | None]]:
         named += [(f"{item.label}.data", item.settings.get("data")),
                   (f"{item.label}.teacher", input_path(item.settings.get("teacher")))]
     named += [("evaluate.dataset", d) for d in str(recipe.evaluate.get("dataset") or "").split(",")]
-    return files + [(key, path) for key, path in named if path and Path(path).expanduser().exists()]
+    found = files + [(key, path) for key, path in named if path and Path(path).expanduser().exists()]
+    return found + protected_inputs(recipe.prune.get("data_dir"))
 
 
 def check_run_links(run_dir: Path) -> None:

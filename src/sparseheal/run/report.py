@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from sparseheal.errors import ConfigError
-from sparseheal.records import read_record
+from sparseheal.records import read_record, replace_file
 from sparseheal.run import compare, plots
 from sparseheal.run.compare import gap_closed
 from sparseheal.run.recipe import section_defaults
@@ -155,7 +155,7 @@ def commands(run_dir: Path, run_record: dict) -> list[str]:
 def build_report(run_dir: str | Path) -> dict[str, Any]:
     """Collects everything the report shows from the records of ``run_dir``."""
     run_dir = Path(run_dir)
-    run_record = read_record(run_dir) if run_dir.is_dir() else None
+    run_record = read_record(run_dir, "RUN_DIR") if run_dir.is_dir() else None
     if not run_record or run_record.get("stage") != "run":
         raise ConfigError("RUN_DIR", f"{run_dir} holds no run record (the sparseheal.json of sparseheal run)")
     stages = run_record.get("stages", {})
@@ -370,8 +370,6 @@ def write_report(run_dir: str | Path) -> dict[str, Any]:
         data["loss_curves"] = {name: {"train": c[0], "eval": c[1]} for name, c in by_tokens.items()}
     for name, text in (("report.json", json.dumps(data, indent=2) + "\n"),
                        ("report.md", render_markdown(report, images))):
-        tmp = run_dir / f".{name}.partial"
-        tmp.write_text(text)
-        tmp.replace(run_dir / name)
+        replace_file(run_dir / name, text)
     log.info("report: %s", run_dir / "report.md")
     return {**data, "path": str(run_dir / "report.md")}

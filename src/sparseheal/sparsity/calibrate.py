@@ -27,6 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from sparseheal.checks import positive
+from sparseheal.checks import seed as seed_check
 from sparseheal.layout import layer_weights
 from sparseheal.models import decoder_layers
 from sparseheal.settings import Settings, setting
@@ -48,7 +49,7 @@ class CalibrationSettings(Settings):
     calibration_data: str = setting("c4", "c4, wikitext2, ptb, or a local file or directory.")
     nsamples: int = setting(128, "calibration samples.", check=positive)
     seqlen: int = setting(2048, "tokens per calibration sample.", check=positive)
-    seed: int = setting(0, "seed of the calibration draw.")
+    seed: int = setting(0, "seed of the calibration draw.", check=seed_check)
     calibration_batch_size: int = setting(2, "samples per forward pass through a layer.", check=positive)
 
     def spec(self) -> dict:

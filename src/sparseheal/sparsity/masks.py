@@ -35,6 +35,7 @@ _BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
 # byte value -> its eight bools, most significant bit first, as the eight bytes of one int64
 _UNPACKED = ((torch.arange(256).reshape(-1, 1) & _BIT_WEIGHTS.long()) != 0).to(torch.uint8)  # (256, 8)
 _UNPACKED = _UNPACKED.view(torch.int64)[:, 0]  # (256,)
+MAX_GROUP = 1024  # the largest M of an N:M pattern
 _NM_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
 
@@ -52,6 +53,9 @@ def parse_pattern(pattern: str) -> tuple[int, int] | None:
     n, m = int(match.group(1)), int(match.group(2))
     if not 0 < n < m:
         raise ConfigError("--pattern", f"N:M needs 0 < N < M (N weights kept of every M), got {n}:{m}")
+    if m > MAX_GROUP:  # each row is padded to whole groups: a huge M allocates rows x M
+        raise ConfigError("--pattern", f"M of N:M is at most {MAX_GROUP} (hardware patterns use 4 to 16), "
+                                       f"got {n}:{m}")
     return n, m
 
 

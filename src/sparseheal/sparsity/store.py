@@ -15,7 +15,7 @@ from torch import nn
 from sparseheal.checks import MASKS_FILE, check_safetensors
 from sparseheal.errors import ConfigError
 from sparseheal.layout import masked_weight
-from sparseheal.models import hash_weights, model_skeleton
+from sparseheal.models import hash_weights, model_skeleton, read_as_loaded
 from sparseheal.records import read_record
 from sparseheal.sparsity.masks import PackedMask, pack_mask, unpack_mask
 
@@ -30,6 +30,7 @@ __all__ = [
     "stamp_masks",
     "check_masks_belong",
     "check_own_masks",
+    "check_masks_hold",
 ]
 
 log = logging.getLogger(__name__)
@@ -176,6 +177,41 @@ def check_masks_belong(path: str | os.PathLike, model_dir: str | os.PathLike, fl
     if actual != expected:
         log.warning(
             "%s: the weights (%s) changed since the masks were written (for %s)", model_dir, actual, expected)
+
+
+def check_masks_hold(model_dir: str | os.PathLike, path: str | os.PathLike, flag: str) -> None:
+    """Refuses a masks file that prunes positions where the directory's weights are not zero (inverted
+    masks, or another model's of the same shapes: a healer would zero kept weights or revive pruned
+    ones). Reads the weight files tensor by tensor, as the model holds them, before any model loads."""
+    skeleton = model_skeleton(str(model_dir))
+    masks, _ = load_masks(path, packed=True, flag=flag)
+    files = _tensor_files(Path(model_dir))
+    for name, mask in masks.items():
+        weight = masked_weight(skeleton, name)
+        param = name if weight.experts is not None else f"{name}.weight"
+        value = read_as_loaded(skeleton, {param: tuple(weight.param.shape)}, lambda key: _read(files, key))
+        alive = int((value[param][~mask.unpack()] != 0).sum())
+        if alive:
+            raise ConfigError(flag, f"{path} prunes {alive} positions of {name} that hold non-zero "
+                                    "weights: the masks do not belong to these weights; restore the "
+                                    "directory's own masks, or delete the file to take the masks from the "
+                                    "zero weights")
+
+
+def _tensor_files(model_dir: Path) -> dict[str, Path]:
+    found = {}
+    for file in sorted(model_dir.glob("*.safetensors")):
+        if file.name != MASKS_FILE:
+            with safe_open(str(file), framework="pt") as fh:
+                found.update(dict.fromkeys(fh.keys(), file))
+    return found
+
+
+def _read(files: dict[str, Path], key: str) -> torch.Tensor:
+    if key not in files:
+        raise KeyError(key)
+    with safe_open(str(files[key]), framework="pt") as fh:
+        return fh.get_tensor(key)
 
 
 def masks_path(model_dir: str | os.PathLike) -> Path:
