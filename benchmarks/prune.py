@@ -203,10 +203,10 @@ def plan(args) -> list[tuple]:
         ("memory", "wanda", "unstructured", int(b)) for b in filter(None, args.memory_batches.split(","))
     ]
     paired = [("paired", m) for m in filter(None, args.paired.split(","))]
-    early = base(first + cheap)
+    early = base(first + cheap[:1])  # the baselines of prunes that run early; the others' after them
     jobs = (first[:1] + early[:1] + cheap[:1] + first[1:] + early[1:] + single[:1] + cheap[1:] + rest
-            + base(rest) + memory + paired + ([("overhead",), ("dense",)] if args.eval_windows else [])
-            + single[1:])
+            + base(cheap[1:] + rest) + memory + paired
+            + ([("overhead",), ("dense",)] if args.eval_windows else []) + single[1:])
     timed = [job for job in jobs if job[0] in ("prune", "baseline")]  # each one between two floors
     planned = [("floor", 0)]
     for job in jobs:

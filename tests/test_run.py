@@ -207,3 +207,26 @@ def test_builtin_model_recipes_validate(name, monkeypatch):
 
     monkeypatch.setenv("SPARSEHEAL_DATA_DIR", str(Path(__file__).parent.parent.parent / "shared" / "data"))
     validate_recipe(load_recipe(str(RECIPE_DIR / name), None, None, {}))
+
+
+def test_a_redone_prune_cut_short_never_mixes_into_the_report(run_copy, monkeypatch):
+    """``--force prune`` with a new ratio, interrupted in the heal: the stages after the prune are pending,
+    and the report shows none of the old models' numbers beside the new prune."""
+    from sparseheal.run import runner
+
+    run_dir, recipe = run_copy
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt("simulated interruption")
+
+    monkeypatch.setattr(runner.api, "heal", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        sparseheal.run(config=recipe, force="prune", prune=["sparsity=0.6"])
+    record = json.loads((run_dir / "sparseheal.json").read_text())
+    assert record["stages"]["prune"]["status"] == "done"
+    assert {record["stages"][s]["status"] for s in ("heal", "merge", "eval-pruned", "eval-healed")} \
+        == {"pending", "running"}
+    report = sparseheal.report(str(run_dir))
+    models = {m for row in report["perplexity"].values() for m in row} & {"pruned", "healed", "merged"}
+    assert models == set() and report["sparsity"]["target"] == 0.6
+    assert report["heals"] == [] and report["merge"] is None

@@ -154,8 +154,20 @@ def _prune_preflight(built: dict) -> Settings | None:
     check_prune_model(io.model, how, calibration, built[TrustSettings].trust_remote_code)  # a broken config
     # says so first
     check_weight_files(input_path(io.model) if Path(io.model).is_dir() else None, "MODEL")
-    check_free_space(io.output, weights_bytes(io.model), "the size of the model's weight files")
+    check_free_space(io.output, _prune_output_bytes(io.model), "the model's weight files, their masks "
+                     "(a sixteenth at most) and its tokenizer and config files")
     return options
+
+
+def _prune_output_bytes(model: str) -> int | None:
+    """What a prune writes: the weights, a bit per weight of 16 or more bits, and the other files."""
+    weights = weights_bytes(model)
+    if weights is None:
+        return None
+    root = Path(resolve_source(model).path)
+    others = sum(f.stat().st_size for f in root.iterdir() if f.is_file() and f.suffix not in
+                 (".safetensors", ".bin", ".gguf"))
+    return weights + weights // 16 + others
 
 
 @PRUNE.api(preflight=_prune_preflight)

@@ -276,13 +276,24 @@ def check_safetensors(path: str | os.PathLike, flag: str, what: str = "safetenso
             if size < 8 or length <= 0 or 8 + length > size:
                 raise ValueError("the header is cut short")
             header = json.loads(fh.read(length))
-        ends = [int(entry["data_offsets"][1]) for key, entry in header.items() if key != "__metadata__"]
+        entries = {key: entry for key, entry in header.items() if key != "__metadata__"}
+        ends = [int(entry["data_offsets"][1]) for entry in entries.values()]
+        for key, entry in entries.items():  # each tensor's bytes are what its dtype and shape say
+            begin, end = (int(x) for x in entry["data_offsets"])
+            numel = math.prod(int(n) for n in entry["shape"])
+            width = _DTYPE_BYTES.get(entry["dtype"])  # bytes per element
+            if width is not None and end - begin != numel * width:
+                raise ValueError(f"{key} holds {end - begin} bytes, not {numel} of {entry['dtype']}")
     except (ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError) as err:
         raise ConfigError(flag, f"{path} is not a readable {what} ({_reason(err)})") from err
     if 8 + length + max(ends, default=0) > size:
         needed = 8 + length + max(ends)
         raise ConfigError(flag, f"{path} ({what}) is cut short: its header lists {needed} bytes, the file "
                                 f"has {size}; copy or download it again")
+
+
+_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2,
+                "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
 
 
 def check_weight_files(model_dir: str | os.PathLike | None, flag: str, stem: str = "") -> None:

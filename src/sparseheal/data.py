@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import random
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,6 +103,14 @@ def _read_file(path: Path, flag: str) -> list[str]:
 
 def _local_documents(path: Path, flag: str) -> list[str]:
     files = sorted(p for p in path.rglob("*") if p.suffix in _LOCAL_SUFFIXES) if path.is_dir() else [path]
+    for file in files:  # a device or a pipe behind a data file's name would never end
+        try:
+            mode = file.stat().st_mode
+        except OSError as err:
+            raise ConfigError(flag, f"{file} cannot be read ({err.strerror or type(err).__name__})") from err
+        if not stat.S_ISREG(mode):
+            raise ConfigError(flag, f"{file} is not a regular file (a device, pipe or socket, or a link to "
+                                    "one); give a text file")
     if not files:
         raise ConfigError(flag, f"{path} holds no {', '.join(_LOCAL_SUFFIXES)} files")
     docs = [doc for f in files for doc in _read_file(f, flag)]
@@ -175,6 +184,27 @@ def check_source(source: str, flag: str = "--data") -> None:
     load_documents(source, "test", None, flag)
 
 
+TOKENIZE_PIECE = 8 * 2**20  # characters tokenized in one call; longer texts go in pieces
+
+
+def token_ids(tokenizer, text: str) -> list[int]:
+    """``tokenizer(text).input_ids``, tokenized in pieces of at most :data:`TOKENIZE_PIECE` characters
+    (cut at a space where there is one) so that one huge line cannot exhaust the tokenizer; special tokens
+    only at the start. Texts up to a piece (every named set's) are tokenized in one call, as before."""
+    if len(text) <= TOKENIZE_PIECE:
+        return list(tokenizer(text).input_ids)
+    ids: list[int] = []
+    start = 0
+    while start < len(text):
+        end = min(start + TOKENIZE_PIECE, len(text))
+        if end < len(text):
+            space = text.rfind(" ", start + TOKENIZE_PIECE // 2, end)
+            end = space if space > start else end
+        ids += tokenizer(text[start:end], add_special_tokens=start == 0).input_ids
+        start = end
+    return ids
+
+
 def calibration_samples(
     docs: list[str], tokenizer, nsamples: int, seqlen: int, seed: int, flag: str = "--seqlen"
 ) -> torch.Tensor:
@@ -191,7 +221,7 @@ def calibration_samples(
 
     def tokens(i: int) -> torch.Tensor:
         if i not in lengths:
-            lengths[i] = tokenizer(docs[i], return_tensors="pt").input_ids[0]
+            lengths[i] = torch.tensor(token_ids(tokenizer, docs[i]), dtype=torch.long)
         return lengths[i]
 
     rng = random.Random(seed)
@@ -224,13 +254,13 @@ def eval_tokens(dataset: str, tokenizer, seqlen: int, data_dir: str | None = Non
     flag = "--dataset"
     if dataset == "c4":
         docs = load_documents("c4", "validation", data_dir, flag)[:1100]
-        return tokenizer(" ".join(docs), return_tensors="pt").input_ids[:, : 256 * seqlen]
+        return torch.tensor([token_ids(tokenizer, " ".join(docs))], dtype=torch.long)[:, : 256 * seqlen]
     if dataset == "ptb":
         sentences = load_documents("ptb", "test", data_dir, flag)
-        return tokenizer(" ".join(sentences), return_tensors="pt").input_ids
+        return torch.tensor([token_ids(tokenizer, " ".join(sentences))], dtype=torch.long)
     split = "test" if dataset == "wikitext2" else "train"
     docs = load_documents(dataset, split, data_dir, flag)
-    return tokenizer("\n\n".join(docs), return_tensors="pt").input_ids
+    return torch.tensor([token_ids(tokenizer, "\n\n".join(docs))], dtype=torch.long)
 
 
 def training_blocks(
@@ -246,7 +276,7 @@ def training_blocks(
     stream: list[int] = []
     needed = None if max_blocks is None else max_blocks * block_size
     for doc in docs:
-        stream.extend(tokenizer(doc).input_ids)
+        stream.extend(token_ids(tokenizer, doc))
         if needed is not None and len(stream) >= needed:
             break
     n_blocks = len(stream) // block_size

@@ -19,12 +19,15 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from sparseheal.checks import positive, window_length
-from sparseheal.errors import ConfigError
+from sparseheal.errors import ConfigError, StageError
 from sparseheal.settings import Settings, setting
 
 __all__ = ["PerplexitySettings", "PerplexityResult", "window_losses", "perplexity"]
 
 log = logging.getLogger(__name__)
+
+
+_MAX_LOG = math.log(1.7976931348623157e308)  # the largest mean loss whose exp is a float
 
 
 @dataclass
@@ -126,6 +129,11 @@ def perplexity(
     model.train(was_training)
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     n_tokens = losses.numel() * seqlen
+    mean = losses.double().mean().item()
+    if not math.isfinite(mean) or mean > _MAX_LOG:
+        raise StageError("MODEL", f"the mean loss over {losses.numel()} {dataset} windows is {mean:.4g} in "
+                                  f"{dtype}: the model's outputs are not finite or overflow (exp of it is no "
+                                  "number); check its weights, or evaluate in float32 (--dtype)")
     return PerplexityResult(
         dataset=dataset,
         protocol="wanda",
@@ -133,7 +141,7 @@ def perplexity(
         windows=losses.numel(),
         tokens=n_tokens,
         dtype=dtype,
-        ppl=math.exp(losses.double().mean().item()),
+        ppl=math.exp(mean),
         seconds=round(seconds, 3),
         tokens_per_second=round(n_tokens / seconds, 1) if seconds > 0 else 0.0,
     )

@@ -60,9 +60,32 @@ def check_sparse(model_dir: str, masks: dict) -> None:
                                         "weight in its decoder linears; prune it first (sparseheal prune)")
 
 
+def _check_named_base(adapter: str | Path, base: str, flag: str) -> None:
+    """A plain PEFT adapter names its base in ``adapter_config.json``: a local directory there must hold
+    the weights of ``base``; a name that cannot be checked (a Hub id) is said in a warning."""
+    import json
+
+    try:
+        named = json.loads((Path(adapter) / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        return
+    if not named:
+        return
+    given = resolve_source(base)
+    if Path(named).expanduser().is_dir() and given.kind != "hub":
+        if Path(named).expanduser().resolve() != Path(given.path).resolve() and \
+                weights_hash(Path(named).expanduser()) != weights_hash(given.path):
+            raise ConfigError(flag, f"{adapter} was trained on {named} (its adapter_config.json), whose "
+                                    f"weights differ from those of {base}; give the base it was trained on")
+    elif str(named) not in (base, given.name):
+        log.warning("%s names its base %s, which cannot be checked against %s here", adapter, named, base)
+
+
 def check_adapter_base(adapter: str | Path, base: str, flag: str = "--adapter") -> dict:
     """Refuses an adapter whose record names other base weights than ``base``'s; returns the record."""
     record = read_record(adapter, flag) or {}
+    if record.get("base_hash") is None:
+        _check_named_base(adapter, base, flag)
     expected = record.get("base_hash")
     if expected is not None:
         source = resolve_source(base)
@@ -90,8 +113,8 @@ def apply_adapter(model: nn.Module, adapter: str, base: str, allow_pickle: bool 
     masks = model_masks(model, resolve_source(base).path, packed=True)[0] if mask_aware else {}
     try:
         wrapped = PeftModel.from_pretrained(model, adapter)
-    except (ValueError, OSError, KeyError) as err:
-        reason = f"{type(err).__name__}: {err}"
+    except (ValueError, OSError, KeyError, RuntimeError) as err:  # shapes that do not fit: RuntimeError
+        reason = f"{type(err).__name__}: {' '.join(str(err).split())[:160]}"
         raise ConfigError("--adapter", f"{adapter} does not fit {base} ({reason})") from err
     if mask_aware:
         from sparseheal.heal.merge import install_mask_aware

@@ -58,6 +58,16 @@ log = logging.getLogger(__name__)
 DISTILL_LOSSES = ("kl", "squarehead")
 
 
+MIN_TEMPERATURE = 1e-3
+
+
+def _temperature(flag: str, value: float) -> None:
+    above_zero(flag, value)
+    if value < MIN_TEMPERATURE:
+        raise ConfigError(flag, f"must be at least {MIN_TEMPERATURE:g} (float32 logits divided by it "
+                                f"overflow to inf and every loss is NaN), got {value:g}")
+
+
 @dataclass
 class DistillSettings(Settings):
     """Learning from the dense model: which losses, the teacher, and how they mix."""
@@ -66,7 +76,8 @@ class DistillSettings(Settings):
                                         "kl,squarehead.")
     teacher: str | None = setting(None, "the teacher model (default: the dense model named in the pruned "
                                         "record).")
-    temperature: float = setting(2.0, "KL distillation temperature (> 0).", check=above_zero)
+    temperature: float = setting(2.0, "KL distillation temperature, at least 0.001 (logits divided by a "
+                                      "smaller one overflow).", check=_temperature)
     distill_alpha: float = setting(0.5, "weight of the distillation loss against the LM loss, in [0, 1].",
                                    check=unit_interval(closed_high=True))
     teacher_dtype: str | None = setting(None, "float32, bfloat16 or float16 for the teacher.", choices=DTYPES)

@@ -38,7 +38,7 @@ from sparseheal.heal.distill import DistillSettings, build_distiller, check_teac
 from sparseheal.heal.fsdp import FsdpSettings, check_fsdp
 from sparseheal.heal.job import HealJob
 from sparseheal.heal.merge import HealMergeSettings
-from sparseheal.heal.selfgen import SELF_DATA, SelfGenSettings
+from sparseheal.heal.selfgen import SELF_DATA, SelfGenSettings, check_self_settings
 from sparseheal.heal.training import TrainingSettings
 from sparseheal.models import (
     ComputeSettings,
@@ -119,6 +119,8 @@ def check_heal_model(model: str, job: HealJob) -> None:
         check_positions(load_config(model, job.trust.trust_remote_code), job.training.block_size,
                         "--block-size")
     job.healer.validate(model_skeleton(model, job.trust.trust_remote_code))
+    if job.healer.trainer_based and job.training.data == SELF_DATA:
+        check_self_settings(job.selfgen, load_config(model, job.trust.trust_remote_code))
     load_tokenizer(resolve_source(model), job.trust.trust_remote_code)  # a missing or broken one: refused now
 
 
@@ -186,6 +188,8 @@ def run_heal(job: HealJob) -> Path:
                                 job.checkpoint_dir, distiller=distiller, callbacks=job.healer.callbacks(),
                                 recipe=job.recipe)
     if 0 < summary["steps_run"] <= summary["bad_steps"]:  # nothing learnt: the output would be the input
+        if not job.training.resume:  # its checkpoints hold nothing either
+            shutil.rmtree(job.checkpoint_dir, ignore_errors=True)
         raise StageError("--lr", f"every one of the {summary['steps_run']} steps had a non-finite loss and "
                                  "was dropped; nothing was written: lower --lr or use float32")
     student = _writer_model(student, job.fsdp)

@@ -43,6 +43,7 @@ from sparseheal.models import ModelSource, cache_dir, load_tokenizer, source_has
 from sparseheal.settings import Settings, setting
 
 __all__ = [
+    "check_self_settings",
     "SELF_DATA",
     "SelfGenSettings",
     "selfgen_key",
@@ -78,6 +79,24 @@ class SelfGenSettings(Settings):
     self_seed: int = setting(0, "--data self: sampling seed.", check=seed)
     self_batch_size: int = setting(64, "--data self: sequences generated at once (the teacher's KV cache "
                                        "grows with it).", check=positive)
+
+
+def check_self_settings(cfg: SelfGenSettings, config: Any) -> None:
+    """The checks of ``--data self`` before any model loads: sequences within the model's positions, the
+    generated tokens within memory, and a cache that can be written."""
+    import psutil
+
+    from sparseheal.checks import check_output
+    from sparseheal.models import check_positions
+
+    check_positions(config, cfg.self_length + 1, "--self-length")  # + the prefix token
+    needed = cfg.self_sequences * cfg.self_length * 8 * 2  # int64 tokens, and their blocks
+    available = psutil.virtual_memory().available
+    if needed > available // 2:
+        raise ConfigError("--self-sequences", f"{cfg.self_sequences} sequences of {cfg.self_length} tokens "
+                                              f"need about {needed / 2**30:.1f} GiB, more than half the "
+                                              f"{available / 2**30:.1f} GiB of memory free; generate fewer")
+    check_output(cache_dir() / "selfgen", overwrite=True, flag="--data")  # where the text is cached
 
 
 def selfgen_key(teacher_id: str, settings: dict[str, Any]) -> str:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from sparseheal.checks import above_zero, non_negative, positive
+from sparseheal.checks import above_zero, non_negative, positive, window_length
 from sparseheal.checks import seed as seed_check
 from sparseheal.errors import ConfigError
 from sparseheal.heal.base import format_rate
@@ -46,7 +46,7 @@ class TrainingSettings(Settings):
                                                  "(0: none; default 128, and no more than the training "
                                                  "blocks the run trains on).",
                                            check=non_negative("an integer"))
-    block_size: int = setting(1024, "tokens per training block.", check=positive)
+    block_size: int = setting(1024, "tokens per training block, at least 2.", check=window_length)
     max_steps: int | None = setting(None, "optimizer steps (overrides epochs).", check=positive)
     epochs: float = setting(1.0, "passes over the training blocks.", check=above_zero)
     batch_size: int = setting(1, "blocks per device and step.", check=positive)

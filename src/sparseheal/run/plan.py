@@ -108,14 +108,14 @@ def plan_units(recipe: Recipe) -> list[Unit]:
 
 def _recorded_settings(unit: Unit, run_record: dict) -> dict | None:
     """The settings a finished unit ran with, or None when it is not finished."""
+    entry = run_record.get("stages", {}).get(unit.name, {})
     if unit.stage == "evaluate":
-        if not unit.path.is_file():
+        if not unit.path.is_file() or entry.get("status", "done") != "done":  # pending: its input was redone
             return None
         try:
             return json.loads(unit.path.read_text()).get("settings")
         except json.JSONDecodeError:
             return None
-    entry = run_record.get("stages", {}).get(unit.name, {})
     if read_record(unit.path) is None or entry.get("status") != "done":
         return None
     return entry.get("settings")

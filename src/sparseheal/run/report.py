@@ -158,11 +158,13 @@ def build_report(run_dir: str | Path) -> dict[str, Any]:
     run_record = read_record(run_dir, "RUN_DIR") if run_dir.is_dir() else None
     if not run_record or run_record.get("stage") != "run":
         raise ConfigError("RUN_DIR", f"{run_dir} holds no run record (the sparseheal.json of sparseheal run)")
-    stages = run_record.get("stages", {})
+    # only finished stages: one redone or interrupted is pending, and its old output belongs to another
+    # upstream (a report never sets a new prune's sparsity beside the old models' perplexities)
+    stages = {k: v for k, v in run_record.get("stages", {}).items() if v.get("status", "done") == "done"}
     heals = compare.heal_stages(run_dir, stages)
     named = any(h["name"] for h in heals)
-    pruned = read_record(run_dir / "pruned") or {}
-    healed = {} if named else (read_record(run_dir / "healed") or {})
+    pruned = (read_record(run_dir / "pruned") or {}) if "prune" in stages else {}
+    healed = {} if named or "heal" not in stages else (read_record(run_dir / "healed") or {})
     merged = (read_record(run_dir / "merged") or {}) if "merge" in stages else {}
     evals = _evaluations(run_dir, stages)
     perplexity = _perplexity(evals, named)

@@ -219,6 +219,9 @@ def run_recipe(recipe: Recipe, force: str | None, after: Callable[[Path], dict] 
     (recipe.output / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
     record = RunRecord(recipe)
     record.keep_only(units)
+    for unit in units:  # an interruption must not leave what these replace looking finished
+        if unit.todo:
+            record.update(unit, status="pending", reason=unit.reason)
     for unit in units:
         if unit.todo:
             _run_unit(unit, record)
