@@ -318,3 +318,96 @@ def test_the_held_out_slice_follows_the_training_budget():
     assert TrainingSettings(max_steps=3, batch_size=2, gradient_accumulation=4).eval_limit == 24
     assert TrainingSettings().eval_limit == 128
     assert TrainingSettings(max_steps=3, max_eval_samples=50).eval_limit == 50
+
+
+# --- resources and values that break the work late
+
+
+def test_a_data_file_must_be_a_regular_file(pruned, tmp_path, capsys):
+    link = tmp_path / "zeros.txt"
+    link.symlink_to("/dev/zero")
+    _refused(["heal", pruned, "-o", tmp_path / "o", "--data", link, *HEAL], capsys, "--data",
+             "not a regular file")
+    fifo = tmp_path / "data.txt"
+    os.mkfifo(fifo)
+    _refused(["heal", pruned, "-o", tmp_path / "o", "--data", fifo, *HEAL], capsys, "--data",
+             "not a regular file")
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_huge_line_is_tokenized_in_pieces(llama_dir, monkeypatch):
+    from transformers import AutoTokenizer
+
+    from sparseheal import data
+
+    tokenizer = AutoTokenizer.from_pretrained(str(llama_dir))
+    text = " ".join(["rivers and hills"] * 500)
+    whole = data.token_ids(tokenizer, text)
+    monkeypatch.setattr(data, "TOKENIZE_PIECE", 200)  # a long line, as a 1 GB one is to the real bound
+    pieces = data.token_ids(tokenizer, text)
+    assert len(pieces) == pytest.approx(len(whole), rel=0.02)
+    assert tokenizer.decode(pieces).replace(" ", "") == text.replace(" ", "")
+
+
+@pytest.mark.parametrize("argv_tail,flag", [
+    (["--data", "self", "--self-length", "100000"], "--self-length"),
+    (["--data", "self", "--self-length", "16", "--self-sequences", "1000000000"], "--self-sequences"),
+    (["--block-size", "1"], "--block-size"),
+    (["--distill", "kl", "--temperature", "1e-300"], "--temperature"),
+])
+def test_heal_values_that_fail_late_are_refused_first(pruned, tmp_path, capsys, argv_tail, flag):
+    argv = ["heal", pruned, "-o", tmp_path / "o", "--max-steps", "1", "--device", "cpu", "--block-size", "32"]
+    _refused([*argv, *argv_tail], capsys, flag, inputs=(pruned,))
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_read_only_cache_for_self_generated_text_is_refused(pruned, tmp_path, capsys, monkeypatch):
+    cache = tmp_path / "cache"
+    (cache / "selfgen").mkdir(parents=True)
+    monkeypatch.setenv("SPARSEHEAL_CACHE", str(cache))
+    monkeypatch.setattr(os, "access", lambda path, mode: not str(path).startswith(str(cache)))
+    _refused(["heal", pruned, "-o", tmp_path / "o", "--data", "self", "--self-length", "16", *HEAL], capsys,
+             "--data", "cannot write")
+
+
+def test_an_overflowing_evaluation_is_an_error_not_a_number(pruned, tmp_path, capsys):
+    copy = tmp_path / "copy"
+    shutil.copytree(pruned, copy)
+    weights = load_file(str(copy / "model.safetensors"))
+    weights["model.norm.weight"] = weights["model.norm.weight"] * 1e30  # finite; the loss is not a number
+    save_file(weights, str(copy / "model.safetensors"), metadata={"format": "pt"})
+    (copy / "sparsity_masks.safetensors").unlink()
+    (copy / "sparseheal.json").unlink()
+    out = tmp_path / "r.json"
+    _refused(["evaluate", copy, "--seqlen", "32", "--max-windows", "1", "-o", out], capsys, "MODEL",
+             "not finite or overflow", code=1)
+    assert not out.exists()
+
+
+def test_an_adapter_of_other_shapes_is_refused_in_one_line(pruned, tmp_path, capsys):
+    adapter = sparseheal.heal(str(pruned), str(tmp_path / "a"), block_size=32, max_steps=1,
+                              max_eval_samples=1, device="cpu")
+    weights = load_file(str(adapter / "adapter_model.safetensors"))
+    weights = {k: torch.zeros(v.shape[0] + 8, *v.shape[1:]) if "lora_B" in k else v
+               for k, v in weights.items()}
+    save_file(weights, str(adapter / "adapter_model.safetensors"), metadata={"format": "pt"})
+    capsys.readouterr()
+    _refused(["evaluate", pruned, "--adapter", adapter, "--seqlen", "32", "--max-windows", "1"], capsys,
+             "--adapter", "does not fit", inputs=(adapter,))
+
+
+def test_a_safetensors_header_that_lies_about_its_dtype_is_refused(llama_dir, tmp_path, capsys):
+    copy = tmp_path / "copy"
+    shutil.copytree(llama_dir, copy)
+    path = copy / "model.safetensors"
+    raw = path.read_bytes()
+    length = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + length])
+    first = next(k for k in header if k != "__metadata__")
+    header[first]["dtype"] = "F64"  # twice the bytes the data holds
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (length - len(text)) if len(text) <= length else b""
+    assert len(text) == length
+    path.write_bytes(raw[:8] + text + raw[8 + length:])
+    _refused(["prune", copy, "-o", tmp_path / "o", "--method", "magnitude"], capsys, "MODEL", first,
+             inputs=(copy,))

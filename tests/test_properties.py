@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from sparseheal import cli
 from sparseheal.config import ConfigError
 from sparseheal.sparsity.masks import (
+    MAX_GROUP,
     nm_mask,
     nm_violations,
     pack_mask,
@@ -36,12 +37,20 @@ def nm_pairs(draw, max_m: int = 64) -> tuple[int, int]:
 
 
 @FAST
-@given(nm_pairs(10**6), st.sampled_from(["{}:{}", " {} : {} ", "{}:{}\n", "\t{}:  {}"]))
+@given(nm_pairs(MAX_GROUP), st.sampled_from(["{}:{}", " {} : {} ", "{}:{}\n", "\t{}:  {}"]))
 def test_valid_nm_round_trips(pair, template):
     n, m = pair
     assert parse_pattern(template.format(n, m)) == (n, m)
     assert resolve_sparsity((n, m), None) == pytest.approx(1 - n / m)
     assert resolve_sparsity((n, m), 1 - n / m) == pytest.approx(1 - n / m)
+
+
+@FAST
+@given(st.integers(MAX_GROUP + 1, 10**9))
+def test_groups_wider_than_the_bound_are_refused(m):
+    with pytest.raises(ConfigError) as err:
+        parse_pattern(f"1:{m}")
+    assert err.value.flag == "--pattern" and str(MAX_GROUP) in err.value.message
 
 
 @FAST

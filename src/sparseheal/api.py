@@ -260,6 +260,10 @@ def _evaluate_preflight(built: dict) -> None:
         check_free_space(out, None, "a results file", minimum=2 * 2**20)
     check_weight_files(io.model if Path(io.model).is_dir() else None, "MODEL")
     check_weight_files(io.adapter, "--adapter", stem="adapter_model")
+    if io.adapter is not None:  # its matrices fit the base's linears (headers and a weightless skeleton)
+        from sparseheal.heal.adapters import check_adapter_shapes
+
+        check_adapter_shapes(io.adapter, model_skeleton(io.model, built[TrustSettings].trust_remote_code))
     check_evaluate_model(io.model, ppl)
     load_tokenizer(resolve_source(io.model), built[TrustSettings].trust_remote_code)  # refused now if broken
 

@@ -131,9 +131,10 @@ def perplexity(
     n_tokens = losses.numel() * seqlen
     mean = losses.double().mean().item()
     if not math.isfinite(mean) or mean > _MAX_LOG:
+        advice = "check its weights" + ("" if dtype == "float32" else ", or evaluate in float32 (--dtype)")
         raise StageError("MODEL", f"the mean loss over {losses.numel()} {dataset} windows is {mean:.4g} in "
-                                  f"{dtype}: the model's outputs are not finite or overflow (exp of it is no "
-                                  "number); check its weights, or evaluate in float32 (--dtype)")
+                                  f"{dtype}: the model's outputs are not finite or overflow (its exp is no "
+                                  f"number); {advice}")
     return PerplexityResult(
         dataset=dataset,
         protocol="wanda",

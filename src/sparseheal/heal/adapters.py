@@ -21,7 +21,7 @@ from sparseheal.sparsity.store import (
     weights_hash,
 )
 
-__all__ = ["model_masks", "check_sparse", "check_adapter_base", "apply_adapter"]
+__all__ = ["model_masks", "check_sparse", "check_adapter_shapes", "check_adapter_base", "apply_adapter"]
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +79,35 @@ def _check_named_base(adapter: str | Path, base: str, flag: str) -> None:
                                     f"weights differ from those of {base}; give the base it was trained on")
     elif str(named) not in (base, given.name):
         log.warning("%s names its base %s, which cannot be checked against %s here", adapter, named, base)
+
+
+def check_adapter_shapes(adapter: str | Path, base: nn.Module, flag: str = "--adapter") -> None:
+    """Refuses a LoRA adapter whose matrices do not fit the base's linears (read from the safetensors
+    headers and a weightless skeleton of the base, before any weights load): ``lora_A`` is (r, in) and
+    ``lora_B`` (out, r) of the linear it adapts."""
+    import re
+
+    from safetensors import safe_open
+
+    for path in sorted(Path(adapter).expanduser().glob("adapter_model*.safetensors")):
+        with safe_open(str(path), framework="pt") as fh:
+            shapes = {key: tuple(fh.get_slice(key).get_shape()) for key in fh.keys()}
+        for key, shape in shapes.items():
+            found = re.match(r"^(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.[^.]+)?\.weight$", key)
+            if found is None:
+                continue
+            try:
+                module = base.get_submodule(found[1])
+            except AttributeError:
+                raise ConfigError(flag, f"{adapter} adapts {found[1]}, which {type(base).__name__} does not "
+                                        "have; give the base it was trained on") from None
+            out_in = tuple(module.weight.shape) if isinstance(module, nn.Linear) else \
+                tuple(module.weight.shape)[::-1]
+            side = shape[1] if found[2] == "A" else shape[0]
+            wanted = out_in[1] if found[2] == "A" else out_in[0]
+            if len(shape) != 2 or side != wanted:
+                raise ConfigError(flag, f"{adapter}: {key} has shape {shape}, which does not fit the base's "
+                                        f"{found[1]} of (out, in) {out_in}; give the base it was trained on")
 
 
 def check_adapter_base(adapter: str | Path, base: str, flag: str = "--adapter") -> dict:

@@ -20,7 +20,7 @@ from sparseheal.checks import (
 )
 from sparseheal.data import eval_tokens, protected_inputs
 from sparseheal.errors import ConfigError
-from sparseheal.heal.adapters import apply_adapter, check_adapter_base, model_masks
+from sparseheal.heal.adapters import apply_adapter, check_adapter_base, check_adapter_shapes, model_masks
 from sparseheal.heal.merge import MergeSettings, save_merged
 from sparseheal.models import (
     ComputeSettings,
@@ -29,6 +29,7 @@ from sparseheal.models import (
     load_config,
     load_model,
     load_tokenizer,
+    model_skeleton,
     resolve_source,
     weights_bytes,
 )
@@ -87,6 +88,7 @@ def preflight_merge(adapter: str, output: str, overwrite: bool, settings: MergeS
     if not base or not (Path(base) / "config.json").is_file():
         raise ConfigError("--base", f"the adapter's record names no usable base ({base}); pass --base DIR")
     check_adapter_base(adapter, base, "--base")
+    check_adapter_shapes(adapter, model_skeleton(base), "ADAPTER_DIR")
     check_own_masks(resolve_source(base).path, "--base")
     if (Path(resolve_source(base).path) / MASKS_FILE).is_file():
         check_masks_hold(resolve_source(base).path, Path(resolve_source(base).path) / MASKS_FILE, "--base")

@@ -15,6 +15,7 @@ import torch
 from sparseheal.errors import ConfigError
 
 __all__ = [
+    "MAX_GROUP",
     "parse_pattern",
     "resolve_sparsity",
     "PackedMask",
