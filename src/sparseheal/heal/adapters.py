@@ -87,11 +87,14 @@ def check_adapter_shapes(adapter: str | Path, base: nn.Module, flag: str = "--ad
     ``lora_B`` (out, r) of the linear it adapts."""
     import re
 
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     for path in sorted(Path(adapter).expanduser().glob("adapter_model*.safetensors")):
-        with safe_open(str(path), framework="pt") as fh:
-            shapes = {key: tuple(fh.get_slice(key).get_shape()) for key in fh.keys()}
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                shapes = {key: tuple(fh.get_slice(key).get_shape()) for key in fh.keys()}
+        except (OSError, ValueError, SafetensorError) as err:
+            raise ConfigError(flag, f"{path} is not a readable adapter ({type(err).__name__})") from err
         for key, shape in shapes.items():
             found = re.match(r"^(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.[^.]+)?\.weight$", key)
             if found is None:

@@ -88,12 +88,12 @@ def preflight_merge(adapter: str, output: str, overwrite: bool, settings: MergeS
     if not base or not (Path(base) / "config.json").is_file():
         raise ConfigError("--base", f"the adapter's record names no usable base ({base}); pass --base DIR")
     check_adapter_base(adapter, base, "--base")
-    check_adapter_shapes(adapter, model_skeleton(base), "ADAPTER_DIR")
     check_own_masks(resolve_source(base).path, "--base")
-    if (Path(resolve_source(base).path) / MASKS_FILE).is_file():
-        check_masks_hold(resolve_source(base).path, Path(resolve_source(base).path) / MASKS_FILE, "--base")
     check_weight_files(base, "--base")
+    if (Path(resolve_source(base).path) / MASKS_FILE).is_file():  # the masks prune only zero weights
+        check_masks_hold(resolve_source(base).path, Path(resolve_source(base).path) / MASKS_FILE, "--base")
     check_weight_files(adapter, "ADAPTER_DIR", stem="adapter_model")
+    check_adapter_shapes(adapter, model_skeleton(base), "ADAPTER_DIR")
     _check_finite_adapter(adapter)
     windows = _merge_windows(base, settings, data_dir) if settings.eval_windows else None
     return base, windows
