@@ -78,9 +78,32 @@ def print_table(rows: list[dict], columns: list[str]) -> str:
     return text
 
 
+def stamp() -> dict:
+    """What a result was measured with: the code revision, the date, the machine and the command."""
+    import datetime
+    import shlex
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    try:
+        revision = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True,
+                                  text=True, check=True).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                                    capture_output=True, text=True).stdout.strip())
+    except (OSError, subprocess.CalledProcessError):
+        revision, dirty = None, None
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), None) if Path("/proc/cpuinfo").is_file() else None
+    argv = [os.path.relpath(a, root) if os.path.isabs(a) and a.startswith(str(root)) else a for a in sys.argv]
+    return {"revision": revision, "uncommitted_changes": dirty,
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "machine": {"cpu": cpu, **machine()}, "command": "python " + shlex.join(argv)}
+
+
 def write_json(path: Path, payload: dict) -> None:
+    """Writes a result, stamped (see :func:`stamp`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2) + "\n")
+    path.write_text(json.dumps({"stamp": stamp(), **payload}, indent=2) + "\n")
     print(f"wrote {path}")
 
 
