@@ -152,3 +152,15 @@ def test_the_command_line_summary_names_the_layers(pruned, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "with blockwise: 2 layers, 2 of them closer to their dense twin" in out
     assert "None" not in out and "nan" not in out
+
+
+@pytest.mark.parametrize("extra,flag", [({"max_steps": 5}, "--max-steps"), ({"data": "wikitext2"}, "--data"),
+                                        ({"gradient_accumulation": 4}, "--gradient-accumulation"),
+                                        ({"distill": "kl"}, "--distill")])
+def test_shared_settings_blockwise_does_not_read_are_refused(pruned, tmp_path, extra, flag):
+    from sparseheal.config import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        sparseheal.heal(str(pruned), str(tmp_path / "o"), **{**BLOCK, **extra})
+    assert err.value.flag == flag and "applies to --method full or lora" in err.value.message
+    assert "blockwise trains --epochs per layer" in err.value.message and not (tmp_path / "o").exists()

@@ -136,3 +136,18 @@ def test_every_default_is_written_once():
 def test_files_stay_small():
     for path in SRC.rglob("*.py"):
         assert len(path.read_text().splitlines()) <= 400, path
+
+
+def test_stage_subpackages_import_and_the_stage_functions_still_call():
+    import inspect as pyinspect
+
+    import sparseheal.heal.lora
+    from sparseheal.evaluate import perplexity
+
+    assert sparseheal.heal.lora.LoraHealer.name == "lora" and perplexity.PerplexitySettings
+    for name in ("heal", "evaluate"):
+        stage = getattr(sparseheal, name)
+        assert callable(stage) and stage.__name__ == f"sparseheal.{name}"  # the package itself
+        assert pyinspect.signature(stage) == pyinspect.signature(getattr(api, name))
+        assert stage.preflight is not None  # the stage function's attributes are reachable
+    assert all(callable(getattr(sparseheal, n)) for n in sparseheal.__all__)

@@ -46,7 +46,7 @@ from sparseheal.models import (
 )
 from sparseheal.records import output_lock, read_record, write_json_atomic
 from sparseheal.registry import HEALERS, PRUNERS
-from sparseheal.settings import REQUIRED, Settings, Stage, setting
+from sparseheal.settings import REQUIRED, Settings, Stage, refuse_unused, setting
 from sparseheal.sparsity.base import PruneSettings
 from sparseheal.sparsity.calibrate import CalibrationSettings
 from sparseheal.sparsity.owl import LayerSparsitySettings
@@ -98,7 +98,8 @@ class InspectIO(Settings):
 
 
 def _method_groups(registry) -> list[type[Settings]]:
-    return [impl.settings for _, impl in registry.items() if impl.settings is not None]
+    """The methods' own settings groups, each once (methods may share one)."""
+    return list(dict.fromkeys(impl.settings for _, impl in registry.items() if impl.settings is not None))
 
 
 PRUNE = Stage("prune", [PruneIO, PruneSettings, LayerSparsitySettings, CalibrationSettings,
@@ -131,11 +132,10 @@ def check_prune_model(model: str, how: PruneSettings, calibration: CalibrationSe
 
 def _method_options(how: PruneSettings, built: dict) -> Settings | None:
     """The chosen method's own settings; another method's settings, when changed, are refused."""
-    for name, other in PRUNERS.items():
-        options = built[other.settings] if other.settings else None
-        if options is not None and other is not how.pruner and options.values() != other.settings.defaults():
-            changed = next(k for k, v in options.values().items() if v != other.settings.defaults()[k])
-            raise ConfigError("--" + changed.replace("_", "-"), f"applies to --method {name} only")
+    for group in dict.fromkeys(p.settings for _, p in PRUNERS.items() if p.settings is not None):
+        if group is not how.pruner.settings:
+            owners = " or ".join(n for n, p in PRUNERS.items() if p.settings is group)
+            refuse_unused(built[group], (), lambda _name, owners=owners: f"applies to --method {owners} only")
     return built[how.pruner.settings] if how.pruner.settings else None
 
 

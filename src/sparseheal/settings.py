@@ -20,7 +20,7 @@ import functools
 import inspect
 import re
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any, TypeVar
 
 import yaml
@@ -28,7 +28,8 @@ import yaml
 from sparseheal.checks import Check, finite, one_of
 from sparseheal.errors import ConfigError
 
-__all__ = ["REQUIRED", "setting", "Settings", "Field", "Stage", "flag_of", "parse_yaml", "flag_keys"]
+__all__ = ["REQUIRED", "setting", "Settings", "Field", "Stage", "flag_of", "parse_yaml", "flag_keys",
+           "refuse_unused"]
 
 REQUIRED: Any = inspect.Parameter.empty  # the default of a setting that must be given
 S = TypeVar("S", bound="Settings")
@@ -263,6 +264,15 @@ def parse_yaml(text: str, flag: str, what: str = "the text") -> Any:
         raise ConfigError(flag, f"{what} gives the key {err.key!r} twice; keep one") from None
     _check_size(data, flag, what)
     return data
+
+
+def refuse_unused(group: Settings, used: Collection[str], explain: Callable[[str], str]) -> None:
+    """Refuses a value other than its default for a setting of ``group`` that is not in ``used`` (it would be
+    ignored silently); ``explain(name)`` says to whom the setting applies. The one rule for settings the
+    chosen method or healer does not read (another method's options, a shared setting a healer skips)."""
+    for name, default in type(group).defaults().items():
+        if name not in used and getattr(group, name) != default:
+            raise ConfigError(flag_of(name), explain(name))
 
 
 def flag_keys(data: dict, flag: str) -> dict[str, Any]:

@@ -3,7 +3,10 @@
 A healer is one file: a :class:`Healer` subclass registered with ``@HEALERS.register(name)`` and
 imported in ``heal/__init__.py``. The pipeline never tests a healer's name; it reads the class:
 
-- ``settings``: the healer's own settings group (its flags; refused with another ``--method``);
+- ``settings``: the healer's own settings group (its flags; refused with another ``--method``); healers
+  may share one;
+- ``uses``: the shared settings (training, distillation, self-generated data) it reads; None: all of
+  them. A value given for any other is refused, with ``unused_note`` saying what the healer does instead;
 - ``defaults``: its defaults of shared training settings that depend on the method (``lr``, ``scheduler``);
 - ``can_merge``: whether ``--merge`` applies (an adapter merged into the sparse base);
 - ``requires_sparsity``: whether the input must hold pruned weights (masks or zeros);
@@ -24,11 +27,10 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from sparseheal.errors import ConfigError
 from sparseheal.registry import HEALERS
-from sparseheal.settings import Settings, flag_of, setting
+from sparseheal.settings import Settings, refuse_unused, setting
 
-__all__ = ["Healer", "HealMethodSettings", "refuse_foreign_settings", "format_rate"]
+__all__ = ["Healer", "HealMethodSettings", "refuse_foreign_settings", "refuse_unused_shared", "format_rate"]
 
 
 class Healer:
@@ -40,6 +42,8 @@ class Healer:
 
     name: ClassVar[str]  # set by the registration
     settings: ClassVar[type[Settings] | None] = None
+    uses: ClassVar[frozenset[str] | None] = None  # the shared settings it reads; None: every one
+    unused_note: ClassVar[str] = ""
     defaults: ClassVar[dict[str, Any]] = {}
     can_merge: ClassVar[bool] = False
     requires_sparsity: ClassVar[bool] = False
@@ -112,9 +116,20 @@ class HealMethodSettings(Settings):
 
 
 def refuse_foreign_settings(group: Settings, owner: str, chosen: str, chosen_writes: str) -> None:
-    """Refuses a value other than its default in ``group``, the settings of healer ``owner``, when
+    """Refuses a value other than its default in ``group``, the settings of healer(s) ``owner``, when
     ``chosen`` runs instead (they would be silently ignored)."""
-    for name, default in type(group).defaults().items():
-        if getattr(group, name) != default:
-            raise ConfigError(flag_of(name), f"applies to --method {owner} only (--method {chosen} writes "
-                                             f"{chosen_writes})")
+    refuse_unused(group, (), lambda _name: f"applies to --method {owner} only (--method {chosen} writes "
+                                           f"{chosen_writes})")
+
+
+def refuse_unused_shared(groups: list[Settings], healer: type[Healer]) -> None:
+    """Refuses a value given for a shared setting ``healer`` does not read (``Healer.uses``), naming the
+    healers that do read it."""
+    if healer.uses is None:
+        return
+    for group in groups:
+        def explain(name: str) -> str:
+            users = " or ".join(n for n, h in HEALERS.items() if h.uses is None or name in h.uses)
+            return f"applies to --method {users}; {healer.name} {healer.unused_note or 'does not read it'}"
+
+        refuse_unused(group, healer.uses, explain)

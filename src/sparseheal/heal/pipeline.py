@@ -32,7 +32,7 @@ from sparseheal.checks import (
 from sparseheal.data import DataSettings, protected_inputs, training_split
 from sparseheal.errors import ConfigError, StageError
 from sparseheal.heal.adapters import check_sparse
-from sparseheal.heal.base import HealMethodSettings, refuse_foreign_settings
+from sparseheal.heal.base import HealMethodSettings, refuse_foreign_settings, refuse_unused_shared
 from sparseheal.heal.checkpoints import RECIPE_FILE
 from sparseheal.heal.distill import DistillSettings, build_distiller, check_teacher_config, resolve_teacher
 from sparseheal.heal.fsdp import FsdpSettings, check_fsdp
@@ -72,9 +72,12 @@ def plan_heal(pruned_dir: str, output: str, overwrite: bool, built: dict[type, S
         owners = ", ".join(name for name, h in HEALERS.items() if h.can_merge)
         raise ConfigError("--merge", f"applies to --method {owners} only (--method {method} writes "
                                      f"{healer_cls.writes})")
-    for name, other in HEALERS.items():  # settings of another healer would be silently ignored
-        if other.settings is not None and other is not healer_cls:
-            refuse_foreign_settings(built[other.settings], name, method, healer_cls.writes)
+    for group in dict.fromkeys(h.settings for _, h in HEALERS.items() if h.settings is not None):
+        if group is not healer_cls.settings:  # another healer's settings would be silently ignored
+            owners = " or ".join(n for n, h in HEALERS.items() if h.settings is group)
+            refuse_foreign_settings(built[group], owners, method, healer_cls.writes)
+    shared = [built[TrainingSettings], built[DistillSettings], built[SelfGenSettings]]
+    refuse_unused_shared(shared, healer_cls)  # a shared setting the healer does not read
     training = built[TrainingSettings].with_method_defaults(healer_cls.defaults)
     compute = built[ComputeSettings]
     fsdp = built[FsdpSettings].fsdp
