@@ -46,13 +46,15 @@ def write_recipe(path: Path, model: Path, output: Path, task: Path | None = None
 
 def write_heals_recipe(path: Path, model: Path, output: Path, stages: list[dict]) -> Path:
     """The recipe of :func:`write_recipe` with a list of heal stages, each the tiny LoRA stage updated by
-    the given keys (``name``, ``from``, ``method``, ...)."""
+    the given keys (``name``, ``from``, ``method``, ...); a block-wise stage gets only its own keys (the
+    Trainer's settings of the tiny stage do not apply to it and would be refused)."""
     import yaml
 
     recipe = {"model": str(model),
               "prune": {"method": "wanda", "sparsity": 0.5, "nsamples": 4, "seqlen": 32,
                         "calibration-batch-size": 2},
-              "heal": [{**HEAL_STAGE, **stage} for stage in stages],
+              "heal": [{**(HEAL_STAGE if stage.get("method") != "blockwise" else {}), **stage}
+                       for stage in stages],
               "evaluate": {"seqlen": 32, "max-windows": 4}, "output": str(output)}
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return path

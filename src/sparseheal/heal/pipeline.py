@@ -76,7 +76,7 @@ def plan_heal(pruned_dir: str, output: str, overwrite: bool, built: dict[type, S
         if group is not healer_cls.settings:  # another healer's settings would be silently ignored
             owners = " or ".join(n for n, h in HEALERS.items() if h.settings is group)
             refuse_foreign_settings(built[group], owners, method, healer_cls.writes)
-    shared = [built[TrainingSettings], built[DistillSettings], built[SelfGenSettings]]
+    shared = [built[TrainingSettings], built[DistillSettings], built[SelfGenSettings], built[FsdpSettings]]
     refuse_unused_shared(shared, healer_cls)  # a shared setting the healer does not read
     training = built[TrainingSettings].with_method_defaults(healer_cls.defaults)
     compute = built[ComputeSettings]
