@@ -1,8 +1,9 @@
 """Full fine-tuning under the sparsity mask (``--method full``, alias ``dense``).
 
-Every surviving weight of the decoder's linear layers trains (norms too by default; embeddings and
-lm_head only with ``--train-embeddings``), while every pruned weight stays exactly +0.0. The mask is
-kept by construction rather than recomputed from ``W == 0`` at every step:
+Every surviving weight of the decoder's linear layers and fused expert tensors trains (norms and
+routers too by default; embeddings and lm_head only with ``--train-embeddings``), while every pruned
+weight stays exactly +0.0. The mask is kept by construction rather than recomputed from ``W == 0`` at
+every step:
 
 1. a gradient hook on each masked weight zeroes the gradient at pruned positions before it is
    accumulated, so gradient accumulation, clipping norms, DDP all-reduce and the optimizer's moments
@@ -26,11 +27,9 @@ before clipping and the step) and (2) writes into the local shard. At the end ev
 saved weights is checked bit for bit and the result is recorded.
 
 Memory per trainable parameter with AdamW in float32: weight 4 B + gradient 4 B + two moments
-8 B + the keep-mask 1/8 B (bit-packed) = 16.125 B; frozen parameters (embeddings) cost their 4 B.
-Measured on smollm2-135m (134.5M parameters, 106.2M trainable) after one step on one block
-(``benchmarks/heal_compare.py``, CPU, with a bool mask of 1 B): 17.0 B per trainable parameter in
-tensors; peak RSS 2.41 GiB at block 256 and 3.17 GiB at block 1024 (19.2 and 25.3 B per parameter,
-activations and runtime included). ``--bf16`` autocast keeps float32 master weights (activations
+8 B + the keep-mask 1/8 B (bit-packed) = 16.125 B; frozen parameters (embeddings) cost their 4 B
+(measured per parameter and block size: ``benchmarks/heal_compare.py``, see benchmarks/README.md).
+``--bf16`` autocast keeps float32 master weights (activations
 shrink, not the 16.125 B); ``--gradient-checkpointing`` trades activation memory for a second forward pass.
 """
 

@@ -15,20 +15,8 @@ the adapter in its usual format.
 
 Its cost: the low-rank product can no longer be applied as two thin matmuls; every adapted layer forms
 the dense (out, in) update and multiplies the input by it, so an adapted layer costs about as much as
-its base weight again, and autograd keeps that (out, in) update for the backward pass. Measured on
-smollm2-135m (Wanda 50%), one 1024-token block, float32, forward + backward
-(``python benchmarks/heal_lora.py --mask-aware-cost --pruned DIR --block-size 1024 [--cost-targets]``):
-
-============  ==========  ===============  ========================  ==============
-targets       mode        GFLOPs per step  kept for backward (MiB)   mask buffers
-============  ==========  ===============  ========================  ==============
-q_proj,v_proj plain       552.5            1316.2                    -
-q_proj,v_proj mask-aware  631.9 (+14%)     1376.8 (+61 MiB, +5%)     12.7 MiB
-all-linear    plain       564.7            2218.6                    -
-all-linear    mask-aware  1211.0 (+114%)   2717.0 (+498 MiB, +22%)   101.3 MiB
-============  ==========  ===============  ========================  ==============
-
-Seconds per step followed the FLOPs (+22% and +89% on a shared 2-core CPU, where timings are noisy).
+its base weight again, and autograd keeps that (out, in) update for the backward pass (measured with
+``python benchmarks/heal_lora.py --mask-aware-cost``; the figures are in docs/healing.md).
 """
 
 from __future__ import annotations

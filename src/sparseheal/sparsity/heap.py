@@ -3,8 +3,8 @@
 A decoder layer's forward allocates and frees tensors of megabytes at every step. glibc's default hands
 freed memory at the top of its heap back to the system once more than a (dynamically raised, at most
 64 MiB) trim threshold is free, and serves blocks above its mmap threshold with fresh maps: either way
-the next forward takes page faults on memory it just had (a 16-sample prune of smollm2-135m took
-2.71 M minor faults with the default, 1.35 M with this; README, Benchmarks). :func:`heap_kept` keeps
+the next forward takes page faults on memory it just had (counted by ``benchmarks/prune.py``; see
+benchmarks/README.md). :func:`heap_kept` keeps
 freed memory in the heap for the length of the layer loop (the driver trims it after each parked layer
 and on leaving, so the loop's peak holds one layer's working set), and restores thresholds afterwards.
 
