@@ -323,3 +323,56 @@ def test_the_finiteness_check_finds_one_bad_value_in_any_tensor(tmp_path, monkey
         save_file(broken, str(tmp_path / "model.safetensors"))
         with pytest.raises(StageError, match=f"1 weights that are not finite \\(first in {name}\\)"):
             output.check_finite_weights(tmp_path)
+
+
+class _PostHookMasking(TrainerCallback):
+    """The earlier masked update: an optimizer step post-hook attached to the Trainer's optimizer."""
+
+    def __init__(self, keeper) -> None:
+        self.keeper = keeper
+
+    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+        self.keeper.attach(optimizer)
+        self.keeper.apply()
+
+
+class _WriteIntoPruned(TrainerCallback):
+    """Before every optimizer step, writes 1.0 into a pruned position (as an optimizer might): only a
+    re-mask after the step takes it out again."""
+
+    def __init__(self, weight: torch.Tensor, position: tuple) -> None:
+        self.weight, self.position = weight, position
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        with torch.no_grad():
+            self.weight[self.position] = 1.0
+
+
+@pytest.mark.parametrize("optim", ["adamw_torch", "sgd"])
+def test_the_masked_update_callback_gives_the_bits_of_the_step_post_hook(pruned_dir, tmp_path, optim):
+    """The Trainer step with the re-mask in ``on_optimizer_step`` equals the step post-hook it replaced, bit
+    for bit, under AdamW and SGD (with weight decay and clipping)."""
+    from transformers import Trainer, TrainingArguments
+
+    ids = torch.randint(0, 256, (8, 16), generator=torch.Generator().manual_seed(0))  # (N, T)
+    data = [{"input_ids": row, "labels": row} for row in ids]
+    results = {}
+    for variant in ("callback", "post-hook"):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(pruned_dir)
+        healer = FullHealer()
+        healer.prepare(model, _masks(pruned_dir), **_cfg(pruned_dir))
+        callback = healer.callbacks()[0] if variant == "callback" else _PostHookMasking(healer.keeper)
+        weight = model.model.layers[0].self_attn.q_proj.weight
+        dirty = _WriteIntoPruned(weight, tuple((weight == 0).nonzero()[0].tolist()))
+        args = TrainingArguments(
+            output_dir=str(tmp_path / variant), max_steps=4, per_device_train_batch_size=2,
+            gradient_accumulation_steps=2, learning_rate=5e-2, weight_decay=0.5, max_grad_norm=0.1,
+            optim=optim, report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True, seed=0,
+            data_seed=0)
+        Trainer(model=model, args=args, train_dataset=data, callbacks=[dirty, callback]).train()
+        results[variant] = {n: p.detach().view(torch.int32).clone() for n, p in model.named_parameters()}
+        assert _violations(model, _masks(pruned_dir)) == 0
+    assert all(torch.equal(results["callback"][n], results["post-hook"][n]) for n in results["callback"])
+    assert any(not torch.equal(results["callback"][n], w.view(torch.int32))
+               for n, w in _weights(AutoModelForCausalLM.from_pretrained(pruned_dir)).items())  # it trained

@@ -205,7 +205,6 @@ class BlockwiseHealer(Healer):
             p.requires_grad_(True)
         steps = max(1, round(training.epochs * len(inputs)))
         optimizer = torch.optim.AdamW(params, lr=training.lr, weight_decay=training.weight_decay)
-        keeper.attach(optimizer)
         schedule = get_scheduler(training.scheduler, optimizer, training.warmup_steps, steps)
         generator = torch.Generator().manual_seed(training.seed * 1_000_003 + index)
         order = torch.cat([torch.randperm(len(inputs), generator=generator)
@@ -218,7 +217,8 @@ class BlockwiseHealer(Healer):
             loss.backward()  # the keeper's hooks zero the gradients of pruned weights
             if training.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(params, training.max_grad_norm)
-            optimizer.step()  # then it re-masks: pruned weights stay exactly +0.0
+            optimizer.step()
+            keeper.apply()  # W = W * m + 0.0: pruned weights stay exactly +0.0
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
         layer.eval()

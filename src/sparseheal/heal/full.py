@@ -8,7 +8,8 @@ every step:
 1. a gradient hook on each masked weight zeroes the gradient at pruned positions before it is
    accumulated, so gradient accumulation, clipping norms, DDP all-reduce and the optimizer's moments
    only ever see ``g' = g * m``;
-2. a step post-hook on the optimizer re-masks the weight after every step, ``W' = W * m + 0.0``
+2. right after every optimizer step (the Trainer's ``on_optimizer_step``, :class:`MaskCallback`, where the
+   whole masked update is laid out) the weight is re-masked, ``W' = W * m + 0.0``
    (the ``+ 0.0`` turns the ``-0.0`` of a negative weight times zero into ``+0.0``, so that a decay
    factor ``1 - lr * wd < 0`` cannot leave ``-0.0``).
 
@@ -167,7 +168,8 @@ class MaskKeeper:
             self._grad_handles.append(handle)
 
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
-        """Re-masks the weights after every step of ``optimizer`` (unwrapping accelerate's wrapper)."""
+        """Re-masks the weights after every step of ``optimizer`` (unwrapping accelerate's wrapper), for a
+        training loop of one's own; the heal stage's Trainer re-masks through :class:`MaskCallback`."""
         inner = optimizer
         while isinstance(getattr(inner, "optimizer", None), torch.optim.Optimizer):
             inner = inner.optimizer
@@ -209,16 +211,29 @@ def _sharded_grad_hook(keep: torch.Tensor) -> Callable[[nn.Parameter], None]:
 
 
 class MaskCallback(TrainerCallback):
-    """Attaches a MaskKeeper to the Trainer's optimizer once it exists (``on_train_begin``)."""
+    """The masked update of every Trainer step, in the order the Trainer runs it:
+
+    ========================  ==========================================================================
+    forward, backward         the gradient of each masked weight is ``g * m`` as it is produced (the
+                              keeper's gradient hooks, installed by ``prepare``): accumulation, the DDP
+                              all-reduce, clipping and the optimizer's moments see only ``g * m``
+    clip, ``optimizer.step``  the Trainer's own (AdamW by default; any optimizer)
+    ``on_optimizer_step``     ``W = W * m + 0.0``, right after the step: whatever the optimizer did to a
+                              pruned position (weight decay, momentum), it is +0.0 again
+    ========================  ==========================================================================
+
+    Under ``--fsdp`` both act on each rank's shard (``MaskKeeper``); block-wise healing runs the same
+    three steps in its own loop (``BlockwiseHealer.fit_layer``).
+    """
 
     def __init__(self, keeper: MaskKeeper) -> None:
         self.keeper = keeper
 
-    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
-        if optimizer is None:
-            raise RuntimeError("the Trainer passed no optimizer; the sparsity mask cannot be kept")
-        self.keeper.attach(optimizer)
-        self.keeper.apply()
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.keeper.apply()  # the weights start masked (a stored -0.0 becomes +0.0)
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.keeper.apply()  # W = W * m + 0.0 after every optimizer step
 
 
 def weight_files(model_dir: Path) -> dict[str, Path]:
