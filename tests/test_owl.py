@@ -76,3 +76,11 @@ def test_owl_refusals(llama_dir, tmp_path, settings, flag):
 def test_layer_sparsity_choices_are_checked():
     with pytest.raises(ConfigError, match="uniform, owl"):
         LayerSparsitySettings(layer_sparsity="random")
+
+
+def test_the_pure_maths_names_no_flag():
+    from sparseheal.config import ConfigError
+
+    with pytest.raises(ValueError) as err:  # a small layer pushed past 1 by a large one's weight
+        owl_sparsities([0.0, 1.0], [1, 99], 0.5, 0.45)
+    assert not isinstance(err.value, ConfigError) and "outside [0, 1)" in str(err.value)

@@ -79,7 +79,11 @@ def outlier_ratio(scores: list[torch.Tensor], m: float) -> float:
 
 def owl_sparsities(ratios: list[float], sizes: list[int], sparsity: float, lam: float) -> list[float]:
     """Per-layer sparsities from outlier ratios ``D_l`` and prunable parameter counts ``n_l`` (see the
-    module docstring); equal ratios give every layer ``sparsity``."""
+    module docstring); equal ratios give every layer ``sparsity``.
+
+    Raises:
+        ValueError: ``lam`` puts a layer's sparsity outside [0, 1) (the prune stage names ``--owl-lambda``).
+    """
     d = torch.tensor(ratios, dtype=torch.float64)
     n = torch.tensor(sizes, dtype=torch.float64)
     spread = d.max() - d.min()
@@ -87,8 +91,8 @@ def owl_sparsities(ratios: list[float], sizes: list[int], sparsity: float, lam: 
     keep = keep + (1 - sparsity) - (n * keep).sum() / n.sum()  # weighted mean of 1 - keep is s
     result = [float(1 - k) for k in keep]
     if any(not 0.0 <= s < 1.0 for s in result):
-        raise ConfigError("--owl-lambda", f"gives layer sparsities from {min(result):.3f} to "
-                                          f"{max(result):.3f}, outside [0, 1); lower --owl-lambda")
+        raise ValueError(f"gives layer sparsities from {min(result):.3f} to {max(result):.3f}, "
+                         "outside [0, 1)")
     return result
 
 

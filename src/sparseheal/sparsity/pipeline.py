@@ -11,6 +11,7 @@ import torch
 from sparseheal.cards import write_card
 from sparseheal.checks import MASKS_FILE
 from sparseheal.data import calibration_samples, load_documents
+from sparseheal.errors import ConfigError
 from sparseheal.layout import describe_families, family_table, masked_weight, model_weights
 from sparseheal.models import (
     ComputeSettings,
@@ -51,7 +52,10 @@ def _layer_sparsity(lm, tokens, how: PruneSettings, spread: LayerSparsitySetting
         return None, {"mode": "uniform"}
     with watch("owl_statistics"):  # the extra dense pass over the calibration samples
         ratios, sizes = layer_outlier_ratios(lm, tokens, spread.owl_m, batch_size, device)
-    sparsities = owl_sparsities(ratios, sizes, how.sparsity, spread.owl_lambda)
+    try:
+        sparsities = owl_sparsities(ratios, sizes, how.sparsity, spread.owl_lambda)
+    except ValueError as err:  # the pure maths says what; the stage names the flag
+        raise ConfigError("--owl-lambda", f"{err}; lower --owl-lambda") from None
     log.info("owl: layer sparsities %.3f .. %.3f (outlier ratios %.4f .. %.4f)", min(sparsities),
              max(sparsities), min(ratios), max(ratios))
     return sparsities, {"mode": "owl", "m": spread.owl_m, "lambda": spread.owl_lambda,
