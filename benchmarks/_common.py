@@ -78,6 +78,13 @@ def print_table(rows: list[dict], columns: list[str]) -> str:
     return text
 
 
+def _portable(arg: str, root: Path) -> str:
+    """An argument without this machine's paths: relative inside the checkout, ``.../NAME`` outside it."""
+    if not os.path.isabs(arg):
+        return arg
+    return os.path.relpath(arg, root) if arg.startswith(str(root)) else ".../" + Path(arg).name
+
+
 def stamp() -> dict:
     """What a result was measured with: the code revision, the date, the machine and the command."""
     import datetime
@@ -94,7 +101,7 @@ def stamp() -> dict:
         revision, dirty = None, None
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), None) if Path("/proc/cpuinfo").is_file() else None
-    argv = [os.path.relpath(a, root) if os.path.isabs(a) and a.startswith(str(root)) else a for a in sys.argv]
+    argv = [_portable(a, root) for a in sys.argv]
     return {"revision": revision, "uncommitted_changes": dirty,
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "machine": {"cpu": cpu, **machine()}, "command": "python " + shlex.join(argv)}
