@@ -35,6 +35,7 @@ ARCHITECTURES: dict[str, dict] = {
     "olmo2": dict(),
     "stablelm": dict(),
     "gptj": dict(n_embd=64, n_layer=2, n_head=4, n_positions=256, rotary_dim=8),
+    "lfm2": dict(layer_types=["conv", "full_attention"]),  # a short-convolution layer (3-D conv weight)
     "mixtral": dict(num_local_experts=4, **_MOE),  # fused experts, stored per expert on disk
     "qwen2_moe": dict(num_experts=4, moe_intermediate_size=32, shared_expert_intermediate_size=64, **_MOE),
     "qwen3_moe": dict(num_experts=4, moe_intermediate_size=32, head_dim=16, **_MOE),

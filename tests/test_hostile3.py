@@ -411,3 +411,26 @@ def test_a_safetensors_header_that_lies_about_its_dtype_is_refused(llama_dir, tm
     path.write_bytes(raw[:8] + text + raw[8 + length:])
     _refused(["prune", copy, "-o", tmp_path / "o", "--method", "magnitude"], capsys, "MODEL", first,
              inputs=(copy,))
+
+
+def test_outputs_get_the_usual_modes_not_owner_only(llama_dir, tmp_path):
+    umask = os.umask(0o022)
+    try:
+        out = sparseheal.prune(str(llama_dir), str(tmp_path / "o"), method="magnitude")
+    finally:
+        os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o755
+    assert (out / "sparseheal.json").stat().st_mode & 0o777 == 0o644
+
+
+def test_a_linked_folder_protects_itself_not_its_parent(llama_dir, tmp_path):
+    from sparseheal.checks import check_not_an_input
+
+    store = tmp_path / "shelf" / "store"
+    shutil.copytree(llama_dir, store)
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "weights").symlink_to(store)
+    check_not_an_input(tmp_path / "shelf" / "beside", {"MODEL": model})  # beside the store: fine
+    with pytest.raises(sparseheal.config.ConfigError):
+        check_not_an_input(store, {"MODEL": model})

@@ -72,6 +72,23 @@ def test_each_layer_replayed_gives_the_normal_forward_output(model_type):
                 assert torch.equal(hidden, expected[index][b]), (index, b)
 
 
+def test_arguments_passed_by_position_are_replayed_by_name():
+    """GPT-2 passes its attention mask positionally; with eager attention it is not None."""
+    from transformers import AutoModelForCausalLM as Auto
+
+    torch.manual_seed(0)
+    model = Auto.from_config(arch_config("gpt2"), attn_implementation="eager").eval()
+    _, layers = decoder_layers(model)
+    tokens = _tokens(n=2)
+    expected = _normal_outputs(model, tokens, 2)
+    batches = capture_layer_inputs(model, layers, tokens, 2, torch.device("cpu"))
+    assert batches[0][1][1]["attention_mask"] is not None
+    with torch.no_grad():
+        for index, layer in enumerate(layers):
+            run_layer(layer, at_layer(batches, index), in_place=True)
+            assert torch.equal(batches[0][0], expected[index][0]), index
+
+
 def _plain_prune(model: nn.Module, pruner_cls, tokens: torch.Tensor, batch: int, nm, sparsity: float) -> dict:
     """Layer by layer: statistics from hooks on the linears during normal forwards of the whole model
     (the layers before already pruned), then each linear pruned alone."""

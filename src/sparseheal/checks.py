@@ -236,8 +236,9 @@ def _real_inputs(inputs: Inputs) -> list[tuple[str, Path]]:
             continue
         source = Path(path).expanduser().resolve()
         found.append((flag, source))
-        if source.is_dir():
-            links = {entry.resolve().parent for entry in source.iterdir() if entry.is_symlink()}
+        if source.is_dir():  # a linked file's folder, or a linked folder itself
+            targets = [entry.resolve() for entry in source.iterdir() if entry.is_symlink()]
+            links = {t if t.is_dir() else t.parent for t in targets}
             found += [(flag, target) for target in sorted(links) if target != source]
     return found
 

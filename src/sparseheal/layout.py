@@ -139,8 +139,8 @@ def _expert_tensors(module: nn.Module) -> dict[str, nn.Parameter]:
 def _num_experts(layer: nn.Module) -> int | None:
     """The number of routed experts of an MoE layer (fused tensors, or a ModuleList named experts)."""
     for name, module in layer.named_modules():
-        tensors = _expert_tensors(module)
-        if tensors:
+        tensors = _expert_tensors(module)  # an experts class's, not a convolution's 3-D weight
+        if tensors and (_is_fused_experts(module) or "expert" in type(module).__name__.lower()):
             return next(iter(tensors.values())).shape[0]
         if isinstance(module, nn.ModuleList) and name.rpartition(".")[2] == "experts":
             return len(module)
@@ -251,14 +251,15 @@ def masked_weight(model: nn.Module, key: str) -> MaskedWeight | None:
 
 
 def unhandled_parameters(model: nn.Module) -> list[str]:
-    """Weights of the decoder layers with more than two dimensions that no method can prune (their
-    layout is unknown to sparseheal): they stay dense and are named in the record."""
+    """Expert weights of the decoder layers held in more than two dimensions whose layout sparseheal does
+    not know (an experts class transformers does not mark); convolutions' 3-D weights are not experts."""
     stack, layers = decoder_layers(model)
     out = []
     for index, layer in enumerate(layers):
         handled = {id(w.param) for w in layer_weights(layer).values()}
+        families = parameter_families(layer)
         out += [f"{stack}.{index}.{n}" for n, p in layer.named_parameters()
-                if p.dim() > 2 and id(p) not in handled]
+                if p.dim() > 2 and id(p) not in handled and families[n] == "experts"]
     return out
 
 

@@ -7,6 +7,7 @@ converted once to a plain float32 checkpoint cached under the user's cache direc
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import logging
@@ -324,21 +325,27 @@ def read_as_loaded(model: nn.Module, shapes: dict[str, tuple[int, ...]],
     elements put back where they belong.
 
     Returns:
-        The tensors by in-memory name, in the checkpoint's dtype.
+        The tensors by in-memory name, each in the dtype its checkpoint tensors hold.
     """
     sizes = {name: math.prod(shape) for name, shape in shapes.items()}
     starts = dict(zip(sizes, itertools.accumulate([0, *sizes.values()]), strict=False))
     index = {name: torch.arange(starts[name], starts[name] + sizes[name]).reshape(shapes[name])
              for name in shapes}
-    flat: torch.Tensor | None = None
-    for key, where in checkpoint_names(model, index).items():
-        value = read(key)
-        if tuple(value.shape) != tuple(where.shape):
-            raise ValueError(f"{key} has shape {tuple(value.shape)}, expected {tuple(where.shape)}")
-        if flat is None:
-            flat = torch.empty(sum(sizes.values()), dtype=value.dtype)
-        flat[where.reshape(-1)] = value.reshape(-1).to(flat.dtype)
-    return {name: flat[starts[name]: starts[name] + sizes[name]].reshape(shapes[name]) for name in shapes}
+    places = checkpoint_names(model, index)
+    values = {key: read(key) for key in places}
+    for key, where in places.items():
+        if tuple(values[key].shape) != tuple(where.shape):
+            raise ValueError(f"{key} has shape {tuple(values[key].shape)}, expected {tuple(where.shape)}")
+    wide = functools.reduce(torch.promote_types, (v.dtype for v in values.values()))  # loses no bits
+    flat = torch.empty(sum(sizes.values()), dtype=wide)
+    dtypes: dict[int, torch.dtype] = {}  # the dtype of what fills each name, by its start
+    for key, where in places.items():
+        flat[where.reshape(-1)] = values[key].reshape(-1).to(wide)
+        first = int(where.reshape(-1)[0]) if where.numel() else 0
+        owner = max(s for s in starts.values() if s <= first)
+        dtypes.setdefault(owner, values[key].dtype)
+    return {name: flat[starts[name]: starts[name] + sizes[name]].reshape(shapes[name])
+            .to(dtypes.get(starts[name], wide)) for name in shapes}
 
 
 def checkpoint_keys(model: nn.Module, shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:

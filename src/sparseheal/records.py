@@ -144,10 +144,15 @@ def temporary_sibling(path: str | os.PathLike, directory: bool = False) -> Path:
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if directory:
-        return Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    if directory:  # mkdtemp and mkstemp make them owner-only: the output gets the usual modes
+        made = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+        made.chmod(0o777 & ~umask)
+        return made
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
     os.close(fd)
+    Path(name).chmod(0o666 & ~umask)
     return Path(name)
 
 
@@ -182,16 +187,23 @@ def atomic_dir(target: str | os.PathLike, overwrite: bool = False) -> Iterator[P
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if target.exists() or target.is_symlink():
-        if not overwrite:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise FileExistsError(f"{target} appeared while this stage ran")
-        old = temporary_sibling(target, directory=True)  # an empty directory the old output replaces
-        os.replace(target, old)
-        os.replace(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, target)
+    try:
+        if target.exists() or target.is_symlink():
+            if not overwrite:
+                raise FileExistsError(f"{target} appeared while this stage ran")
+            old = temporary_sibling(target, directory=True)
+            old.rmdir()  # a fresh name, free: the old output (a directory, file or link) moves there
+            os.replace(target, old)
+            os.replace(tmp, target)
+            if old.is_dir() and not old.is_symlink():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                old.unlink()
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 class Stopwatch:

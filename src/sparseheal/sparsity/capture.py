@@ -17,6 +17,7 @@ running layer 0 itself once on the first batch.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Iterator
 from typing import Any
 
@@ -42,6 +43,26 @@ def _same_or(value: Any, first: Any) -> Any:
             and value.shape == first.shape and value.device == first.device and torch.equal(value, first):
         return first
     return value
+
+
+def _named_arguments(layer: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.Tensor, dict]:
+    """The hidden states and every other argument of a call of ``layer`` by name (some models pass the
+    mask positionally: GPT-2), so that a replay passes them all as keywords."""
+    signature = inspect.signature(layer.forward)
+    bound = signature.bind(*args, **kwargs)
+    named: dict[str, Any] = {}
+    for name, value in bound.arguments.items():
+        kind = signature.parameters[name].kind
+        if kind is inspect.Parameter.VAR_KEYWORD:
+            named.update(value)
+        elif kind is inspect.Parameter.VAR_POSITIONAL:
+            if value:
+                raise RuntimeError(f"{type(layer).__name__} takes extra positional arguments that cannot "
+                                   "be replayed by name")
+        else:
+            named[name] = value
+    first = next(iter(signature.parameters))  # the hidden states
+    return named.pop(first), named
 
 
 class _Stand(nn.Module):
@@ -76,8 +97,8 @@ class _Recorder:
 
     def forward_of(self, index: int):
         def forward(*args: Any, **kwargs: Any) -> Any:
-            hidden = args[0] if args else kwargs["hidden_states"]
-            kept = {k: v for k, v in kwargs.items() if k not in _DROPPED}
+            hidden, given = _named_arguments(self.layers[index], args, kwargs)
+            kept = {k: v for k, v in given.items() if k not in _DROPPED}
             if index == 0:
                 self.hidden, self.kwargs = hidden, []
                 if not self.probed:  # what the layer returns, from one real forward

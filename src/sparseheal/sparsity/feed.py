@@ -100,7 +100,8 @@ class Feeder:
 
     def feed(self, name: str, x: torch.Tensor) -> None:
         same = next((fed for seen, _, fed in self.batch if seen is x), None) if self.share else None
-        self.batch.append((x, name, name if same is None else same))
+        if self.share or self.stop:  # held only to compare identities or to count, and only for one batch
+            self.batch.append((x, name, name if same is None else same))
         if same is None:
             self.pruners[name].add_batch(x.detach())
         self.fed.add(name)

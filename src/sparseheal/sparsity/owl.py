@@ -122,7 +122,9 @@ def layer_outlier_ratios(model: nn.Module, tokens: torch.Tensor, m: float, batch
             pruners = {s.name: WandaPruner(s) for w in layer_weights(layer).values() for s in w.slots()}
             feeder = Feeder(pruners, share=False, stop=False)
             with feeder.installed():
-                run_layer(layer, at_layer(batches, index), in_place=True)  # dense outputs feed the next layer
+                for batch in at_layer(batches, index):  # the dense outputs feed the next layer
+                    run_layer(layer, [batch], in_place=True)
+                    feeder.end_batch()
             scores = [wanda_scores(p.slot.view(), p.sq_sum / p.tokens) for p in pruners.values()
                       if p.sq_sum is not None]  # (out, in) each; an expert no token reached has none
             ratios.append(outlier_ratio(scores, m))
