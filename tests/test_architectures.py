@@ -15,6 +15,7 @@ import torch
 from architectures import ARCHITECTURES, MOE, make_arch_dir
 from conftest import build_tokenizer
 from safetensors.torch import load_file
+from test_heal_lora import _cli_refuses
 
 import sparseheal
 from sparseheal.cli import main
@@ -109,17 +110,6 @@ def test_every_stage_on_every_architecture(model_type, arch_dir, tmp_path):
     assert all(k in load_file(str(merged_file)) for k in masks)
 
 
-def _refused(argv, capsys, flag: str, *needles: str) -> None:
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith(f"sparseheal: error: {flag}"), err
-    for needle in needles:
-        assert needle in err[0]
-
-
 @pytest.mark.parametrize("model_type,targets", [("phi3", "o_proj,qkv_proj"), ("falcon", "query_key_value"),
                                                 ("bloom", "query_key_value"), ("mixtral", "q_proj,v_proj")])
 def test_lora_default_targets_follow_the_model(model_type, targets, arch_dir, tmp_path):
@@ -130,10 +120,10 @@ def test_lora_default_targets_follow_the_model(model_type, targets, arch_dir, tm
     assert {m.rsplit(".", 1)[-1] for m in record["adapter"]["modules"]} == set(targets.split(","))
 
 
-def test_lora_on_fused_experts_and_parameter_adapters_are_refused(arch_dir, tmp_path, capsys):
+def test_lora_on_fused_experts_and_parameter_adapters_are_cli_refuses(arch_dir, tmp_path, capsys):
     pruned = sparseheal.prune(str(arch_dir("mixtral")), str(tmp_path / "p"), **PRUNE)
     out = tmp_path / "a"
-    _refused(["heal", str(pruned), "-o", str(out), "--targets", "all-linear", "--max-steps", "1",
+    _cli_refuses(["heal", str(pruned), "-o", str(out), "--targets", "all-linear", "--max-steps", "1",
               "--block-size", "32"], capsys,
              "--targets", "fused expert tensors", "--method full")
     assert not out.exists()
@@ -141,7 +131,7 @@ def test_lora_on_fused_experts_and_parameter_adapters_are_refused(arch_dir, tmp_
     config = json.loads((adapter / "adapter_config.json").read_text())
     config["target_parameters"] = ["mlp.experts.gate_up_proj"]  # as PEFT writes an adapter on parameters
     (adapter / "adapter_config.json").write_text(json.dumps(config))
-    _refused(["merge", str(adapter), "-o", str(tmp_path / "m")], capsys, "ADAPTER_DIR", "fused expert")
+    _cli_refuses(["merge", str(adapter), "-o", str(tmp_path / "m")], capsys, "ADAPTER_DIR", "fused expert")
     assert not (tmp_path / "m").exists()
 
 
@@ -161,7 +151,7 @@ def test_the_summary_inspect_and_card_give_the_share_by_family(arch_dir, tmp_pat
     assert "experts 24576 of 49152" in (out / "README.md").read_text()
 
 
-def test_a_model_whose_expert_layout_is_unknown_is_refused(tmp_path, capsys):
+def test_a_model_whose_expert_layout_is_unknown_is_cli_refuses(tmp_path, capsys):
     """Llama 4 applies its 3-D experts in one batched product, a layout transformers does not declare."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -172,7 +162,7 @@ def test_a_model_whose_expert_layout_is_unknown_is_refused(tmp_path, capsys):
     src = tmp_path / "llama4"
     AutoModelForCausalLM.from_config(config).save_pretrained(src)
     build_tokenizer(src)
-    _refused(["prune", str(src), "-o", str(tmp_path / "p"), "--nsamples", "2", "--seqlen", "32"], capsys,
+    _cli_refuses(["prune", str(src), "-o", str(tmp_path / "p"), "--nsamples", "2", "--seqlen", "32"], capsys,
              "MODEL", "feed_forward.experts.gate_up_proj", "Llama4TextExperts", "would stay dense")
     assert not (tmp_path / "p").exists()
 

@@ -309,10 +309,11 @@ def test_the_finiteness_check_finds_one_bad_value_in_any_tensor(tmp_path, monkey
     NaN in a bfloat16 vector or in a 0-d tensor is found and named; integer tensors are skipped."""
     from safetensors.torch import save_file
 
+    from sparseheal import sources
     from sparseheal.errors import StageError
     from sparseheal.heal import output
 
-    monkeypatch.setattr(output, "_CHUNK_BYTES", chunk)
+    monkeypatch.setattr(sources, "_CHUNK_BYTES", chunk)  # where the chunked reader lives
     clean = {"a.weight": torch.randn(37, 5), "b.bias": torch.randn(7).bfloat16(),
              "c.scale": torch.tensor(2.0), "d.ids": torch.arange(9)}
     save_file(clean, str(tmp_path / "model.safetensors"))

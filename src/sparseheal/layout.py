@@ -68,6 +68,16 @@ class MaskedWeight:
     family: str
 
     @property
+    def transposed(self) -> bool:
+        """Whether each matrix is stored (in, out): GPT-2's Conv1D, experts marked ``is_transposed``."""
+        return self.layout in ("conv1d", "experts_t")
+
+    @property
+    def state_name(self) -> str:
+        """The parameter's name in the model's state dict (a linear's ``weight`` under its module)."""
+        return self.key if self.experts is not None else f"{self.key}.weight"
+
+    @property
     def experts(self) -> int | None:
         """The number of experts of a fused tensor; None for a linear."""
         return self.param.shape[0] if self.layout.startswith("experts") else None
@@ -75,7 +85,7 @@ class MaskedWeight:
     def matrix(self, expert: int | None = None) -> torch.Tensor:
         """The (out, in) view of the weight (of one expert of a fused tensor); edits reach the parameter."""
         data = self.param.data if expert is None else self.param.data[expert]
-        return data.t() if self.layout in ("conv1d", "experts_t") else data
+        return data.t() if self.transposed else data
 
     def rows(self) -> torch.Tensor:
         """The weight as (rows, in): every output row of every expert, inputs last (a copy where the
@@ -95,11 +105,6 @@ class MaskedWeight:
             return [Slot(self, None)]
         return [Slot(self, e) for e in range(self.experts)]
 
-    def stack(self, masks: list[torch.Tensor]) -> torch.Tensor:
-        """Each slot's (out, in) keep-mask, in :meth:`slots` order -> the mask in the parameter's shape."""
-        stored = [m.t() if self.layout in ("conv1d", "experts_t") else m for m in masks]
-        return stored[0].contiguous() if self.experts is None else torch.stack(stored)
-
 
 @dataclass(frozen=True)
 class Slot:
@@ -118,12 +123,17 @@ class Slot:
 
     def stored(self, mask: torch.Tensor) -> torch.Tensor:
         """An (out, in) keep-mask in the orientation of this matrix in its parameter."""
-        return mask.t().contiguous() if self.weight.layout in ("conv1d", "experts_t") else mask
+        return mask.t().contiguous() if self.weight.transposed else mask
 
     @classmethod
     def of_linear(cls, module: nn.Module, key: str = "") -> Slot:
-        layout = "linear" if isinstance(module, nn.Linear) else "conv1d"
-        return cls(MaskedWeight(key, module.weight, layout, module, "other"), None)
+        return cls(_linear_weight(key, module, "other"), None)
+
+
+def _linear_weight(key: str, module: nn.Module, family: str) -> MaskedWeight:
+    """The masked weight of a linear (nn.Linear, or GPT-2's Conv1D stored (in, out))."""
+    layout = "linear" if isinstance(module, nn.Linear) else "conv1d"
+    return MaskedWeight(key, module.weight, layout, module, family)
 
 
 def _is_fused_experts(module: nn.Module) -> bool:
@@ -205,8 +215,7 @@ def layer_weights(layer: nn.Module) -> dict[str, MaskedWeight]:
     for name, module in prunable_linears(layer).items():
         family = families[f"{name}.weight"]
         if family != "routers":
-            layout = "linear" if isinstance(module, nn.Linear) else "conv1d"
-            found[name] = MaskedWeight(name, module.weight, layout, module, family)
+            found[name] = _linear_weight(name, module, family)
     order = [n.removesuffix(".weight") if n.removesuffix(".weight") in found else n
              for n, _ in layer.named_parameters()]  # the layer's own parameter order
     return {k: found[k] for k in order if k in found}
@@ -238,10 +247,7 @@ def masked_weight(model: nn.Module, key: str) -> MaskedWeight | None:
     """The masked parameter a (qualified) mask key names, or None when the model has no such weight."""
     module = _submodule(model, key)
     if module is not None:
-        if not is_linear(module):
-            return None
-        layout = "linear" if isinstance(module, nn.Linear) else "conv1d"
-        return MaskedWeight(key, module.weight, layout, module, "other")
+        return _linear_weight(key, module, "other") if is_linear(module) else None
     owner_name, _, pname = key.rpartition(".")
     owner = _submodule(model, owner_name)
     if owner is None or not _is_fused_experts(owner) or pname not in _expert_tensors(owner):

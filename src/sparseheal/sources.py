@@ -10,8 +10,6 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +19,8 @@ from sparseheal.checks import MASKS_FILE, check_gguf
 from sparseheal.errors import ConfigError
 
 __all__ = ["BUILTIN_MODELS", "BUILTIN_HUB_IDS", "ModelSource", "cache_dir", "hash_weights", "input_path",
-           "resolve_source", "source_hash", "weights_bytes"]
+           "resolve_source", "source_hash", "weights_bytes", "weight_files", "read_tensor",
+           "non_finite_weights"]
 
 log = logging.getLogger(__name__)
 
@@ -95,20 +94,12 @@ def _convert_gguf(gguf: Path, into: Path) -> None:
 def _cache_conversion(gguf: Path, target: Path) -> None:
     """Converts ``gguf`` into the cache directory ``target`` atomically, with the hash of its weights
     (any earlier, changed conversion there is replaced)."""
+    from sparseheal.records import atomic_dir
+
     log.info("converting %s to a float32 checkpoint at %s (once)", gguf.name, target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
-    try:
+    with atomic_dir(target, overwrite=True) as tmp:
         _convert_gguf(gguf, tmp)
         (tmp / _CACHE_STAMP).write_text(json.dumps({"weights_hash": hash_weights(tmp)}) + "\n")
-        if target.exists():  # a damaged or changed conversion, set aside, then removed
-            stale = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".stale", dir=target.parent))
-            os.replace(target, stale)
-            shutil.rmtree(stale, ignore_errors=True)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 _CACHE_STAMP = "sparseheal-cache.json"  # the hash of the converted weights, written with them
@@ -197,3 +188,64 @@ def weights_bytes(model: str | os.PathLike) -> int | None:
     files = [f for f in root.iterdir() if f.suffix in (".safetensors", ".bin") and f.is_file()
              and f.name != MASKS_FILE]
     return sum(f.stat().st_size for f in files)
+
+
+def weight_files(model_dir: str | os.PathLike, stem: str = "") -> dict[str, Path]:
+    """Each tensor name of a directory's safetensors weights (``stem*.safetensors``; masks excluded) ->
+    its file, from the headers."""
+    from safetensors import safe_open
+
+    found: dict[str, Path] = {}
+    for path in sorted(Path(model_dir).glob(f"{stem}*.safetensors")):
+        if path.name != MASKS_FILE:
+            with safe_open(str(path), framework="pt") as fh:
+                found.update(dict.fromkeys(fh.keys(), path))
+    return found
+
+
+def read_tensor(files: dict[str, Path], key: str) -> torch.Tensor:
+    """One tensor of :func:`weight_files`' files (a KeyError names a key no file holds)."""
+    from safetensors import safe_open
+
+    if key not in files:
+        raise KeyError(key)
+    with safe_open(str(files[key]), framework="pt") as fh:
+        return fh.get_tensor(key)
+
+
+_CHUNK_BYTES = 16 * 2**20  # rows read at a time by the finiteness check
+_ELEMENT_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}  # safetensors dtype names (8-bit floats: 1)
+
+
+def _non_finite(path: Path, name: str) -> int:
+    """Non-finite values of one saved tensor, read in row chunks of about 16 MiB; the file is reopened
+    per chunk, so only that chunk's pages are ever mapped (resident)."""
+    import math
+
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        part = fh.get_slice(name)
+        shape, dtype = part.get_shape(), part.get_dtype()
+    if not dtype.startswith(("F", "BF")):  # integer and bool tensors are finite
+        return 0
+    rows = shape[0] if shape else 1
+    row_bytes = max(1, math.prod(shape[1:]) * _ELEMENT_BYTES.get(dtype, 1))
+    step, bad = max(1, _CHUNK_BYTES // row_bytes), 0
+    for start in range(0, rows, step):
+        with safe_open(str(path), framework="pt") as fh:
+            chunk = fh.get_slice(name)[start:start + step] if shape else fh.get_tensor(name)
+        bad += int((~torch.isfinite(chunk)).sum())
+    return bad
+
+
+def non_finite_weights(directory: str | os.PathLike, stem: str = "") -> tuple[int, str | None]:
+    """NaN and inf values in a directory's safetensors weights (``stem*``), and the first tensor holding
+    any (None when all are finite)."""
+    bad, first = 0, None
+    for name, path in weight_files(directory, stem).items():
+        count = _non_finite(path, name)
+        bad += count
+        first = first or (name if count else None)
+    return bad, first
+

@@ -11,7 +11,7 @@ from torch import nn
 from sparseheal.checks import MASKS_FILE, check_pickle
 from sparseheal.errors import ConfigError
 from sparseheal.layout import model_weights
-from sparseheal.models import resolve_source
+from sparseheal.models import resolve_source, weight_view
 from sparseheal.records import read_record
 from sparseheal.sparsity.store import (
     check_masks_belong,
@@ -104,8 +104,7 @@ def check_adapter_shapes(adapter: str | Path, base: nn.Module, flag: str = "--ad
             except AttributeError:
                 raise ConfigError(flag, f"{adapter} adapts {found[1]}, which {type(base).__name__} does not "
                                         "have; give the base it was trained on") from None
-            out_in = tuple(module.weight.shape) if isinstance(module, nn.Linear) else \
-                tuple(module.weight.shape)[::-1]
+            out_in = tuple(weight_view(module).shape)
             side = shape[1] if found[2] == "A" else shape[0]
             wanted = out_in[1] if found[2] == "A" else out_in[0]
             if len(shape) != 2 or side != wanted:

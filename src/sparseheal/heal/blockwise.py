@@ -29,6 +29,7 @@ layer, so the result is bit-identical to an uninterrupted run. The output is a p
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import logging
 import math
@@ -49,10 +50,12 @@ from sparseheal.checks import positive, seed
 from sparseheal.errors import ConfigError
 from sparseheal.heal.base import Healer
 from sparseheal.heal.checkpoints import RECIPE_FILE
-from sparseheal.heal.full import MaskKeeper, weight_files
+from sparseheal.heal.full import MaskKeeper
 from sparseheal.models import checkpoint_keys, decoder_layers, read_as_loaded
+from sparseheal.records import replace_file
 from sparseheal.registry import HEALERS
 from sparseheal.settings import Settings, setting
+from sparseheal.sources import read_tensor, weight_files
 
 __all__ = ["BlockwiseSettings", "BlockwiseHealer", "layer_loss", "propagate", "DenseLayers",
            "run_blockwise", "to_device"]
@@ -125,7 +128,7 @@ class DenseLayers:
     """
 
     def __init__(self, model_dir: str, prefix: str, model: nn.Module) -> None:
-        self.files = weight_files(Path(model_dir))  # tensor name -> file, from the headers
+        self.files = weight_files(model_dir)  # tensor name -> file, from the headers
         self.prefix = prefix
         self.model = model
 
@@ -145,14 +148,11 @@ class DenseLayers:
                     raise ConfigError("--teacher", f"the teacher's {key} has shape {found}, the student's "
                                                    f"{shape}")
 
-    def _read(self, key: str) -> torch.Tensor:
-        with safe_open(str(self.files[key]), framework="pt") as fh:
-            return fh.get_tensor(key)
-
     def build(self, student_layer: nn.Module, index: int, device: torch.device) -> nn.Module:
         """A copy of ``student_layer`` holding the teacher's weights for layer ``index``, on ``device``."""
         twin = copy.deepcopy(student_layer).to(device)
-        state = read_as_loaded(self.model, self._shapes(twin, index), self._read)
+        read = functools.partial(read_tensor, self.files)
+        state = read_as_loaded(self.model, self._shapes(twin, index), read)
         start = len(f"{self.prefix}.{index}.")
         twin.load_state_dict({key[start:]: value for key, value in state.items()})
         return twin.eval().requires_grad_(False)
@@ -237,9 +237,7 @@ def save_layer(layer: nn.Module, checkpoint_dir: Path, index: int, result: dict,
     progress = json.loads(progress_path.read_text()) if progress_path.is_file() else {"layers": []}
     progress["layers"] = [r for r in progress["layers"] if r["index"] < index] + [result]
     progress.update(recipe=recipe, updated=time.strftime("%Y-%m-%dT%H:%M:%S"))
-    tmp = progress_path.with_name(progress_path.name + ".partial")
-    tmp.write_text(json.dumps(progress, indent=2) + "\n")
-    tmp.replace(progress_path)
+    replace_file(progress_path, json.dumps(progress, indent=2) + "\n")
 
 
 def load_progress(checkpoint_dir: Path) -> list[dict]:

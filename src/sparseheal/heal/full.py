@@ -56,6 +56,7 @@ from sparseheal.layout import masked_weight, model_weights, parameter_families
 from sparseheal.models import checkpoint_names, decoder_layers, prunable_linears, save_model
 from sparseheal.registry import HEALERS
 from sparseheal.settings import Settings, setting
+from sparseheal.sources import weight_files
 from sparseheal.sparsity.masks import PackedMask, as_bool, count_violations
 from sparseheal.sparsity.store import check_masks_match, save_masks
 
@@ -236,17 +237,6 @@ class MaskCallback(TrainerCallback):
         self.keeper.apply()  # W = W * m + 0.0 after every optimizer step
 
 
-def weight_files(model_dir: Path) -> dict[str, Path]:
-    """Maps each tensor name of a saved HF directory to its safetensors file."""
-    found: dict[str, Path] = {}
-    for path in sorted(model_dir.glob("*.safetensors")):
-        if path.name == MASKS_FILE:
-            continue
-        with safe_open(str(path), framework="pt") as fh:
-            found.update({key: path for key in fh.keys()})
-    return found
-
-
 def verify_saved_masks(model_dir: str | os.PathLike, masks: dict[str, torch.Tensor | PackedMask],
                        model: nn.Module | None = None) -> dict:
     """Checks bit for bit that every pruned position of the saved weights is +0.0 (bool or bit-packed
@@ -278,9 +268,9 @@ def verify_saved_masks(model_dir: str | os.PathLike, masks: dict[str, torch.Tens
 
 def _saved_masks(model: nn.Module | None, name: str, keep: torch.Tensor) -> dict[str, torch.Tensor]:
     """A mask by the checkpoint key(s) of the weight it covers (see :func:`verify_saved_masks`)."""
-    weight = masked_weight(model, name) if model is not None else None
-    key = name if weight is not None and weight.experts is not None else f"{name}.weight"
-    return checkpoint_names(model, {key: keep}) if model is not None else {key: keep}
+    if model is None:
+        return {f"{name}.weight": keep}
+    return checkpoint_names(model, {masked_weight(model, name).state_name: keep})
 
 
 @dataclass

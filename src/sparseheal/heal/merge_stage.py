@@ -34,6 +34,7 @@ from sparseheal.models import (
     weights_bytes,
 )
 from sparseheal.records import Stopwatch, atomic_dir, peak_rss_mb, read_record, write_record
+from sparseheal.sources import non_finite_weights
 from sparseheal.sparsity.store import check_masks_hold, check_own_masks, weights_hash
 
 __all__ = ["preflight_merge", "run_merge", "merge_record"]
@@ -56,17 +57,10 @@ def _check_linear_adapter(adapter: str) -> None:
 
 def _check_finite_adapter(adapter: str) -> None:
     """Refuses an adapter holding NaN or inf: merged, it would write them into the model's weights."""
-    from safetensors import safe_open
-
-    for path in sorted(Path(adapter).expanduser().glob("adapter_model*.safetensors")):
-        with safe_open(str(path), framework="pt") as fh:
-            for key in fh.keys():
-                tensor = fh.get_tensor(key)
-                bad = int((~torch.isfinite(tensor)).sum()) if tensor.is_floating_point() else 0
-                if bad:
-                    raise ConfigError("ADAPTER_DIR", f"{adapter} holds {bad} weights that are not finite "
-                                                     f"(NaN or inf, {key} first); merging would write them "
-                                                     "into the model")
+    bad, first = non_finite_weights(Path(adapter).expanduser(), "adapter_model")
+    if bad:
+        raise ConfigError("ADAPTER_DIR", f"{adapter} holds {bad} weights that are not finite (NaN or inf, "
+                                         f"{first} first); merging would write them into the model")
 
 
 def preflight_merge(adapter: str, output: str, overwrite: bool, settings: MergeSettings,

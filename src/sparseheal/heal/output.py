@@ -5,12 +5,8 @@ Everything goes into a temporary sibling of the output that is renamed into plac
 
 from __future__ import annotations
 
-import math
 import shutil
 from pathlib import Path
-
-import torch
-from safetensors import safe_open
 
 from sparseheal.cards import write_card
 from sparseheal.checks import MASKS_FILE
@@ -20,45 +16,15 @@ from sparseheal.heal.merge import MERGE_EVAL_WINDOWS, save_merged
 from sparseheal.heal.merge_stage import merge_record
 from sparseheal.heal.training import LOG_FILE
 from sparseheal.records import Stopwatch, atomic_dir, write_record
+from sparseheal.sources import non_finite_weights
 from sparseheal.sparsity.store import stamp_masks, weights_hash
 
 __all__ = ["write_heal_output", "check_finite_weights"]
 
 
-_CHUNK_BYTES = 16 * 2**20  # rows read at a time by the finiteness check
-_ELEMENT_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}  # safetensors dtype names (8-bit floats: 1)
-
-
-def _non_finite(path: Path, name: str) -> int:
-    """Non-finite values of one saved tensor, read in row chunks of about 16 MiB; the file is reopened
-    per chunk, so only that chunk's pages are ever mapped (resident)."""
-    with safe_open(str(path), framework="pt") as fh:
-        part = fh.get_slice(name)
-        shape, dtype = part.get_shape(), part.get_dtype()
-    if not dtype.startswith(("F", "BF")):  # integer and bool tensors are finite
-        return 0
-    rows = shape[0] if shape else 1
-    row_bytes = max(1, math.prod(shape[1:]) * _ELEMENT_BYTES.get(dtype, 1))
-    step, bad = max(1, _CHUNK_BYTES // row_bytes), 0
-    for start in range(0, rows, step):
-        with safe_open(str(path), framework="pt") as fh:
-            chunk = fh.get_slice(name)[start:start + step] if shape else fh.get_tensor(name)
-        bad += int((~torch.isfinite(chunk)).sum())
-    return bad
-
-
 def check_finite_weights(directory: Path) -> None:
     """Refuses (before the output is renamed into place) written weights that are not all finite."""
-    bad, first = 0, None
-    for path in sorted(directory.glob("*.safetensors")):
-        if path.name == MASKS_FILE:
-            continue
-        with safe_open(str(path), framework="pt") as fh:
-            names = list(fh.keys())
-        for name in names:
-            count = _non_finite(path, name)
-            bad += count
-            first = first or (name if count else None)
+    bad, first = non_finite_weights(directory)
     if bad:
         raise StageError("--lr", f"training left {bad} weights that are not finite (first in {first}); "
                                  "nothing was written: lower --lr or use float32")

@@ -162,13 +162,15 @@ def capture_layer_inputs(
     with recorder.installed():
         for start in range(0, tokens.shape[0], batch_size):
             batch = tokens[start : start + batch_size].to(device)  # (B, T)
-            if not recorder.probed:
+            probing = not recorder.probed
+            if probing:
                 first.to(device)  # the probe computes layer 0 once, where the inputs are
             try:
                 model(input_ids=batch, use_cache=False)
             except StopForward:
                 pass
-            first.to(home)
+            if probing:
+                first.to(home)
             if len(recorder.kwargs) != len(layers):
                 raise RuntimeError(f"the model's forward called {len(recorder.kwargs)} of its {len(layers)} "
                                    "decoder layers")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -17,6 +18,7 @@ from sparseheal.errors import ConfigError
 from sparseheal.layout import masked_weight
 from sparseheal.models import hash_weights, model_skeleton, read_as_loaded
 from sparseheal.records import read_record
+from sparseheal.sources import read_tensor, weight_files
 from sparseheal.sparsity.masks import PackedMask, pack_mask, unpack_mask
 
 __all__ = [
@@ -185,33 +187,18 @@ def check_masks_hold(model_dir: str | os.PathLike, path: str | os.PathLike, flag
     ones). Reads the weight files tensor by tensor, as the model holds them, before any model loads."""
     skeleton = model_skeleton(str(model_dir))
     masks, _ = load_masks(path, packed=True, flag=flag)
-    files = _tensor_files(Path(model_dir))
+    files = weight_files(model_dir)
     for name, mask in masks.items():
         weight = masked_weight(skeleton, name)
-        param = name if weight.experts is not None else f"{name}.weight"
-        value = read_as_loaded(skeleton, {param: tuple(weight.param.shape)}, lambda key: _read(files, key))
+        param = weight.state_name
+        value = read_as_loaded(skeleton, {param: tuple(weight.param.shape)},
+                               functools.partial(read_tensor, files))
         alive = int((value[param][~mask.unpack()] != 0).sum())
         if alive:
             raise ConfigError(flag, f"{path} prunes {alive} positions of {name} that hold non-zero "
                                     "weights: the masks do not belong to these weights; restore the "
                                     "directory's own masks, or delete the file to take the masks from the "
                                     "zero weights")
-
-
-def _tensor_files(model_dir: Path) -> dict[str, Path]:
-    found = {}
-    for file in sorted(model_dir.glob("*.safetensors")):
-        if file.name != MASKS_FILE:
-            with safe_open(str(file), framework="pt") as fh:
-                found.update(dict.fromkeys(fh.keys(), file))
-    return found
-
-
-def _read(files: dict[str, Path], key: str) -> torch.Tensor:
-    if key not in files:
-        raise KeyError(key)
-    with safe_open(str(files[key]), framework="pt") as fh:
-        return fh.get_tensor(key)
 
 
 def masks_path(model_dir: str | os.PathLike) -> Path:
