@@ -13,6 +13,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import sparseheal.evaluate  # noqa: F401  (registers the evaluations before the evaluate stage lists theirs)
 import sparseheal.heal  # noqa: F401  (registers the healers before the heal stage lists their settings)
 import sparseheal.sparsity  # noqa: F401  (registers the pruning methods likewise)
 from sparseheal.checks import (
@@ -25,8 +26,7 @@ from sparseheal.checks import (
 )
 from sparseheal.data import DataSettings, check_source, protected_inputs
 from sparseheal.errors import ConfigError
-from sparseheal.evaluate.perplexity import PerplexitySettings
-from sparseheal.evaluate.zeroshot import ZeroShotSettings
+from sparseheal.evaluate.base import EvaluationSettings, Evaluator, evaluator_groups, evaluators
 from sparseheal.heal.base import HealMethodSettings
 from sparseheal.heal.distill import DistillSettings
 from sparseheal.heal.fsdp import FsdpSettings
@@ -108,8 +108,8 @@ HEAL = Stage("heal", [HealIO, HealMethodSettings, TrainingSettings, *_method_gro
                       HealMergeSettings, DistillSettings, SelfGenSettings, FsdpSettings, ComputeSettings,
                       DataSettings, TrustSettings, Overwrite])
 MERGE = Stage("merge", [MergeIO, MergeSettings, ComputeSettings, DataSettings, TrustSettings, Overwrite])
-EVALUATE = Stage("evaluate", [EvaluateIO, PerplexitySettings, ZeroShotSettings, ComputeSettings, DataSettings,
-                              TrustSettings, Overwrite])
+EVALUATE = Stage("evaluate", [EvaluateIO, *evaluator_groups(), EvaluationSettings, ComputeSettings,
+                              DataSettings, TrustSettings, Overwrite])
 INSPECT = Stage("inspect", [InspectIO, TrustSettings])
 
 
@@ -227,17 +227,21 @@ def merge(built: dict) -> Path:
                          built[ComputeSettings], built[TrustSettings], built[DataSettings].data_dir)
 
 
-def check_evaluate_model(model: str | None, ppl: PerplexitySettings) -> None:
+def evaluations(built: dict) -> list[Evaluator]:
+    """Every registered evaluation with its built settings group."""
+    data_dir = built[DataSettings].data_dir if DataSettings in built else None
+    return [impl(built.get(impl.settings) or impl.settings(), data_dir) for impl in evaluators()]
+
+
+def check_evaluate_model(model: str | None, built: dict) -> None:
     """The evaluate checks that read data files and (when ``model`` is given) the model's config."""
-    for name in ppl.datasets:
-        check_source(name, "--dataset")
-    if ppl.seqlen is not None and model is not None:
-        check_seqlen(model, ppl.seqlen)
+    for evaluation in evaluations(built):
+        evaluation.check(model)
 
 
 def _evaluate_preflight(built: dict) -> None:
     """The evaluate checks of files and model configs: the results file, the model, adapter and data."""
-    io, ppl = built[EvaluateIO], built[PerplexitySettings]
+    io = built[EvaluateIO]
     for flag, path in (("MODEL", io.model), ("--adapter", io.adapter)):
         if path is not None and Path(path).expanduser().is_dir():
             read_record(path, flag)  # a damaged record: refused before any work
@@ -251,8 +255,8 @@ def _evaluate_preflight(built: dict) -> None:
         if out.is_dir():
             raise ConfigError("--output", f"{out} is a directory; give a .json file path")
         inputs = [("MODEL", input_path(io.model)), ("--adapter", io.adapter)]
-        check_not_an_input(out, inputs + [("--dataset", d) for d in ppl.datasets]
-                           + protected_inputs(built[DataSettings].data_dir))
+        read = [pair for evaluation in evaluations(built) for pair in evaluation.inputs()]
+        check_not_an_input(out, inputs + read + protected_inputs(built[DataSettings].data_dir))
         if out.exists() and not built[Overwrite].overwrite:
             raise ConfigError("--output", f"{out} already exists; pass --overwrite to replace it")
         check_output(out.parent if str(out.parent) else ".", overwrite=True)
@@ -264,16 +268,18 @@ def _evaluate_preflight(built: dict) -> None:
         from sparseheal.heal.adapters import check_adapter_shapes
 
         check_adapter_shapes(io.adapter, model_skeleton(io.model, built[TrustSettings].trust_remote_code))
-    check_evaluate_model(io.model, ppl)
+    check_evaluate_model(io.model, built)
     load_tokenizer(resolve_source(io.model), built[TrustSettings].trust_remote_code)  # refused now if broken
 
 
 @EVALUATE.api(preflight=_evaluate_preflight)
 def evaluate(built: dict) -> dict:
-    """Measures perplexity with the Wanda protocol, and zero-shot accuracy with lm-eval when asked.
+    """Measures perplexity with the Wanda protocol, zero-shot accuracy with lm-eval when asked, and any
+    other registered evaluation whose settings ask for it.
 
     Returns:
-        {"model", "adapter", "results": [one dict per data set], "zeroshot": {task: {"acc", "acc_norm", "n"}}}
+        {"model", "adapter", "results": [one dict per data set], "zeroshot": {task: {"acc", "acc_norm", "n"}},
+        each other evaluation's result under its key, "timings", "peak_rss_mb"}
     """
     from sparseheal.evaluate.pipeline import run_evaluate
 
@@ -282,8 +288,8 @@ def evaluate(built: dict) -> dict:
     with contextlib.ExitStack() as stack:
         if io.output:
             stack.enter_context(output_lock(io.output))
-        report = run_evaluate(io.model, io.adapter, built[PerplexitySettings], built[ZeroShotSettings],
-                              built[ComputeSettings], built[TrustSettings], built[DataSettings].data_dir)
+        report = run_evaluate(io.model, io.adapter, evaluations(built), built[EvaluationSettings].batch_size,
+                              built[ComputeSettings], built[TrustSettings])
         if io.output:
             write_json_atomic(Path(io.output), report)
     return report

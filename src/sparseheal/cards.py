@@ -23,6 +23,7 @@ import yaml
 
 from sparseheal.card_stages import done_section, heal_method, number, pruning_record, stage_summary
 from sparseheal.checks import MASKS_FILE
+from sparseheal.evaluate.base import evaluators
 from sparseheal.records import RECORD_FILE, read_record, replace_file
 from sparseheal.sources import BUILTIN_HUB_IDS
 
@@ -108,27 +109,16 @@ def front_matter(chain: list[dict], library: str, license_id: str | None) -> dic
 
 
 def _evaluation_section(evaluations: dict[str, dict] | None, command: str) -> list[str]:
+    """Each evaluation's results for every model that has them (label -> evaluate report)."""
     lines = ["## Evaluation", ""]
     evaluations = evaluations or {}
-    rows = [(label, r) for label, report in evaluations.items() for r in report.get("results") or []]
-    tasks = [(label, task, row) for label, report in evaluations.items()
-             for task, row in (report.get("zeroshot") or {}).items()]
-    if not rows and not tasks:
+    for evaluator in evaluators():
+        results = {label: report[evaluator.key] for label, report in evaluations.items()
+                   if report.get(evaluator.key)}
+        if results:
+            lines += [*evaluator.card_lines(results), ""]
+    if len(lines) == 2:
         return lines + [f"No evaluations recorded yet; run `{command}`.", ""]
-    if rows:
-        lines += ["Perplexity (lower is better):", "",
-                  "| model | dataset | protocol | seqlen | windows | tokens | dtype | perplexity |",
-                  "|---|---|---|---:|---:|---:|---|---:|"]
-        lines += [f"| `{label}` | `{r.get('dataset')}` | `{r.get('protocol')}` | {number(r.get('seqlen'))} | "
-                  f"{number(r.get('windows'))} | {number(r.get('tokens'))} | `{r.get('dtype')}` | "
-                  f"{number(r.get('ppl'))} |" for label, r in rows]
-        lines.append("")
-    if tasks:
-        lines += ["Zero-shot accuracy:", "", "| model | task | acc | acc_norm | examples |",
-                  "|---|---|---:|---:|---:|"]
-        lines += [f"| `{label}` | `{task}` | {number(row.get('acc'))} | {number(row.get('acc_norm'))} | "
-                  f"{number(row.get('n'))} |" for label, task, row in tasks]
-        lines.append("")
     return lines
 
 

@@ -23,6 +23,7 @@ from typer.exceptions import TyperException
 
 from sparseheal import api
 from sparseheal.errors import ConfigError, StageError
+from sparseheal.evaluate.base import evaluators
 from sparseheal.layout import describe_families
 from sparseheal.records import read_record
 from sparseheal.registry import HEALERS
@@ -127,16 +128,9 @@ def _print_prune(output: Path) -> None:
 
 
 def _print_evaluate(report: dict) -> None:
-    print(f"{'dataset':<12} {'protocol':<9} {'seqlen':>6} {'windows':>7} {'tokens':>9} {'dtype':<9} "
-          f"{'ppl':>10}")
-    for r in report["results"]:
-        print(f"{r['dataset']:<12} {r['protocol']:<9} {r['seqlen']:>6} {r['windows']:>7} {r['tokens']:>9} "
-              f"{r['dtype']:<9} {r['ppl']:>10.3f}")
-    if report.get("zeroshot"):
-        print(f"\n{'zero-shot task':<32} {'n':>6} {'acc':>8} {'acc_norm':>8}")
-        for task, row in report["zeroshot"].items():
-            norm = f"{row['acc_norm']:>8.4f}" if "acc_norm" in row else f"{'-':>8}"
-            print(f"{task:<32} {row['n']:>6} {row['acc']:>8.4f} {norm}")
+    for evaluator in evaluators():
+        if evaluator.key in report:
+            print("\n".join(evaluator.lines(report[evaluator.key])))
 
 
 def _print_run(record: dict) -> None:

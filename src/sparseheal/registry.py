@@ -7,7 +7,7 @@ from typing import Generic, TypeVar
 
 from sparseheal.errors import ConfigError
 
-__all__ = ["Registry", "PRUNERS", "HEALERS"]
+__all__ = ["Registry", "PRUNERS", "HEALERS", "EVALUATORS"]
 
 T = TypeVar("T")
 
@@ -70,3 +70,4 @@ class Registry(Generic[T]):
 
 PRUNERS: Registry = Registry("pruning method", "--method")
 HEALERS: Registry = Registry("healing method", "--method")
+EVALUATORS: Registry = Registry("evaluation", "evaluate")

@@ -34,13 +34,17 @@ from typing import Any
 import yaml
 from torch import nn
 
+from sparseheal.card_stages import number
+from sparseheal.charts import grouped_bars, models_of, pyplot, save
 from sparseheal.checks import positive
 from sparseheal.errors import ConfigError
+from sparseheal.evaluate.base import Evaluator
+from sparseheal.registry import EVALUATORS
 from sparseheal.settings import Settings, setting
 
 __all__ = ["ZeroShotSettings", "LOCAL_PREFIX", "LocalTask", "ZeroShotTasks", "local_task_config",
            "prepare_tasks",
-           "run_zeroshot", "summarize_results"]
+           "run_zeroshot", "summarize_results", "ZeroShotEvaluator"]
 
 log = logging.getLogger(__name__)
 
@@ -263,3 +267,82 @@ def run_zeroshot(
     finally:
         model.train(was_training)
     return summarize_results(results or {}, tasks.sources)
+
+
+@EVALUATORS.register("zeroshot")
+class ZeroShotEvaluator(Evaluator):
+    """Zero-shot accuracy on ``--tasks`` through lm-evaluation-harness; a result is
+    {task: {"acc", "acc_norm", "n", ...}} (the report's ``zeroshot``)."""
+
+    settings = ZeroShotSettings
+    key = "zeroshot"
+    title = "Zero-shot accuracy (lm-evaluation-harness)"
+    caption = "zero-shot accuracy"
+
+    def wanted(self) -> bool:
+        return bool(self.options.task_list)
+
+    def prepare(self, model: str, stack: contextlib.ExitStack) -> None:
+        self.tasks = stack.enter_context(prepare_tasks(self.options.task_list, self.data_dir))
+
+    def run(self, lm: nn.Module, tokenizer: Any, batch_size: int) -> dict[str, dict]:
+        return run_zeroshot(lm, tokenizer, self.tasks, self.options.limit, batch_size)
+
+    @classmethod
+    def lines(cls, result: dict[str, dict]) -> list[str]:
+        out = ["", f"{'zero-shot task':<32} {'n':>6} {'acc':>8} {'acc_norm':>8}"]
+        for task, row in result.items():
+            norm = f"{row['acc_norm']:>8.4f}" if "acc_norm" in row else f"{'-':>8}"
+            out.append(f"{task:<32} {row['n']:>6} {row['acc']:>8.4f} {norm}")
+        return out
+
+    @classmethod
+    def card_lines(cls, results: dict[str, dict]) -> list[str]:
+        lines = ["Zero-shot accuracy:", "", "| model | task | acc | acc_norm | examples |",
+                 "|---|---|---:|---:|---:|"]
+        return lines + [f"| `{label}` | `{task}` | {number(row.get('acc'))} | "
+                        f"{number(row.get('acc_norm'))} | {number(row.get('n'))} |"
+                        for label, result in results.items() for task, row in result.items()]
+
+    @classmethod
+    def table(cls, results: dict[str, dict]) -> dict:
+        """{task: {MODEL: {"acc", "acc_norm", "n"}}}."""
+        table: dict[str, dict] = {}
+        for model, result in results.items():
+            for task, row in result.items():
+                table.setdefault(task, {})[model] = {k: row.get(k) for k in ("acc", "acc_norm", "n")}
+        return table
+
+    @classmethod
+    def table_lines(cls, table: dict) -> list[str]:
+        models = models_of(table)
+        head = ["task", "n", "metric", *models]
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for task, row in table.items():
+            n = next((r.get("n") for r in row.values() if r.get("n") is not None), None)
+            for metric in ("acc", "acc_norm"):
+                cells = [task if metric == "acc" else "", str(n) if metric == "acc" else "", metric]
+                cells += [_percent((row.get(m) or {}).get(metric)) for m in models]
+                lines.append("| " + " | ".join(cells) + " |")
+        return lines
+
+    @classmethod
+    def plot(cls, table: dict, path: Path, title: str) -> Path | None:
+        """Accuracy per task for each evaluated model."""
+        if not table:
+            return None
+        series = {m: [None if (table[t].get(m) or {}).get("acc") is None else 100 * table[t][m]["acc"]
+                      for t in table] for m in models_of(table)}
+        fig, ax = pyplot().subplots(figsize=(max(6, 2.5 * len(table) + 3), 4))
+        grouped_bars(ax, list(table), series, "{:.1f}")
+        ax.set_ylim(0, 110)
+        ax.set_ylabel("accuracy (%)")
+        ax.set_xlabel("zero-shot task")
+        ax.set_title(title)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        ax.grid(axis="y", alpha=0.3)
+        return save(fig, path)
+
+
+def _percent(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.1f}%"

@@ -1,27 +1,20 @@
-"""PNG plots of a run (matplotlib, Agg backend): training loss, per-layer sparsity, perplexity bars, and
-the heal stages of a run side by side."""
+"""PNG plots of a run (matplotlib, Agg backend): training loss, per-layer sparsity and the heal stages of
+a run side by side (each evaluation draws its own results: ``Evaluator.plot``)."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
+from sparseheal.charts import COLORS as _COLORS
+from sparseheal.charts import PALETTE as _PALETTE
+from sparseheal.charts import pyplot as _pyplot
+from sparseheal.charts import save as _save
+
 __all__ = ["loss_curves", "moving_average", "plot_loss", "plot_layer_losses", "plot_sparsity",
-           "plot_perplexity", "plot_zeroshot", "plot_heal_comparison"]
+           "plot_heal_comparison"]
 
-_COLORS = {"dense": "#4c72b0", "pruned": "#c44e52", "healed": "#55a868", "merged": "#8172b2"}
-_PALETTE = ("#55a868", "#dd8452", "#8172b2", "#937860", "#da8bc3", "#8c8c8c", "#ccb974", "#64b5cd")
 _LAYER_RE = re.compile(r"\.(\d+)\.")
-
-
-def _pyplot():
-    """matplotlib's pyplot on the Agg backend, loaded by the first plot rather than when a command starts."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def loss_curves(log_lines: list[dict], key: str = "step") -> tuple[list[tuple[int, float]],
@@ -54,11 +47,6 @@ def moving_average(values: list[float], window: int) -> list[float]:
     return out
 
 
-def _save(fig, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    _pyplot().close(fig)
-    return path
 
 
 def plot_loss(log_lines: list[dict], path: Path, title: str) -> Path | None:
@@ -137,66 +125,6 @@ def plot_sparsity(layers: dict[str, float], target: float | None, path: Path, ti
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="module")
-    return _save(fig, path)
-
-
-def _grouped_bars(ax, groups: list[str], series: dict[str, list[float | None]], fmt: str) -> None:
-    width = 0.8 / max(len(series), 1)
-    others = iter(_PALETTE * len(series))
-    for i, (label, values) in enumerate(series.items()):
-        color = _COLORS.get(label) or next(others)  # one colour per model across the groups
-        for j, value in enumerate(values):
-            if value is None:
-                continue
-            x = j + (i - (len(series) - 1) / 2) * width
-            ax.bar(x, value, width, color=color, label=label if j == 0 else None)
-            ax.annotate(fmt.format(value), (x, value), ha="center", va="bottom", fontsize=8,
-                        xytext=(0, 2), textcoords="offset points")
-    ax.set_xticks(range(len(groups)), groups)
-
-
-def _models(table: dict[str, dict]) -> list[str]:
-    """The models of a per-data-set table, in the order they first appear."""
-    return list(dict.fromkeys(m for row in table.values() for m in row))
-
-
-def plot_perplexity(table: dict[str, dict[str, float]], path: Path, title: str) -> Path | None:
-    """Perplexity per data set for dense / pruned / each healed (/ merged) model; log scale when they
-    differ a lot."""
-    if not table:
-        return None
-    models = _models(table)
-    series = {m: [table[d].get(m) for d in table] for m in models}
-    fig, ax = _pyplot().subplots(figsize=(max(6, 2.5 * len(table) + 3), 4))
-    _grouped_bars(ax, list(table), series, "{:.2f}")
-    values = [v for vs in series.values() for v in vs if v]
-    if values and max(values) / min(values) > 20:
-        ax.set_yscale("log")
-        ax.set_ylabel("perplexity, log scale (lower is better)")
-    else:
-        ax.set_ylim(0, 1.12 * max(values))
-        ax.set_ylabel("perplexity (lower is better)")
-    ax.set_xlabel("evaluation data set")
-    ax.set_title(title)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    ax.grid(axis="y", alpha=0.3)
-    return _save(fig, path)
-
-
-def plot_zeroshot(table: dict[str, dict[str, float]], path: Path, title: str) -> Path | None:
-    """Zero-shot accuracy per task for each evaluated model."""
-    if not table:
-        return None
-    models = _models(table)
-    series = {m: [None if table[t].get(m) is None else 100 * table[t][m] for t in table] for m in models}
-    fig, ax = _pyplot().subplots(figsize=(max(6, 2.5 * len(table) + 3), 4))
-    _grouped_bars(ax, list(table), series, "{:.1f}")
-    ax.set_ylim(0, 110)
-    ax.set_ylabel("accuracy (%)")
-    ax.set_xlabel("zero-shot task")
-    ax.set_title(title)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    ax.grid(axis="y", alpha=0.3)
     return _save(fig, path)
 
 

@@ -252,7 +252,7 @@ def _check_section(section: str, recipe: Recipe) -> None:
     if section == "prune":
         api.check_prune_model(recipe.model, built[api.PruneSettings], built[api.CalibrationSettings])
     else:
-        api.check_evaluate_model(recipe.model, built[api.PerplexitySettings])
+        api.check_evaluate_model(recipe.model, built)
 
 
 def _check_heal(item: HealItem, recipe: Recipe) -> None:

@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from sparseheal.errors import ConfigError
+from sparseheal.evaluate.base import Evaluator, evaluators
+from sparseheal.evaluate.perplexity import PerplexityEvaluator
 from sparseheal.records import read_record, replace_file
 from sparseheal.run import compare, plots
 from sparseheal.run.compare import gap_closed
@@ -55,12 +57,7 @@ def _read_json(path: Path) -> dict | None:
 def _perplexity(evals: dict[str, dict], named: bool) -> dict[str, dict]:
     """{data set: {protocol, seqlen, windows, tokens, MODEL: ppl, ...}}; with one unnamed heal stage
     also its gap closed (named stages have theirs in the model rows)."""
-    table: dict[str, dict] = {}
-    for model, data in evals.items():
-        for r in data.get("results", []):
-            row = table.setdefault(r["dataset"], {"protocol": r["protocol"], "seqlen": r["seqlen"],
-                                                  "windows": r["windows"], "tokens": r["tokens"]})
-            row[model] = r["ppl"]
+    table = PerplexityEvaluator.table({model: data.get("results") or [] for model, data in evals.items()})
     for row in table.values() if not named else ():
         row["gap_closed"] = gap_closed(row.get("dense"), row.get("pruned"), row.get("healed"))
         if "merged" in row:
@@ -68,12 +65,16 @@ def _perplexity(evals: dict[str, dict], named: bool) -> dict[str, dict]:
     return table
 
 
-def _zeroshot(evals: dict[str, dict]) -> dict[str, dict]:
-    table: dict[str, dict] = {}
-    for model, data in evals.items():
-        for task, row in (data.get("zeroshot") or {}).items():
-            table.setdefault(task, {})[model] = {k: row.get(k) for k in ("acc", "acc_norm", "n")}
-    return table
+def _others() -> list[type[Evaluator]]:
+    """The evaluations other than perplexity, whose tables the report shows as they come (perplexity is
+    the report's headline: the gap closed is computed from it)."""
+    return [e for e in evaluators() if e is not PerplexityEvaluator]
+
+
+def _tables(evals: dict[str, dict]) -> dict[str, dict]:
+    """Each other evaluation's table, by its name, from the models that have its results."""
+    return {e.name: e.table({model: data[e.key] for model, data in evals.items() if data.get(e.key)})
+            for e in _others()}
 
 
 def _sparsity(pruned: dict, healed: dict, merged: dict) -> dict:
@@ -173,7 +174,7 @@ def build_report(run_dir: str | Path) -> dict[str, Any]:
         "model": run_record.get("recipe", {}).get("model"),
         "recipe": run_record.get("recipe"),
         "perplexity": perplexity,
-        "zeroshot": _zeroshot(evals),
+        **_tables(evals),
         "sparsity": _sparsity(pruned, healed, merged),
         "healing": None if named else compare.healing_summary(healed),
         "merge": merged.get("merge") if merged else None,
@@ -212,19 +213,6 @@ def _ppl_table(ppl: dict) -> list[str]:
     return lines
 
 
-def _zeroshot_table(zs: dict) -> list[str]:
-    models = list(dict.fromkeys(m for row in zs.values() for m in row))
-    head = ["task", "n", "metric", *models]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for task, row in zs.items():
-        n = next((r.get("n") for r in row.values() if r.get("n") is not None), None)
-        for metric in ("acc", "acc_norm"):
-            cells = [task if metric == "acc" else "", str(n) if metric == "acc" else "", metric]
-            cells += [_pct((row.get(m) or {}).get(metric)) for m in models]
-            lines.append("| " + " | ".join(cells) + " |")
-    return lines
-
-
 def _named(report: dict) -> bool:
     """Whether the run has named heal stages (the comparison report) rather than one unnamed stage."""
     return any(h["name"] for h in report.get("heals") or [])
@@ -242,8 +230,9 @@ def results_table(report: dict) -> str:
     """The perplexity table (one row per model when the run has named heal stages; the zero-shot table
     too when tasks ran), as markdown."""
     lines = _ppl_lines(report)
-    if report["zeroshot"]:
-        lines += [""] + _zeroshot_table(report["zeroshot"])
+    for evaluator in _others():
+        if report.get(evaluator.name):
+            lines += [""] + evaluator.table_lines(report[evaluator.name])
     return "\n".join(lines)
 
 
@@ -316,9 +305,9 @@ def render_markdown(report: dict, images: dict[str, str]) -> str:
     if not named:
         lines += ["", "Gap closed = (ppl_pruned − ppl_healed) / (ppl_pruned − ppl_dense); every model is "
                       "evaluated with the same protocol, windows and dtype."]
-    if report["zeroshot"]:
-        lines += ["", "## Zero-shot accuracy (lm-evaluation-harness)", "",
-                  *_zeroshot_table(report["zeroshot"])]
+    for evaluator in _others():
+        if report.get(evaluator.name):
+            lines += ["", f"## {evaluator.title}", "", *evaluator.table_lines(report[evaluator.name])]
     lines += ["", "## Sparsity", "", *_sparsity_lines(s)]
     if named:
         lines += [*compare.heal_sparsity_lines(report["heals"]), "", "## Healing", "",
@@ -350,12 +339,13 @@ def _plots(report: dict, run_dir: Path) -> dict[str, str]:
         made["per-layer reconstruction loss"] = plots.plot_layer_losses(
             report["layer_losses"], run_dir / "layer_losses.png", f"Block-wise healing of {model}")
     names = [row["model"] for row in report["models"]]
-    made["perplexity"] = plots.plot_perplexity(
+    made["perplexity"] = PerplexityEvaluator.plot(
         {d: {m: row[m] for m in names if m in row} for d, row in report["perplexity"].items()},
         run_dir / "perplexity.png", f"Perplexity of {model}")
-    made["zero-shot accuracy"] = plots.plot_zeroshot(
-        {t: {m: r.get("acc") for m, r in row.items()} for t, row in report["zeroshot"].items()},
-        run_dir / "zeroshot.png", f"Zero-shot accuracy of {model}")
+    for evaluator in _others():
+        caption = evaluator.caption
+        made[caption] = evaluator.plot(report.get(evaluator.name) or {}, run_dir / f"{evaluator.name}.png",
+                                       f"{caption[:1].upper()}{caption[1:]} of {model}")
     return {caption: path.name for caption, path in made.items() if path is not None}
 
 
