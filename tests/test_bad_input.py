@@ -46,7 +46,8 @@ CASES = [
     Case("pattern-words", P + ("--pattern", "structured"), "--pattern", "N:M"),
     Case("pattern-2:4-other-ratio", P + ("--pattern", "2:4", "--sparsity", "0.6"), "--sparsity", "0.5"),
     Case("pattern-4:8-other-ratio", P + ("--pattern", "4:8", "--sparsity", "0.7"), "--sparsity", "0.5"),
-    Case("method-unknown", P + ("--method", "obs"), "--method", "magnitude, sparsegpt, wanda"),
+    Case("method-unknown", P + ("--method", "obs"), "--method",
+         "ablate_wanda_seq, magnitude, ria, sparsegpt, wanda"),
     # --- prune: model sources
     Case("model-missing", ("prune", "{tmp}/no-model", "-o", "{out}"), "MODEL", "smollm2-135m"),
     Case("model-not-a-model-dir", ("prune", "{tmp}/emptydir", "-o", "{out}"), "MODEL", "config.json"),

@@ -49,6 +49,7 @@ from sparseheal.registry import HEALERS, PRUNERS
 from sparseheal.settings import REQUIRED, Settings, Stage, refuse_unused, setting
 from sparseheal.sparsity.base import PruneSettings
 from sparseheal.sparsity.calibrate import CalibrationSettings
+from sparseheal.sparsity.dsnot import RefineSettings
 from sparseheal.sparsity.owl import LayerSparsitySettings
 
 __all__ = ["PRUNE", "HEAL", "MERGE", "EVALUATE", "INSPECT", "prune", "heal", "merge", "evaluate", "inspect",
@@ -103,7 +104,8 @@ def _method_groups(registry) -> list[type[Settings]]:
 
 
 PRUNE = Stage("prune", [PruneIO, PruneSettings, LayerSparsitySettings, CalibrationSettings,
-                        *_method_groups(PRUNERS), ComputeSettings, DataSettings, TrustSettings, Overwrite])
+                        *_method_groups(PRUNERS), RefineSettings, ComputeSettings, DataSettings,
+                        TrustSettings, Overwrite])
 HEAL = Stage("heal", [HealIO, HealMethodSettings, TrainingSettings, *_method_groups(HEALERS),
                       HealMergeSettings, DistillSettings, SelfGenSettings, FsdpSettings, ComputeSettings,
                       DataSettings, TrustSettings, Overwrite])
@@ -136,7 +138,18 @@ def _method_options(how: PruneSettings, built: dict) -> Settings | None:
         if group is not how.pruner.settings:
             owners = " or ".join(n for n, p in PRUNERS.items() if p.settings is group)
             refuse_unused(built[group], (), lambda _name, owners=owners: f"applies to --method {owners} only")
-    return built[how.pruner.settings] if how.pruner.settings else None
+    options = built[how.pruner.settings] if how.pruner.settings else None
+    how.pruner.check_pattern(options, how.nm)
+    refine = built[RefineSettings]
+    if refine.refine == "none":
+        refine_unused(refine)
+    refine.check_method(how.method, how.pruner.needs_calibration)
+    return options
+
+
+def refine_unused(refine: RefineSettings) -> None:
+    """DSnoT's options given without ``--refine dsnot`` are refused."""
+    refuse_unused(refine, ("refine",), lambda _name: "applies to --refine dsnot only")
 
 
 def _prune_preflight(built: dict) -> Settings | None:
@@ -183,8 +196,9 @@ def prune(built: dict) -> Path:
     io = built[PruneIO]
     with output_lock(io.output):
         return run_prune(io.model, io.output, built[Overwrite].overwrite, built[PruneSettings],
-                         built[CalibrationSettings], options, built[LayerSparsitySettings],
-                         built[ComputeSettings], built[TrustSettings], built[DataSettings].data_dir)
+                         built[CalibrationSettings], options, built[RefineSettings],
+                         built[LayerSparsitySettings], built[ComputeSettings], built[TrustSettings],
+                         built[DataSettings].data_dir)
 
 
 def _heal_preflight(built: dict):
@@ -302,6 +316,8 @@ def inspect(built: dict) -> dict:
     Returns:
         A report dict; ``report["ok"]`` is False when any check fails.
     """
+    from sparseheal.card_stages import pruning_record
+    from sparseheal.cards import stage_chain
     from sparseheal.models import load_model, resolve_source
     from sparseheal.sparsity.inspection import inspect_model
     from sparseheal.sparsity.store import MASKS_FILE, check_masks_file, check_own_masks
@@ -320,4 +336,8 @@ def inspect(built: dict) -> dict:
     lm, _, source = load_model(io.model, "auto", "cpu", trust.trust_remote_code, trust.allow_pickle)
     masks_file = io.masks or (Path(source.path) / MASKS_FILE)
     masks_file = masks_file if Path(masks_file).is_file() else None
+    if record is not None and masks_file is not None and not record.get("pattern"):
+        # a healed (or masked-merge) model keeps the masks of its prune: its pattern is checked too
+        pruned = pruning_record(stage_chain(record, source.path))
+        record = {**record, "pattern": pruned.get("pattern"), "layer_sparsity": pruned.get("layer_sparsity")}
     return inspect_model(lm, record, masks_file)

@@ -351,7 +351,7 @@ def write_blockwise_output(job: Any, lm, tokenizer, ctx: dict, watch: Any) -> Pa
     from sparseheal.models import save_model, source_hash
     from sparseheal.records import atomic_dir, peak_rss_mb, write_record
     from sparseheal.sparsity.masks import sparsity_of
-    from sparseheal.sparsity.store import save_masks, weights_hash
+    from sparseheal.sparsity.store import carry_input_orders, save_masks, weights_hash
 
     pruned, teacher = ctx["pruned_record"], ctx["teacher"]
     with atomic_dir(job.output, job.overwrite) as tmp, watch("save"):
@@ -360,6 +360,7 @@ def write_blockwise_output(job: Any, lm, tokenizer, ctx: dict, watch: Any) -> Pa
         weights = weights_hash(tmp)
         save_masks(ctx["masks"], tmp / MASKS_FILE, {"pattern": pruned.get("pattern", "unstructured"),
                                                     "weights_hash": weights})
+        carry_input_orders(ctx["source"].path, tmp / MASKS_FILE)
         verification = verify_saved_masks(tmp, ctx["masks"], lm)
         if not verification["ok"]:
             raise StageError("--lr", f"{verification['mask_violations']} pruned weights are not +0.0; "

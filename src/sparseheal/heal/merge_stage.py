@@ -35,7 +35,7 @@ from sparseheal.models import (
 )
 from sparseheal.records import Stopwatch, atomic_dir, peak_rss_mb, read_record, write_record
 from sparseheal.sources import non_finite_weights
-from sparseheal.sparsity.store import check_masks_hold, check_own_masks, weights_hash
+from sparseheal.sparsity.store import carry_input_orders, check_masks_hold, check_own_masks, weights_hash
 
 __all__ = ["preflight_merge", "run_merge", "merge_record"]
 
@@ -106,6 +106,7 @@ def run_merge(adapter: str, output: str, overwrite: bool, settings: MergeSetting
     peft_model = apply_adapter(lm, adapter, base_dir, trust.allow_pickle)
     with atomic_dir(output, overwrite) as tmp, watch("merge"):
         stats = save_merged(peft_model, tokenizer, masks, settings.mode, tmp, windows, settings.eval_data)
+        carry_input_orders(source.path, tmp / MASKS_FILE)
         base_hash = weights_hash(source.path)
         record = merge_record(read_record(source.path), stats, source, base_hash, adapter, mask_source)
         write_record(tmp, {**record, "weights_hash": weights_hash(tmp), "timings": watch.times,

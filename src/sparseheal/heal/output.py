@@ -17,7 +17,7 @@ from sparseheal.heal.merge_stage import merge_record
 from sparseheal.heal.training import LOG_FILE
 from sparseheal.records import Stopwatch, atomic_dir, write_record
 from sparseheal.sources import non_finite_weights
-from sparseheal.sparsity.store import stamp_masks, weights_hash
+from sparseheal.sparsity.store import carry_input_orders, stamp_masks, weights_hash
 
 __all__ = ["write_heal_output", "check_finite_weights"]
 
@@ -39,6 +39,7 @@ def write_heal_output(job: HealJob, student, tokenizer, ctx: dict, watch: Stopwa
         extra = {"masks_from": ctx["mask_source"], **job.healer.save(student, tokenizer, tmp, masks, pattern)}
         check_finite_weights(tmp)
         if (tmp / MASKS_FILE).is_file():  # masks saved beside trained weights name those weights
+            carry_input_orders(source.path, tmp / MASKS_FILE)
             extra["weights_hash"] = weights_hash(tmp)
             stamp_masks(tmp / MASKS_FILE, extra["weights_hash"])
         shutil.copyfile(job.checkpoint_dir / LOG_FILE, tmp / LOG_FILE)

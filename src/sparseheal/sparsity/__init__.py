@@ -3,7 +3,7 @@
 A new method is one file in this package plus its name in the import below (which registers it).
 """
 
-from sparseheal.sparsity import magnitude, sparsegpt, wanda  # noqa: F401  (registers the methods)
+from sparseheal.sparsity import ablate, magnitude, ria, sparsegpt, wanda  # noqa: F401  (registers the methods)
 from sparseheal.sparsity.calibrate import prune_model
 
 __all__ = ["prune_model"]

@@ -14,6 +14,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from sparseheal.errors import ConfigError
 from sparseheal.layout import Slot
 from sparseheal.registry import PRUNERS
 from sparseheal.settings import Settings, setting
@@ -45,13 +46,24 @@ class LinearPruner:
 
     name: ClassVar[str]  # set by the registration
     needs_calibration: ClassVar[bool] = True
+    nm_capable: ClassVar[bool] = True  # the method defines an N:M selection
     settings: ClassVar[type[Settings] | None] = None
     statistics: ClassVar[tuple[str, ...]] = ()
+    input_order: torch.Tensor | None = None  # (in,) set when N:M groups run along permuted inputs
 
     def __init__(self, module: nn.Module | Slot, options: Settings | None = None) -> None:
         self.slot = module if isinstance(module, Slot) else Slot.of_linear(module)
         self.module = self.slot.weight.module  # where a linear's inputs are hooked
         self.options = options
+
+    @classmethod
+    def check_pattern(cls, options: Settings | None, nm: tuple[int, int] | None) -> None:
+        """Refuses (ConfigError naming the flag) a pattern the method or its options do not define; an
+        options group may add its own rule as ``check_pattern(nm)``."""
+        if nm is not None and not cls.nm_capable:
+            raise ConfigError("--pattern", f"--method {cls.name} prunes unstructured only")
+        if (check := getattr(options, "check_pattern", None)) is not None:
+            check(nm)
 
     def add_batch(self, inputs: torch.Tensor) -> None:
         """Accumulates statistics of a batch of layer inputs, shaped (B, T, in)."""

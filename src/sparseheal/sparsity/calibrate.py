@@ -136,6 +136,7 @@ def prune_model(
     layer_sparsity: list[float] | None = None,
     park: Callable[[nn.Module], None] | None = None,
     unreached: dict[str, list[int]] | None = None,
+    input_orders: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, PackedMask]:
     """Prunes every prunable weight of every decoder layer in place (see :mod:`sparseheal.layout`).
 
@@ -153,6 +154,8 @@ def prune_model(
         layer_sparsity: one sparsity per decoder layer (OWL), instead of ``sparsity`` for all.
         park: called with each layer once nothing reads it any more (see ``sparsity/parking.py``).
         unreached: filled, when given, with the experts no calibration token reached, by mask key.
+        input_orders: filled, when given, with the input order of each weight whose N:M groups run along
+            permuted inputs (RIA's reallocation), by mask key: (in,) long, or (E, in) for fused experts.
 
     Returns:
         Bit-packed keep-masks by mask key (a linear's module name, or a fused experts parameter's name),
@@ -172,7 +175,7 @@ def prune_model(
             batches = capture_layer_inputs(model, layers, tokens, batch_size, device)
         masks = _prune_layers(layers, stack_name, pruner_cls, options, batches, nm,
                               [sparsity] * len(layers) if layer_sparsity is None else layer_sparsity,
-                              device, home if offload else None, park, unreached)
+                              device, home if offload else None, park, unreached, input_orders)
         del batches  # freed before the heap is handed back
         if offload:
             model.to(home)
@@ -182,17 +185,20 @@ def prune_model(
 def _prune_layers(layers: nn.ModuleList, stack_name: str, pruner_cls: type[LinearPruner],
                   options: Settings | None, batches: list | None, nm: tuple[int, int] | None,
                   sparsities: list[float], device: torch.device, home: torch.device | None,
-                  park: Callable[[nn.Module], None] | None,
-                  unreached: dict[str, list[int]] | None) -> dict[str, PackedMask]:
+                  park: Callable[[nn.Module], None] | None, unreached: dict[str, list[int]] | None,
+                  input_orders: dict[str, torch.Tensor] | None = None) -> dict[str, PackedMask]:
     """The layer loop of :func:`prune_model`: prune each layer, pass its outputs on, send it ``home``
     (offload), park it."""
     masks: dict[str, PackedMask] = {}
     missed: dict[str, list[int]] = {} if unreached is None else unreached
+    orders: dict[str, torch.Tensor] = {} if input_orders is None else input_orders
     for index, layer in enumerate(tqdm(layers, desc="pruning layers", unit="layer")):
         layer.to(device)
         prefix = f"{stack_name}.{index}."
-        pruned, layer_missed = _prune_layer(layer, index, pruner_cls, options, batches, nm, sparsities[index])
+        pruned, layer_missed, layer_orders = _prune_layer(layer, index, pruner_cls, options, batches, nm,
+                                                          sparsities[index])
         masks.update({prefix + name: mask for name, mask in pruned.items()})
+        orders.update({prefix + name: order for name, order in layer_orders.items()})
         missed.update({prefix + key: experts for key, experts in layer_missed.items()})
         if batches is not None and index < len(layers) - 1:  # the last layer's outputs feed nothing
             run_layer(layer, at_layer(batches, index), in_place=True)
@@ -206,11 +212,13 @@ def _prune_layers(layers: nn.ModuleList, stack_name: str, pruner_cls: type[Linea
 
 def _prune_layer(layer: nn.Module, index: int, pruner_cls: type[LinearPruner], options: Settings | None,
                  batches: list | None, nm: tuple[int, int] | None,
-                 sparsity: float) -> tuple[dict[str, PackedMask], dict[str, list[int]]]:
+                 sparsity: float) -> tuple[dict[str, PackedMask], dict[str, list[int]],
+                                           dict[str, torch.Tensor]]:
     """Prunes every prunable matrix of decoder layer ``index`` (statistics from ``batches`` first).
 
     Returns:
-        (its packed masks by mask key relative to the layer, the experts no token reached by key)
+        (its packed masks by mask key relative to the layer, the experts no token reached by key, the
+        permuted input orders by key)
     """
     weights = layer_weights(layer)
     pruners = {slot.name: pruner_cls(slot, options) for w in weights.values() for slot in w.slots()}
@@ -220,12 +228,17 @@ def _prune_layer(layer: nn.Module, index: int, pruner_cls: type[LinearPruner], o
         groups = _collect_statistics(layer, index, pruners, batches, unreached)
     else:
         groups = [[n] for n in pruners]
-    stored = {}  # each matrix's mask in its stored orientation, filled group by group
+    stored, order_of = {}, {}  # each matrix's mask in its stored orientation, filled group by group
     for group in groups:  # statistics freed as we go
-        pruned = pruner_cls.prune_group([pruners.pop(name) for name in group], nm, sparsity)
+        members = [pruners.pop(name) for name in group]
+        pruned = pruner_cls.prune_group(members, nm, sparsity)
         stored.update(zip(group, pruned, strict=True))
-    masks = {}
+        order_of.update({p.slot.name: p.input_order.cpu() for p in members if p.input_order is not None})
+    masks, orders = {}, {}
     for key, weight in weights.items():  # the layer's own order
         parts = [stored.pop(slot.name) for slot in weight.slots()]
         masks[key] = PackedMask.pack(parts[0] if weight.experts is None else torch.stack(parts))
-    return masks, unreached
+        if any(slot.name in order_of for slot in weight.slots()):
+            ranks = [order_of[slot.name] for slot in weight.slots()]
+            orders[key] = ranks[0] if weight.experts is None else torch.stack(ranks)
+    return masks, unreached, orders

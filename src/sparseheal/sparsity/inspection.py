@@ -8,17 +8,23 @@ from __future__ import annotations
 
 import os
 
+import torch
 from torch import nn
 
 from sparseheal.layout import MaskedWeight, describe_families, family_table, masked_weight, model_weights
 from sparseheal.sparsity.masks import count_violations, detect_nm, nm_violations, parse_pattern, sparsity_of
-from sparseheal.sparsity.store import check_masks_match, load_masks
+from sparseheal.sparsity.store import check_masks_match, load_input_orders, load_masks
 
 __all__ = ["inspect_model"]
 
 
-def _layer_row(name: str, masked: MaskedWeight, nm: tuple[int, int] | None, mask) -> dict:
+def _layer_row(name: str, masked: MaskedWeight, nm: tuple[int, int] | None, mask,
+               order: torch.Tensor | None = None) -> dict:
     weight = masked.rows()  # (rows, in): every expert's rows for a fused tensor
+    if order is not None:  # N:M along a permuted input order (one per expert for a fused tensor)
+        per_expert = order.reshape(-1, order.shape[-1])  # (E or 1, in)
+        rows = weight.reshape(per_expert.shape[0], -1, weight.shape[-1])  # (E or 1, out, in)
+        weight = torch.cat([r[:, o] for r, o in zip(rows, per_expert, strict=True)])
     found = detect_nm(weight)
     row = {
         "name": name,
@@ -49,13 +55,14 @@ def inspect_model(model: nn.Module, record: dict | None, masks_file: str | os.Pa
     weights = model_weights(model)
     pattern = (record or {}).get("pattern")
     nm = parse_pattern(pattern) if pattern else None
-    masks = None
+    masks, orders = None, {}
     if masks_file is not None:
         masks, _ = load_masks(masks_file)
         check_masks_match(model, masks, str(masks_file))
+        orders = load_input_orders(masks_file)
     if masks is not None:  # the weights the file names too (checked to exist by check_masks_match)
         weights.update({name: masked_weight(model, name) for name in masks if name not in weights})
-    rows = [_layer_row(name, w, nm, None if masks is None else masks.get(name))
+    rows = [_layer_row(name, w, nm, None if masks is None else masks.get(name), orders.get(name))
             for name, w in weights.items()]
     families = family_table(model, {r["name"]: r["numel"] - r["zeros"] for r in rows})
     zeros, numel = sum(r["zeros"] for r in rows), sum(r["numel"] for r in rows)

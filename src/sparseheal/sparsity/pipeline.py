@@ -28,6 +28,7 @@ from sparseheal.records import Stopwatch, atomic_dir, peak_rss_mb, read_record, 
 from sparseheal.settings import Settings
 from sparseheal.sparsity.base import PruneSettings
 from sparseheal.sparsity.calibrate import CalibrationSettings, prune_model
+from sparseheal.sparsity.dsnot import RefineSettings, refined
 from sparseheal.sparsity.masks import sparsity_of
 from sparseheal.sparsity.owl import LayerSparsitySettings, layer_outlier_ratios, owl_sparsities
 from sparseheal.sparsity.parking import parking_for
@@ -107,7 +108,8 @@ def _prune_record(model: str, how: PruneSettings, calibration: CalibrationSettin
 
 
 def run_prune(model: str, output: str, overwrite: bool, how: PruneSettings, calibration: CalibrationSettings,
-              options: Settings | None, spread: LayerSparsitySettings, compute: ComputeSettings,
+              options: Settings | None, refine: RefineSettings, spread: LayerSparsitySettings,
+              compute: ComputeSettings,
               trust: TrustSettings, data_dir: str | None) -> Path:
     """Prunes ``model`` and writes ``output`` (see ``sparseheal.api.prune``); returns the output."""
     watch = Stopwatch()
@@ -127,17 +129,24 @@ def run_prune(model: str, output: str, overwrite: bool, how: PruneSettings, cali
         model_bytes = sum(p.numel() * p.element_size() for p in lm.parameters())
         park = parking_for(output, model_bytes, torch.device("cpu" if how.offload else device))
     unreached: dict[str, list[int]] = {}
+    orders: dict[str, torch.Tensor] = {}
     with watch("prune"):
-        masks = prune_model(lm, how.pruner, tokens, how.nm, how.sparsity, calibration.calibration_batch_size,
+        pruner = refined(how.pruner, refine) if refine.refine == "dsnot" else how.pruner
+        masks = prune_model(lm, pruner, tokens, how.nm, how.sparsity, calibration.calibration_batch_size,
                             device, offload=how.offload, options=options, layer_sparsity=ratios, park=park,
-                            unreached=unreached)
+                            unreached=unreached, input_orders=orders)
     record = {**_prune_record(model, how, calibration, options, source, lm, masks, watch, unreached),
               "layer_sparsity": spread_record}
+    if refine.refine != "none":
+        record["refine"] = refine.values()
+    if orders:
+        record["input_orders"] = (f"N:M along a permuted input order for {len(orders)} weights: "
+                                  f"input_order/KEY tensors in {MASKS_FILE}")
     with atomic_dir(output, overwrite) as tmp:
         save_model(lm, tokenizer, tmp)
         record["weights_hash"] = weights_hash(tmp)  # the masks belong to these weights (checked on load)
         save_masks(masks, tmp / MASKS_FILE, {"base_hash": record["base_hash"], "pattern": how.pattern,
-                                             "weights_hash": record["weights_hash"]})
+                                             "weights_hash": record["weights_hash"]}, orders)
         write_record(tmp, record)
         write_card(tmp, name=Path(output).name)
     log.info("pruned %s with %s (%s) -> %s: %.2f%% of the %d weights it pruned are zero (%s)", model,

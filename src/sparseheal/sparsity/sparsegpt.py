@@ -10,6 +10,7 @@ Can Be Accurately Pruned in One-Shot", https://arxiv.org/abs/2301.00774.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import accumulate
 
@@ -23,8 +24,19 @@ from sparseheal.sparsity.gram import GramSum
 from sparseheal.sparsity.masks import nm_mask, unstructured_mask
 
 __all__ = [
-    "SparseGPTSettings", "inverse_hessian_factor", "sparsegpt_prune", "HessianState", "SparseGPTPruner",
+    "SparseGPTSettings", "Saliency", "obs_saliency", "inverse_hessian_factor", "sparsegpt_prune",
+    "HessianState", "SparseGPTPruner",
 ]
+
+# which weights of a block (or an N:M group) to prune: (rows (b, out) of the block's columns as updated so
+# far, transposed; (b,) diagonal of U for those columns; index of the first column) -> (b, out) scores,
+# the lowest pruned
+Saliency = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
+
+
+def obs_saliency(wt: torch.Tensor, hdiag: torch.Tensor, start: int) -> torch.Tensor:
+    """SparseGPT's OBS saliency ``w^2 / [H^-1]_jj^2`` of (b, out) transposed columns with diagonal (b,)."""
+    return wt.pow(2) / hdiag.reshape(-1, 1).pow(2)
 
 
 @dataclass
@@ -55,15 +67,16 @@ def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float) -> tuple[torc
     return torch.linalg.cholesky(inverse, upper=True), dead
 
 
-def _block_mask(wt: torch.Tensor, hinv_diag: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """Unstructured pruned set of one block, transposed: the lowest W^2 / d^2 over the whole block (ties
+def _block_mask(wt: torch.Tensor, hinv_diag: torch.Tensor, sparsity: float, saliency: Saliency,
+                start: int) -> torch.Tensor:
+    """Unstructured pruned set of one block, transposed: the lowest saliency over the whole block (ties
     in the weight's own row-major order)."""
-    saliency = wt.t().pow(2) / hinv_diag.reshape(1, -1).pow(2)  # (out, b)
-    return (~unstructured_mask(saliency, sparsity, per_row=False)).t().contiguous()  # (b, out)
+    scores = saliency(wt, hinv_diag, start).t()  # (out, b)
+    return (~unstructured_mask(scores, sparsity, per_row=False)).t().contiguous()  # (b, out)
 
 
-def _reconstruct_block(wt: torch.Tensor, h1: torch.Tensor, pt: torch.Tensor,
-                       nm: tuple[int, int] | None) -> torch.Tensor:
+def _reconstruct_block(wt: torch.Tensor, h1: torch.Tensor, pt: torch.Tensor, nm: tuple[int, int] | None,
+                       saliency: Saliency = obs_saliency, start: int = 0) -> torch.Tensor:
     """Prunes one block column by column, spreading each column's error over the block's later columns.
 
     The block is held transposed so that a column is a contiguous row: column ``i``'s error is
@@ -78,8 +91,11 @@ def _reconstruct_block(wt: torch.Tensor, h1: torch.Tensor, pt: torch.Tensor,
     Args:
         wt: (b, out) float32 block of the weight, transposed; updated in place.
         h1: (b, b) the block's square of the upper factor U.
-        pt: (b, out) bool pruned set; for N:M filled here group by group (from the updated weights).
+        pt: (b, out) bool pruned set; for N:M filled here group by group (from the updated weights),
+            unless ``saliency`` is None (the set is given).
         nm: (n, m) pattern or None.
+        saliency: the N:M groups' scores (SparseGPT's OBS saliency by default).
+        start: the block's first column in the weight (for a saliency that reads per-column statistics).
 
     Returns:
         (b, out) the columns' errors, transposed.
@@ -94,9 +110,9 @@ def _reconstruct_block(wt: torch.Tensor, h1: torch.Tensor, pt: torch.Tensor,
     zero = wt.new_zeros(())  # a tensor, not a Python float: torch.where wraps a float anew every call
     finite = bool(torch.isfinite(wt).all())  # then w_i - q is w_i where pruned and +0 where kept
     for i in range(b):
-        if nm is not None and i % nm[1] == 0:
-            saliency = wt[i : i + nm[1]].pow(2) / hdiag[i : i + nm[1], None].pow(2)  # (m, out)
-            pt[i : i + nm[1]] = ~nm_mask(saliency.t(), *nm).t()
+        if nm is not None and saliency is not None and i % nm[1] == 0:
+            scores = saliency(wt[i : i + nm[1]], hdiag[i : i + nm[1]], start + i)  # (m, out)
+            pt[i : i + nm[1]] = ~nm_mask(scores.t(), *nm).t()
         col = cols[i]  # (out,)
         lost = torch.where(pruned[i], col, zero) if finite else col - col.masked_fill(pruned[i], 0.0)
         torch.div(lost, diag[i], out=errs[i])  # (out,)
@@ -113,6 +129,8 @@ def sparsegpt_prune(
     nm: tuple[int, int] | None,
     sparsity: float,
     blocksize: int,
+    saliency: Saliency | None = obs_saliency,
+    keep: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Prunes ``weight`` with OBS reconstruction.
 
@@ -126,6 +144,11 @@ def sparsegpt_prune(
         nm: (n, m) to keep n of every m inputs, or None for unstructured.
         sparsity: fraction pruned (unstructured).
         blocksize: columns processed per lazy-update block (rounded down to a multiple of M for N:M).
+        saliency: how each block (or N:M group) picks its pruned set from its weights as updated so
+            far (SparseGPT's OBS saliency; the Wanda code's ``*_iter`` ablations use |W| or Wanda's
+            score); None with ``keep``.
+        keep: (Σ out_i, in) bool keep-mask fixed before the column loop (the ``*_seq`` ablations): the
+            loop then only reconstructs.
 
     Returns:
         (updated (Σ out_i, in) float32 weight with pruned entries zero, (Σ out_i, in) bool keep-mask),
@@ -143,11 +166,14 @@ def sparsegpt_prune(
         i2 = min(i1 + blocksize, cols)
         wt = w[:, i1:i2].t().contiguous()  # (b, out)
         h1 = hinv[i1:i2, i1:i2]  # (b, b)
-        if nm is None:  # (b, out) True = pruned
-            pt = torch.cat([_block_mask(wt[:, r0:r1], torch.diag(h1), sparsity) for r0, r1 in rows], dim=1)
+        if keep is not None:  # (b, out) True = pruned
+            pt = ~keep[:, i1:i2].t().contiguous()
+        elif nm is None:
+            pt = torch.cat([_block_mask(wt[:, r0:r1], torch.diag(h1), sparsity, saliency, i1)
+                            for r0, r1 in rows], dim=1)
         else:
             pt = torch.zeros_like(wt, dtype=torch.bool)
-        errt = _reconstruct_block(wt, h1, pt, nm)  # (b, out)
+        errt = _reconstruct_block(wt, h1, pt, nm, None if keep is not None else saliency, i1)  # (b, out)
         w[:, i1:i2] = wt.t()
         pruned[:, i1:i2] = pt.t()
         for r0, r1 in rows:  # the block's errors on the later blocks, one product per weight
@@ -172,6 +198,7 @@ class HessianState:
         self.gram_sum: GramSum | None = GramSum()  # Σ x xᵀ, (in, in)
         self.tokens = 0
         self._factor: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.mean_sq: torch.Tensor | None = None  # (in,) E[x_j^2], Wanda's statistic, kept when factored
 
     def add(self, flat: torch.Tensor) -> None:
         """Adds a batch of inputs, (N, in) float32."""
@@ -193,6 +220,7 @@ class HessianState:
             total = self.gram_sum.value() if self.gram_sum is not None else None
             if total is None:
                 raise RuntimeError("sparsegpt needs calibration inputs before pruning")
+            self.mean_sq = total.diagonal() / self.tokens  # (in,) a copy, before the factor changes it
             self._factor = inverse_hessian_factor(total.mul_(2.0 / self.tokens), percdamp)
             self.gram_sum = None
         return self._factor
@@ -233,14 +261,28 @@ class SparseGPTPruner(LinearPruner):
         masks = cls._reconstruct(group, [p.slot.view() for p in group], nm, sparsity)
         return [pruner.commit(mask) for pruner, mask in zip(group, masks, strict=True)]
 
-    @staticmethod
-    def _reconstruct(group: list[SparseGPTPruner], weights: list[torch.Tensor], nm: tuple[int, int] | None,
-                     sparsity: float) -> list[torch.Tensor]:
+    @classmethod
+    def mask_rule(cls, mean_sq: torch.Tensor, weights: list[torch.Tensor], nm: tuple[int, int] | None,
+                  sparsity: float) -> tuple[Saliency | None, torch.Tensor | None]:
+        """How the column loop chooses what to prune: (saliency, None) per block, or (None, keep-mask)
+        fixed up front; SparseGPT's own is the OBS saliency.
+
+        Args:
+            mean_sq: (in,) E[x_j^2] of the shared input.
+            weights: the (out_i, in) weights, before pruning.
+        """
+        return obs_saliency, None
+
+    @classmethod
+    def _reconstruct(cls, group: list[SparseGPTPruner], weights: list[torch.Tensor],
+                     nm: tuple[int, int] | None, sparsity: float) -> list[torch.Tensor]:
         """Prunes ``weights`` (each (out_i, in), one per pruner of ``group``, sharing ``group[0]``'s
         Hessian) with reconstruction, writes the new values into them and returns their keep-masks."""
         opts = group[0].options
         hinv, dead = group[0].hessian.factor(opts.sparsegpt_dampening)
-        new, keep = sparsegpt_prune(weights, hinv, dead, nm, sparsity, opts.sparsegpt_block_size)
+        saliency, fixed = cls.mask_rule(group[0].hessian.mean_sq, weights, nm, sparsity)
+        new, keep = sparsegpt_prune(weights, hinv, dead, nm, sparsity, opts.sparsegpt_block_size, saliency,
+                                    fixed)
         parts = [w.shape[0] for w in weights]
         for pruner, weight, new_w in zip(group, weights, new.split(parts), strict=True):
             weight.copy_(new_w.to(weight.dtype))

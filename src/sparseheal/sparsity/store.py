@@ -33,18 +33,25 @@ __all__ = [
     "check_masks_belong",
     "check_own_masks",
     "check_masks_hold",
+    "ORDER_PREFIX",
+    "load_input_orders",
+    "carry_input_orders",
 ]
 
 log = logging.getLogger(__name__)
 
 _FORMAT = "packbits-msb-v1"
+ORDER_PREFIX = "input_order/"  # + mask key: the input order its N:M groups run along (int32)
 
 
 def save_masks(
-    masks: dict[str, torch.Tensor | PackedMask], path: str | os.PathLike, meta: dict | None = None
+    masks: dict[str, torch.Tensor | PackedMask], path: str | os.PathLike, meta: dict | None = None,
+    input_orders: dict[str, torch.Tensor] | None = None,
 ) -> None:
-    """Saves keep-masks (bool tensors or PackedMask) bit-packed; shapes and ``meta`` go into the metadata."""
+    """Saves keep-masks (bool tensors or PackedMask) bit-packed; shapes and ``meta`` go into the metadata,
+    and each permuted input order (``(in,)`` or ``(E, in)``) as an int32 tensor ``input_order/KEY``."""
     tensors = {name: m.bits if isinstance(m, PackedMask) else pack_mask(m.cpu()) for name, m in masks.items()}
+    tensors.update(_order_tensors(input_orders or {}))
     header = {
         "format": _FORMAT,
         "shapes": json.dumps({name: list(mask.shape) for name, mask in masks.items()}),
@@ -84,7 +91,7 @@ def load_masks(
             if meta.get("format") != _FORMAT:
                 raise ConfigError(flag, f"{path} is not a sparseheal masks file")
             shapes = json.loads(meta["shapes"])
-            bits = {name: fh.get_tensor(name) for name in fh.keys()}
+            bits = {name: fh.get_tensor(name) for name in fh.keys() if not name.startswith(ORDER_PREFIX)}
     except (OSError, ValueError, KeyError, SafetensorError) as err:
         if isinstance(err, ConfigError):
             raise
@@ -142,6 +149,32 @@ def weights_hash(model_dir: str | os.PathLike) -> str:
     if key not in _HASHES:
         _HASHES[key] = hash_weights(root)
     return _HASHES[key]
+
+
+def load_input_orders(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The permuted input orders a masks file holds, by mask key (none: an empty dict)."""
+    if not Path(path).is_file():
+        return {}
+    with safe_open(str(path), framework="pt") as fh:
+        keys = [k for k in fh.keys() if k.startswith(ORDER_PREFIX)]
+        return {k[len(ORDER_PREFIX):]: fh.get_tensor(k).long() for k in keys}
+
+
+def carry_input_orders(source_dir: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Adds to the masks file ``path`` the input orders of ``source_dir``'s masks (the masks a heal or a
+    merge kept): the permutation a kernel needs stays with the masks it belongs to."""
+    orders = load_input_orders(Path(source_dir) / MASKS_FILE)
+    if not orders or not Path(path).is_file():
+        return
+    with safe_open(str(path), framework="pt") as fh:
+        meta = fh.metadata() or {}
+        tensors = {name: fh.get_tensor(name) for name in fh.keys()}
+    tensors.update(_order_tensors(orders))
+    save_file(tensors, str(path), metadata=meta)
+
+
+def _order_tensors(orders: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {ORDER_PREFIX + k: v.to(torch.int32).contiguous() for k, v in orders.items()}
 
 
 def stamp_masks(path: str | os.PathLike, weights: str) -> None:
