@@ -175,6 +175,9 @@ def test_refined_pruner_regrows_original_values():
     pruner = cls(layer, WandaSettings())
     pruner.add_batch(x)
     mask = pruner.prune(None, 0.5)
+    plain = WandaPruner(_linear(64, 12, seed=3))
+    plain.add_batch(x)
+    assert not torch.equal(mask, plain.prune(None, 0.5))  # it swapped
     assert count_violations(layer.weight.data, mask) == 0
     assert torch.equal(layer.weight.data[mask], original[mask])  # kept (and regrown) hold their values
     assert int((~mask).sum()) == 12 * 32

@@ -224,10 +224,11 @@ def refined(pruner_cls: type[LinearPruner], options: RefineSettings) -> type[Lin
             return super().commit(mask)
 
         def _swap(self, mask: torch.Tensor) -> torch.Tensor:
-            weight = self.slot.view()  # (out, in), the method's output
+            weight = self.slot.view()  # (out, in), the method's output (pruned positions not yet zeroed)
+            current = weight.detach().masked_fill(~mask, 0.0)
             order = self.input_order if self.input_order is not None else torch.arange(weight.shape[1])
             order = order.to(weight.device)
-            keep, regrown = dsnot_refine(self.original[:, order], weight[:, order], mask[:, order],
+            keep, regrown = dsnot_refine(self.original[:, order], current[:, order], mask[:, order],
                                          _permuted(self.dsnot, order), self.nm, options.dsnot_cycles,
                                          options.dsnot_threshold, options.dsnot_power)
             back = torch.empty_like(mask)
