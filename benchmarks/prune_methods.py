@@ -92,21 +92,28 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     settings = args.settings.split(",")
     dense = perplexity(args.model, work / "dense.eval.json", args.eval_windows, reuse=True)["ppl"]
-    rows = []
+    rows: list[dict] = []
+
+    def save(healed: list[dict]) -> None:  # after every row: an interrupted run keeps what it measured
+        write_json(Path(args.output), {"settings": {k: v for k, v in vars(args).items() if k != "output"},
+                                       "dense_ppl": round(dense, 3), "rows": rows, "healed": healed})
+
     for method in args.methods.split(","):
         for setting in (s for s in settings if s in METHODS[method][1]):
             for dsnot in (False, True) if method in DSNOT else (False,):
                 rows.append(prune_row(method, setting, dsnot, args, work))
                 print(json.dumps(rows[-1]), flush=True)
+                save([])
     print(f"dense perplexity {dense:.3f}")
     columns = ["method", "dsnot", "setting", "ppl", "achieved", "prune_wall_s", "prune_cpu_s", "peak_rss_mb"]
     print_table(rows, columns)
     best = sorted((r for r in rows if r["setting"] == "2:4"), key=lambda r: r["ppl"])[: args.heal_best]
-    healed = [heal_row(r, args, work) for r in best]
+    healed = []
+    for r in best:
+        healed.append(heal_row(r, args, work))
+        save(healed)
     if healed:
         print_table(healed, ["method", "dsnot", "setting", "ppl", "healed_ppl", "heal_wall_s"])
-    write_json(Path(args.output), {"settings": {k: v for k, v in vars(args).items() if k != "output"},
-                                   "dense_ppl": round(dense, 3), "rows": rows, "healed": healed})
 
 
 if __name__ == "__main__":

@@ -16,13 +16,12 @@ from hypothesis import strategies as st
 
 from sparseheal import cli
 from sparseheal.config import ConfigError
+from sparseheal.sparsity.base import parse_pattern, resolve_sparsity
 from sparseheal.sparsity.masks import (
     MAX_GROUP,
     nm_mask,
     nm_violations,
     pack_mask,
-    parse_pattern,
-    resolve_sparsity,
     unpack_mask,
     unstructured_mask,
 )

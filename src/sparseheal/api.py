@@ -96,6 +96,8 @@ class InspectIO(Settings):
     model: str = setting(REQUIRED, "a model directory (or any model source).", positional=True)
     masks: str | None = setting(None, "a masks file to verify against (default: the model's own "
                                       "sparsity_masks.safetensors).")
+    export_masks: str | None = setting(None, "write the masks to this new directory as one KEY.npy bool "
+                                             "array per weight plus masks.json.")
 
 
 def _method_groups(registry) -> list[type[Settings]]:
@@ -139,12 +141,17 @@ def _method_options(how: PruneSettings, built: dict) -> Settings | None:
             owners = " or ".join(n for n, p in PRUNERS.items() if p.settings is group)
             refuse_unused(built[group], (), lambda _name, owners=owners: f"applies to --method {owners} only")
     options = built[how.pruner.settings] if how.pruner.settings else None
-    how.pruner.check_pattern(options, how.nm)
+    how.pruner.check_pattern(options, how.shape)
     refine = built[RefineSettings]
     if refine.refine == "none":
         refine_unused(refine)
-    refine.check_method(how.method, how.pruner.needs_calibration)
+    refine.check_method(how.method, how.pruner.needs_calibration, how.shape.kind)
     return options
+
+
+def _all_method_options(built: dict) -> dict[str, Settings | None]:
+    """Each pruning method's settings group as built (None for a method without one), by name."""
+    return {name: built[cls.settings] if cls.settings else None for name, cls in PRUNERS.items()}
 
 
 def refine_unused(refine: RefineSettings) -> None:
@@ -166,6 +173,11 @@ def _prune_preflight(built: dict) -> Settings | None:
         read_record(io.model, "MODEL")  # a damaged record of the input: refused now, not after the work
     check_prune_model(io.model, how, calibration, built[TrustSettings].trust_remote_code)  # a broken config
     # says so first
+    if how.plan or how.ignore:  # every rule checked against the model's structure, before weights load
+        from sparseheal.sparsity.pipeline import plan_assignments
+
+        plan_assignments(model_skeleton(io.model, built[TrustSettings].trust_remote_code), how,
+                         _all_method_options(built), built[RefineSettings])
     check_weight_files(input_path(io.model) if Path(io.model).is_dir() else None, "MODEL")
     check_free_space(io.output, _prune_output_bytes(io.model), "the model's weight files, their masks "
                      "(a sixteenth at most) and its tokenizer and config files")
@@ -198,7 +210,7 @@ def prune(built: dict) -> Path:
         return run_prune(io.model, io.output, built[Overwrite].overwrite, built[PruneSettings],
                          built[CalibrationSettings], options, built[RefineSettings],
                          built[LayerSparsitySettings], built[ComputeSettings], built[TrustSettings],
-                         built[DataSettings].data_dir)
+                         built[DataSettings].data_dir, _all_method_options(built))
 
 
 def _heal_preflight(built: dict):
@@ -320,13 +332,17 @@ def inspect(built: dict) -> dict:
     from sparseheal.cards import stage_chain
     from sparseheal.models import load_model, resolve_source
     from sparseheal.sparsity.inspection import inspect_model
-    from sparseheal.sparsity.store import MASKS_FILE, check_masks_file, check_own_masks
+    from sparseheal.sparsity.store import MASKS_FILE, check_masks_file, check_own_masks, export_masks
 
     io, trust = built[InspectIO], built[TrustSettings]
     check_pickle(io.model, trust.allow_pickle)
     check_weight_files(io.model if Path(io.model).is_dir() else None, "MODEL")
     if io.masks is not None and not Path(io.masks).is_file():
         raise ConfigError("--masks", f"{io.masks} is not a file")
+    if io.export_masks is not None:
+        check_output(io.export_masks, overwrite=False, flag="--export-masks")
+        check_not_an_input(io.export_masks, [("MODEL", input_path(io.model)), ("--masks", io.masks)],
+                           "--export-masks")
     if io.masks is not None:
         check_masks_file(io.masks, io.model)
     else:  # the directory's own masks must belong to its weights
@@ -340,4 +356,9 @@ def inspect(built: dict) -> dict:
         # a healed (or masked-merge) model keeps the masks of its prune: its pattern is checked too
         pruned = pruning_record(stage_chain(record, source.path))
         record = {**record, "pattern": pruned.get("pattern"), "layer_sparsity": pruned.get("layer_sparsity")}
-    return inspect_model(lm, record, masks_file)
+    report = inspect_model(lm, record, masks_file)
+    if io.export_masks is not None:
+        if masks_file is None:
+            raise ConfigError("--export-masks", f"{io.model} has no masks file to export (give --masks)")
+        report["exported"] = str(export_masks(masks_file, io.export_masks))
+    return report

@@ -34,6 +34,26 @@ def heal_method(record: dict) -> str | None:
     return record.get("heal_method") or record.get("method")
 
 
+def _plan_lines(record: dict) -> list[str]:
+    """A sparsity plan's lines: its source, what each pattern covered and what stayed dense."""
+    plan = record.get("plan")
+    if not plan:
+        lines = []
+    else:
+        counts: dict[str, int] = {}
+        for got in plan.get("modules", {}).values():
+            shown = "dense" if got == "dense" else f"{got['method']} {got['pattern']}"
+            counts[shown] = counts.get(shown, 0) + 1
+        dense = plan.get("dense") or {}
+        lines = [f"- sparsity plan: `{plan.get('file') or '-'}`, ignore `{plan.get('ignore') or '-'}`; "
+                 f"weights per choice: {', '.join(f'{k} {v}' for k, v in counts.items())}; "
+                 f"{number(dense.get('parameters'))} parameters kept dense (each weight's rule: "
+                 "`sparseheal.json`)"]
+    if record.get("refine"):
+        lines.append(f"- refined with `{record['refine'].get('refine')}` ({record['refine']})")
+    return lines
+
+
 def _prune_lines(record: dict) -> list[str]:
     cal, spread = record.get("calibration"), record.get("layer_sparsity") or {}
     lines = [f"- source model: `{record.get('base_model')}`",
@@ -46,6 +66,7 @@ def _prune_lines(record: dict) -> list[str]:
         shown = ", ".join(f"{name} {number(row['pruned'])} of {number(row['parameters'])}"
                           + ("" if row["masked"] else " (dense)") for name, row in record["families"].items())
         lines.append(f"- pruned weights by family in the decoder layers (of all parameters): {shown}")
+    lines += _plan_lines(record)
     if cal:
         lines.append(f"- calibration: `{cal.get('source')}`, {number(cal.get('nsamples'))} samples of "
                      f"{number(cal.get('seqlen'))} tokens, seed {number(cal.get('seed'))}")

@@ -124,6 +124,10 @@ def _print_prune(output: Path) -> None:
           f"{100 * record.get('sparsity_achieved', 0):.2f}% of prunable weights are zero -> {output}")
     if families:
         print(f"  by family in the decoder layers: {describe_families(families)}")
+    dense = (record.get("plan") or {}).get("dense")
+    if dense:
+        print(f"  kept dense by the plan: {dense['modules']} weights ({dense['parameters']:,d} parameters), "
+              "not counted above")
 
 
 
@@ -158,6 +162,8 @@ def _print_inspect(report: dict) -> int:
         print(f"owl layer sparsities (M={spread['m']:g}, lambda={spread['lambda']:g}): {shown}")
     if report.get("families_line"):
         print(f"by family in the decoder layers: {report['families_line']}")
+    if report.get("exported"):
+        print(f"masks exported to {report['exported']}")
     print(f"total sparsity {report['total_sparsity']:.4f}; pattern {report['pattern']}; "
           f"N:M violations {report['nm_violations']}; mask violations {report['mask_violations']}; "
           f"{'OK' if report['ok'] else 'FAILED'}")

@@ -35,6 +35,7 @@ __all__ = [
     "Slot",
     "layer_weights",
     "model_weights",
+    "weight_layers",
     "masked_weight",
     "parameter_families",
     "unhandled_parameters",
@@ -225,6 +226,13 @@ def _qualified(prefix: str, weights: dict[str, MaskedWeight]) -> Iterator[tuple[
     for key, w in weights.items():
         full = f"{prefix}.{key}"
         yield full, MaskedWeight(full, w.param, w.layout, w.module, w.family)
+
+
+def weight_layers(model: nn.Module) -> dict[str, int]:
+    """The decoder layer index of every prunable weight, by qualified mask key."""
+    stack, layers = decoder_layers(model)
+    return {f"{stack}.{index}.{key}": index for index, layer in enumerate(layers)
+            for key in layer_weights(layer)}
 
 
 def model_weights(model: nn.Module) -> dict[str, MaskedWeight]:

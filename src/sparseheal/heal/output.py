@@ -57,6 +57,7 @@ def _merge_after_heal(job: HealJob, student, tokenizer, ctx: dict, tmp: Path, ba
     eval_blocks = ctx["eval_blocks"]
     windows = None if eval_blocks is None else eval_blocks[:MERGE_EVAL_WINDOWS]
     merged = save_merged(student, tokenizer, ctx["masks"], job.merge, tmp / "merged", windows, "held-out")
+    carry_input_orders(ctx["source"].path, tmp / "merged" / MASKS_FILE)
     record = merge_record(ctx["pruned_record"], merged, ctx["source"], base_hash, job.output,
                           ctx["mask_source"])
     write_record(tmp / "merged", {**record, "weights_hash": weights_hash(tmp / "merged")})

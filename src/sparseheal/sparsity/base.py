@@ -18,9 +18,43 @@ from sparseheal.errors import ConfigError
 from sparseheal.layout import Slot
 from sparseheal.registry import PRUNERS
 from sparseheal.settings import Settings, setting
-from sparseheal.sparsity.masks import apply_mask, parse_pattern, resolve_sparsity
+from sparseheal.sparsity.masks import apply_mask
+from sparseheal.sparsity.patterns import Pattern, parse
 
-__all__ = ["LinearPruner", "PruneSettings"]
+__all__ = ["LinearPruner", "PruneSettings", "parse_pattern", "pattern_of", "resolve_sparsity"]
+
+
+def pattern_of(text: str, flag: str = "--pattern") -> Pattern:
+    """Parses a pattern given as ``flag`` (see :mod:`sparseheal.sparsity.patterns`)."""
+    try:
+        return parse(text)
+    except ValueError as err:
+        raise ConfigError(flag, str(err)) from None
+
+
+def parse_pattern(pattern: str) -> tuple[int, int] | None:
+    """Parses ``--pattern`` as unstructured (None) or N:M ((N, M), 0 < N < M); other kinds are refused."""
+    parsed = pattern_of(pattern)
+    if parsed.kind not in ("unstructured", "nm"):
+        raise ConfigError("--pattern", f"expected 'unstructured' or N:M such as 2:4, got {pattern!r}")
+    return parsed.nm
+
+
+def resolve_sparsity(pattern: tuple[int, int] | Pattern | None, sparsity: float | None,
+                     flag: str = "--sparsity") -> float:
+    """The sparsity implied by a pattern and ``--sparsity``: unstructured and block tiles default to 0.5;
+    N:M and V:N:M imply 1 - N/M and refuse an explicit different ratio."""
+    if sparsity is not None and not (0.0 <= sparsity < 1.0):
+        raise ConfigError(flag, f"must be in [0, 1), got {sparsity}")
+    if isinstance(pattern, tuple):
+        pattern = Pattern("nm", n=pattern[0], m=pattern[1])
+    implied = None if pattern is None else pattern.implied
+    if implied is None:
+        return 0.5 if sparsity is None else float(sparsity)
+    if sparsity is not None and abs(sparsity - implied) > 1e-9:
+        raise ConfigError(flag, f"pattern {pattern.text} implies sparsity {implied:g}; omit {flag} or pass "
+                                f"{implied:g}")
+    return implied
 
 
 class LinearPruner:
@@ -46,7 +80,9 @@ class LinearPruner:
 
     name: ClassVar[str]  # set by the registration
     needs_calibration: ClassVar[bool] = True
-    nm_capable: ClassVar[bool] = True  # the method defines an N:M selection
+    kinds: ClassVar[tuple[str, ...]] = ("unstructured", "nm")  # the pattern kinds it selects (vnm and
+    # block need ``scores``: a per-weight importance the pattern's selection reads)
+    per_row: ClassVar[bool] = True  # unstructured scores compared within each output row (else the matrix)
     settings: ClassVar[type[Settings] | None] = None
     statistics: ClassVar[tuple[str, ...]] = ()
     input_order: torch.Tensor | None = None  # (in,) set when N:M groups run along permuted inputs
@@ -57,13 +93,24 @@ class LinearPruner:
         self.options = options
 
     @classmethod
-    def check_pattern(cls, options: Settings | None, nm: tuple[int, int] | None) -> None:
+    def check_pattern(cls, options: Settings | None, pattern: Pattern, flag: str = "--pattern") -> None:
         """Refuses (ConfigError naming the flag) a pattern the method or its options do not define; an
-        options group may add its own rule as ``check_pattern(nm)``."""
-        if nm is not None and not cls.nm_capable:
-            raise ConfigError("--pattern", f"--method {cls.name} prunes unstructured only")
+        options group may add its own rule as ``check_pattern(pattern)``."""
+        if pattern.kind not in cls.kinds:
+            shown = {"unstructured": "unstructured", "nm": "N:M", "vnm": "V:N:M", "block": "block tiles"}
+            raise ConfigError(flag, f"--method {cls.name} selects {', '.join(shown[k] for k in cls.kinds)}, "
+                                    f"not {pattern.text} (V:N:M and block tiles: wanda, magnitude or ria)")
         if (check := getattr(options, "check_pattern", None)) is not None:
-            check(nm)
+            check(pattern)
+
+    def scores(self, weight: torch.Tensor) -> torch.Tensor:
+        """(out, in) importance of each weight (higher is kept), for the shaped patterns."""
+        raise NotImplementedError
+
+    def prune_shaped(self, pattern: Pattern, sparsity: float) -> torch.Tensor:
+        """Prunes the matrix to a V:N:M or block pattern from :meth:`scores`; returns its stored mask."""
+        weight = self.slot.view()  # (out, in) view
+        return self.commit(pattern.select(self.scores(weight), sparsity, self.per_row))
 
     def add_batch(self, inputs: torch.Tensor) -> None:
         """Accumulates statistics of a batch of layer inputs, shaped (B, T, in)."""
@@ -122,21 +169,30 @@ class PruneSettings(Settings):
     method: str = setting("wanda", lambda: PRUNERS.describe() + ".")
     sparsity: float | None = setting(
         None, "fraction of each linear's weights pruned, in [0, 1) (default 0.5; implied by N:M).")
-    pattern: str = setting("unstructured", "unstructured, or N:M such as 2:4 (N of every M consecutive "
-                                           "inputs kept).")
+    pattern: str = setting("unstructured", "unstructured; N:M such as 2:4 (N of every M consecutive inputs "
+                                           "kept); V:N:M such as 64:2:8 (VENOM); or block:RxC tiles.")
     offload: bool = setting(False, "keep the model in host memory and move one decoder layer at a time to "
                                    "the device.")
+    plan: str | None = setting(None, "a YAML sparsity plan: ordered rules giving weights (by family, name "
+                                     "glob, layer) a method, pattern and ratio, or skip (docs/methods.md).")
+    ignore: str | None = setting(None, "weight names or shell globs kept dense, comma-separated (a rule "
+                                       "before the plan's).")
 
     def validate(self) -> None:
         self.method = PRUNERS.canonical(self.method)
-        nm = parse_pattern(self.pattern)
-        self.pattern = "unstructured" if nm is None else f"{nm[0]}:{nm[1]}"
-        self.sparsity = resolve_sparsity(nm, self.sparsity)
+        shape = pattern_of(self.pattern)
+        self.pattern = shape.text
+        self.sparsity = resolve_sparsity(shape, self.sparsity)
+
+    @property
+    def shape(self) -> Pattern:
+        """The parsed pattern."""
+        return parse(self.pattern)
 
     @property
     def nm(self) -> tuple[int, int] | None:
-        """The (N, M) of an N:M pattern; None for unstructured."""
-        return parse_pattern(self.pattern)
+        """The (N, M) of an N:M pattern; None for any other."""
+        return self.shape.nm
 
     @property
     def pruner(self) -> type[LinearPruner]:

@@ -36,8 +36,9 @@ from sparseheal.sparsity.capture import StopForward, at_layer, capture_layer_inp
 from sparseheal.sparsity.feed import Feeder, eager_experts
 from sparseheal.sparsity.heap import heap_kept, populate_writable, trim_heap
 from sparseheal.sparsity.masks import PackedMask
+from sparseheal.sparsity.patterns import Pattern
 
-__all__ = ["CalibrationSettings", "capture_layer_inputs", "run_layer", "prune_model"]
+__all__ = ["CalibrationSettings", "Choice", "capture_layer_inputs", "run_layer", "prune_model"]
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,17 @@ class CalibrationSettings(Settings):
                 "seed": self.seed, "batch_size": self.calibration_batch_size}
 
 
+@dataclass(frozen=True, eq=False)
+class Choice:
+    """How one weight is pruned: its method's pruner class and options, its pattern and its sparsity
+    (for a sparsity plan; without one every weight takes the method, pattern and ratio given)."""
+
+    pruner: type[LinearPruner]
+    options: Settings | None
+    pattern: Pattern
+    sparsity: float
+
+
 def _collect_statistics(layer: nn.Module, index: int, pruners: dict[str, LinearPruner], batches: list,
                         unreached: dict[str, list[int]]) -> list[list[str]]:
     """Feeds every calibration batch through decoder layer ``index`` (up to its last matrix's input) to
@@ -66,7 +78,8 @@ def _collect_statistics(layer: nn.Module, index: int, pruners: dict[str, LinearP
     Returns:
         The matrices grouped by the input they share (the one fed first), each matrix in one group.
     """
-    share = all(bool(p.statistics) for p in pruners.values())
+    one_kind = len({type(p) for p in pruners.values()}) == 1  # a plan may mix methods: each is fed its own
+    share = one_kind and all(bool(p.statistics) for p in pruners.values())
     feeder = Feeder(pruners, share)
     with feeder.installed():
         for hidden, kwargs in batches:
@@ -127,7 +140,7 @@ def prune_model(
     model: nn.Module,
     pruner_cls: type[LinearPruner],
     tokens: torch.Tensor | None,
-    nm: tuple[int, int] | None,
+    nm: tuple[int, int] | Pattern | None,
     sparsity: float,
     batch_size: int = 2,
     device: torch.device | str | None = None,
@@ -137,6 +150,8 @@ def prune_model(
     park: Callable[[nn.Module], None] | None = None,
     unreached: dict[str, list[int]] | None = None,
     input_orders: dict[str, torch.Tensor] | None = None,
+    choices: dict[str, Choice | None] | None = None,
+    used: dict[str, Choice] | None = None,
 ) -> dict[str, PackedMask]:
     """Prunes every prunable weight of every decoder layer in place (see :mod:`sparseheal.layout`).
 
@@ -144,7 +159,7 @@ def prune_model(
         model: a causal LM (its decoder stack is found structurally).
         pruner_cls: the method's LinearPruner subclass.
         tokens: (N, T) calibration tokens; unused by methods that need no calibration.
-        nm: (n, m) pattern or None for unstructured.
+        nm: (n, m), or any :class:`~sparseheal.sparsity.patterns.Pattern`, or None for unstructured.
         sparsity: fraction pruned (unstructured).
         batch_size: calibration samples per forward pass.
         device: compute device for the current layer (default: the model's).
@@ -156,6 +171,9 @@ def prune_model(
         unreached: filled, when given, with the experts no calibration token reached, by mask key.
         input_orders: filled, when given, with the input order of each weight whose N:M groups run along
             permuted inputs (RIA's reallocation), by mask key: (in,) long, or (E, in) for fused experts.
+        choices: a sparsity plan's choice for each mask key (None: kept dense); a ratio a rule gives
+            moves with the layer by ``layer_sparsity[l] - sparsity`` (OWL).
+        used: filled, when given, with the choice each pruned weight was pruned by, by mask key.
 
     Returns:
         Bit-packed keep-masks by mask key (a linear's module name, or a fused experts parameter's name),
@@ -167,24 +185,56 @@ def prune_model(
     kept = heap_kept() if device.type == "cpu" else contextlib.nullcontext()  # trimmed on leaving
     with kept, eager_experts(model):
         batches = None
-        if pruner_cls.needs_calibration:
+        calibrated = [pruner_cls] + [c.pruner for c in (choices or {}).values() if c is not None]
+        if any(cls.needs_calibration for cls in calibrated):
             if tokens is None:
                 raise ValueError("this method needs calibration tokens")
             if offload:
                 _move_all_but_layers(model, stack_name, device)
             batches = capture_layer_inputs(model, layers, tokens, batch_size, device)
-        masks = _prune_layers(layers, stack_name, pruner_cls, options, batches, nm,
-                              [sparsity] * len(layers) if layer_sparsity is None else layer_sparsity,
-                              device, home if offload else None, park, unreached, input_orders)
+        ratios = [sparsity] * len(layers) if layer_sparsity is None else layer_sparsity
+        shape = nm if isinstance(nm, Pattern) else Pattern("nm", *nm) if nm else Pattern("unstructured")
+        default = Choice(pruner_cls, options, shape, sparsity)
+        choose = _chooser(stack_name, default, ratios, sparsity, choices, {} if used is None else used)
+        masks = _prune_layers(layers, stack_name, choose, batches, device, home if offload else None, park,
+                              unreached, input_orders)
         del batches  # freed before the heap is handed back
         if offload:
             model.to(home)
     return masks
 
 
-def _prune_layers(layers: nn.ModuleList, stack_name: str, pruner_cls: type[LinearPruner],
-                  options: Settings | None, batches: list | None, nm: tuple[int, int] | None,
-                  sparsities: list[float], device: torch.device, home: torch.device | None,
+def _same_choice(members: list[LinearPruner],
+                 chosen: dict[str, Choice]) -> list[tuple[Choice, list[LinearPruner]]]:
+    """The members of a group split by their choice (pruned together only when it is one)."""
+    parts: dict[tuple, tuple[Choice, list[LinearPruner]]] = {}
+    for pruner in members:
+        choice = chosen[pruner.slot.weight.key]
+        key = (choice.pruner, id(choice.options), choice.pattern, choice.sparsity)
+        parts.setdefault(key, (choice, []))[1].append(pruner)
+    return list(parts.values())
+
+
+def _chooser(stack_name: str, default: Choice, ratios: list[float], target: float,
+             choices: dict[str, Choice | None] | None,
+             used: dict[str, Choice]) -> Callable[[int, str], Choice | None]:
+    """``choose(layer, key)``: the choice for a layer's weight (its key relative to the layer), its ratio
+    moved by the layer's offset from ``target`` when the pattern takes one (noted in ``used``)."""
+    def choose(index: int, key: str) -> Choice | None:
+        full = f"{stack_name}.{index}.{key}"
+        choice = default if choices is None else choices.get(full, default)
+        if choice is not None and choice.pattern.implied is None:
+            ratio = min(max(choice.sparsity + ratios[index] - target, 0.0), 0.99)
+            choice = Choice(choice.pruner, choice.options, choice.pattern, ratio)
+        if choice is not None:
+            used[full] = choice
+        return choice
+
+    return choose
+
+
+def _prune_layers(layers: nn.ModuleList, stack_name: str, choose: Callable[[int, str], Choice | None],
+                  batches: list | None, device: torch.device, home: torch.device | None,
                   park: Callable[[nn.Module], None] | None, unreached: dict[str, list[int]] | None,
                   input_orders: dict[str, torch.Tensor] | None = None) -> dict[str, PackedMask]:
     """The layer loop of :func:`prune_model`: prune each layer, pass its outputs on, send it ``home``
@@ -195,8 +245,7 @@ def _prune_layers(layers: nn.ModuleList, stack_name: str, pruner_cls: type[Linea
     for index, layer in enumerate(tqdm(layers, desc="pruning layers", unit="layer")):
         layer.to(device)
         prefix = f"{stack_name}.{index}."
-        pruned, layer_missed, layer_orders = _prune_layer(layer, index, pruner_cls, options, batches, nm,
-                                                          sparsities[index])
+        pruned, layer_missed, layer_orders = _prune_layer(layer, index, choose, batches)
         masks.update({prefix + name: mask for name, mask in pruned.items()})
         orders.update({prefix + name: order for name, order in layer_orders.items()})
         missed.update({prefix + key: experts for key, experts in layer_missed.items()})
@@ -210,29 +259,34 @@ def _prune_layers(layers: nn.ModuleList, stack_name: str, pruner_cls: type[Linea
     return masks
 
 
-def _prune_layer(layer: nn.Module, index: int, pruner_cls: type[LinearPruner], options: Settings | None,
-                 batches: list | None, nm: tuple[int, int] | None,
-                 sparsity: float) -> tuple[dict[str, PackedMask], dict[str, list[int]],
-                                           dict[str, torch.Tensor]]:
+def _prune_layer(layer: nn.Module, index: int, choose: Callable[[int, str], Choice | None],
+                 batches: list | None) -> tuple[dict[str, PackedMask], dict[str, list[int]],
+                                                dict[str, torch.Tensor]]:
     """Prunes every prunable matrix of decoder layer ``index`` (statistics from ``batches`` first).
 
     Returns:
         (its packed masks by mask key relative to the layer, the experts no token reached by key, the
         permuted input orders by key)
     """
-    weights = layer_weights(layer)
-    pruners = {slot.name: pruner_cls(slot, options) for w in weights.values() for slot in w.slots()}
+    chosen = {key: choose(index, key) for key in layer_weights(layer)}
+    weights = {key: w for key, w in layer_weights(layer).items() if chosen[key] is not None}  # else dense
+    pruners = {slot.name: chosen[key].pruner(slot, chosen[key].options)
+               for key, w in weights.items() for slot in w.slots()}
     populate_writable(w.param for w in weights.values())  # read, then written in place
     unreached: dict[str, list[int]] = {}
-    if batches is not None:
+    if batches is not None and pruners and any(p.needs_calibration for p in pruners.values()):
         groups = _collect_statistics(layer, index, pruners, batches, unreached)
     else:
         groups = [[n] for n in pruners]
     stored, order_of = {}, {}  # each matrix's mask in its stored orientation, filled group by group
     for group in groups:  # statistics freed as we go
         members = [pruners.pop(name) for name in group]
-        pruned = pruner_cls.prune_group(members, nm, sparsity)
-        stored.update(zip(group, pruned, strict=True))
+        for choice, part in _same_choice(members, chosen):
+            if choice.pattern.kind in ("vnm", "block"):
+                pruned = [p.prune_shaped(choice.pattern, choice.sparsity) for p in part]
+            else:
+                pruned = type(part[0]).prune_group(part, choice.pattern.nm, choice.sparsity)
+            stored.update(zip([p.slot.name for p in part], pruned, strict=True))
         order_of.update({p.slot.name: p.input_order.cpu() for p in members if p.input_order is not None})
     masks, orders = {}, {}
     for key, weight in weights.items():  # the layer's own order

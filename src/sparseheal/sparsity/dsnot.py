@@ -48,11 +48,14 @@ class RefineSettings(Settings):
     dsnot_skip: str = setting("mlp", "dsnot: the family left as the method pruned it: mlp (the reference's "
                                      "default), attention or none.", choices=("mlp", "attention", "none"))
 
-    def check_method(self, method: str, calibrated: bool) -> None:
-        """Refuses a refinement that the chosen method cannot feed."""
+    def check_method(self, method: str, calibrated: bool, kind: str = "unstructured") -> None:
+        """Refuses a refinement that the chosen method cannot feed, or a pattern its swaps would break."""
         if self.refine == "dsnot" and not calibrated:
             raise ConfigError("--refine", f"dsnot needs calibration statistics; --method {method} takes none "
                                           "(use wanda, sparsegpt, ria or an ablate_* method)")
+        if self.refine == "dsnot" and kind not in ("unstructured", "nm"):
+            raise ConfigError("--refine", "dsnot swaps single weights: it refines unstructured and N:M "
+                                          "masks, not V:N:M or block tiles")
 
 
 class DSnoTStats:

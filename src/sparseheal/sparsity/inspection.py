@@ -12,13 +12,14 @@ import torch
 from torch import nn
 
 from sparseheal.layout import MaskedWeight, describe_families, family_table, masked_weight, model_weights
-from sparseheal.sparsity.masks import count_violations, detect_nm, nm_violations, parse_pattern, sparsity_of
-from sparseheal.sparsity.store import check_masks_match, load_input_orders, load_masks
+from sparseheal.sparsity.masks import count_violations, detect_nm, sparsity_of
+from sparseheal.sparsity.patterns import Pattern, parse
+from sparseheal.sparsity.store import check_masks_match, load_input_orders, load_masks, module_rules
 
 __all__ = ["inspect_model"]
 
 
-def _layer_row(name: str, masked: MaskedWeight, nm: tuple[int, int] | None, mask,
+def _layer_row(name: str, masked: MaskedWeight, rule: tuple[Pattern, float] | None, mask,
                order: torch.Tensor | None = None) -> dict:
     weight = masked.rows()  # (rows, in): every expert's rows for a fused tensor
     if order is not None:  # N:M along a permuted input order (one per expert for a fused tensor)
@@ -34,8 +35,11 @@ def _layer_row(name: str, masked: MaskedWeight, nm: tuple[int, int] | None, mask
         "numel": weight.numel(),
         "nm_detected": f"{found[0]}:{found[1]}" if found else None,
     }
-    if nm is not None:
-        row["nm_violations"] = nm_violations(weight, *nm)
+    if rule is not None and rule[0].kind != "unstructured":
+        pattern, sparsity = rule
+        row["pattern"] = pattern.text
+        per = weight.shape[0] // (masked.experts or 1)  # each expert's matrix checked alone
+        row["nm_violations"] = sum(pattern.violations(part, sparsity) for part in weight.split(per))
     if mask is not None:
         row["mask_violations"] = count_violations(masked.param, mask)
     return row
@@ -54,16 +58,16 @@ def inspect_model(model: nn.Module, record: dict | None, masks_file: str | os.Pa
     """
     weights = model_weights(model)
     pattern = (record or {}).get("pattern")
-    nm = parse_pattern(pattern) if pattern else None
-    masks, orders = None, {}
+    masks, orders, modules = None, {}, {}
     if masks_file is not None:
-        masks, _ = load_masks(masks_file)
+        masks, meta = load_masks(masks_file)
         check_masks_match(model, masks, str(masks_file))
-        orders = load_input_orders(masks_file)
+        orders, modules = load_input_orders(masks_file), module_rules(meta)
+    default = (parse(pattern), float((record or {}).get("sparsity") or 0.0)) if pattern else None
     if masks is not None:  # the weights the file names too (checked to exist by check_masks_match)
         weights.update({name: masked_weight(model, name) for name in masks if name not in weights})
-    rows = [_layer_row(name, w, nm, None if masks is None else masks.get(name), orders.get(name))
-            for name, w in weights.items()]
+    rows = [_layer_row(name, w, modules.get(name, default), None if masks is None else masks.get(name),
+                       orders.get(name)) for name, w in weights.items()]
     families = family_table(model, {r["name"]: r["numel"] - r["zeros"] for r in rows})
     zeros, numel = sum(r["zeros"] for r in rows), sum(r["numel"] for r in rows)
     nm_bad = sum(r.get("nm_violations", 0) for r in rows)
@@ -74,7 +78,7 @@ def inspect_model(model: nn.Module, record: dict | None, masks_file: str | os.Pa
         "total_sparsity": round(zeros / max(numel, 1), 6),
         "pattern": pattern or (detected.pop() if len(detected) == 1 and None not in detected
                                else "unstructured"),
-        "nm_violations": nm_bad if nm is not None else None,
+        "nm_violations": nm_bad if any("nm_violations" in r for r in rows) else None,
         "mask_violations": mask_bad if masks is not None else None,
         "masks_file": str(masks_file) if masks_file is not None else None,
         "layer_sparsity": (record or {}).get("layer_sparsity"),  # per decoder layer, as pruned (OWL)

@@ -26,6 +26,11 @@ class MagnitudePruner(LinearPruner):
     """Per-matrix threshold on |W| (one threshold per linear layer)."""
 
     needs_calibration = False
+    kinds = ("unstructured", "nm", "vnm", "block")
+    per_row = False
+
+    def scores(self, weight: torch.Tensor) -> torch.Tensor:
+        return magnitude_scores(weight)
 
     def select(self, weight: torch.Tensor, nm: tuple[int, int] | None, sparsity: float) -> torch.Tensor:
         return mask_from_scores(magnitude_scores(weight), nm, sparsity, per_row=False)

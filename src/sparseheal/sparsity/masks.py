@@ -7,17 +7,12 @@ run along the input dimension (the hardware convention, where N of every M weigh
 
 from __future__ import annotations
 
-import re
 from typing import NamedTuple
 
 import torch
 
-from sparseheal.errors import ConfigError
-
 __all__ = [
     "MAX_GROUP",
-    "parse_pattern",
-    "resolve_sparsity",
     "PackedMask",
     "as_bool",
     "unstructured_mask",
@@ -37,46 +32,6 @@ _BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
 _UNPACKED = ((torch.arange(256).reshape(-1, 1) & _BIT_WEIGHTS.long()) != 0).to(torch.uint8)  # (256, 8)
 _UNPACKED = _UNPACKED.view(torch.int64)[:, 0]  # (256,)
 MAX_GROUP = 1024  # the largest M of an N:M pattern
-_NM_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
-
-
-def parse_pattern(pattern: str) -> tuple[int, int] | None:
-    """Parses ``--pattern``: ``"unstructured"`` -> None, ``"N:M"`` -> (N, M) with 0 < N < M.
-
-    N:M follows the hardware convention: in every group of M consecutive input weights of a row,
-    at most N stay non-zero (2:4 keeps 2 of 4).
-    """
-    if pattern.strip().lower() == "unstructured":
-        return None
-    match = _NM_RE.match(pattern)
-    if not match:
-        raise ConfigError("--pattern", f"expected 'unstructured' or N:M such as 2:4, got {pattern!r}")
-    n, m = int(match.group(1)), int(match.group(2))
-    if not 0 < n < m:
-        raise ConfigError("--pattern", f"N:M needs 0 < N < M (N weights kept of every M), got {n}:{m}")
-    if m > MAX_GROUP:  # each row is padded to whole groups: a huge M allocates rows x M
-        raise ConfigError("--pattern", f"M of N:M is at most {MAX_GROUP} (hardware patterns use 4 to 16), "
-                                       f"got {n}:{m}")
-    return n, m
-
-
-def resolve_sparsity(pattern: tuple[int, int] | None, sparsity: float | None) -> float:
-    """Returns the sparsity ratio implied by ``--pattern`` and ``--sparsity``.
-
-    Unstructured defaults to 0.5; N:M implies 1 - N/M and refuses an explicit different ratio.
-    """
-    if sparsity is not None and not (0.0 <= sparsity < 1.0):
-        raise ConfigError("--sparsity", f"must be in [0, 1), got {sparsity}")
-    if pattern is None:
-        return 0.5 if sparsity is None else float(sparsity)
-    implied = 1.0 - pattern[0] / pattern[1]
-    if sparsity is not None and abs(sparsity - implied) > 1e-9:
-        raise ConfigError(
-            "--sparsity",
-            f"pattern {pattern[0]}:{pattern[1]} implies sparsity {implied:g}; "
-            f"omit --sparsity or pass {implied:g}",
-        )
-    return implied
 
 
 def unstructured_mask(scores: torch.Tensor, sparsity: float, per_row: bool) -> torch.Tensor:

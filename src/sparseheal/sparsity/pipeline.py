@@ -3,6 +3,7 @@ driver -> the pruned model, its masks and its record, written atomically."""
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from sparseheal.cards import write_card
 from sparseheal.checks import MASKS_FILE
 from sparseheal.data import calibration_samples, load_documents
 from sparseheal.errors import ConfigError
-from sparseheal.layout import describe_families, family_table, masked_weight, model_weights
+from sparseheal.layout import describe_families, family_table, masked_weight, model_weights, weight_layers
 from sparseheal.models import (
     ComputeSettings,
     TrustSettings,
@@ -20,18 +21,22 @@ from sparseheal.models import (
     default_dtype,
     load_model,
     load_tokenizer,
+    model_skeleton,
     resolve_source,
     save_model,
     source_hash,
 )
 from sparseheal.records import Stopwatch, atomic_dir, peak_rss_mb, read_record, write_record
+from sparseheal.registry import PRUNERS
 from sparseheal.settings import Settings
 from sparseheal.sparsity.base import PruneSettings
-from sparseheal.sparsity.calibrate import CalibrationSettings, prune_model
+from sparseheal.sparsity.calibrate import CalibrationSettings, Choice, prune_model
 from sparseheal.sparsity.dsnot import RefineSettings, refined
 from sparseheal.sparsity.masks import sparsity_of
 from sparseheal.sparsity.owl import LayerSparsitySettings, layer_outlier_ratios, owl_sparsities
 from sparseheal.sparsity.parking import parking_for
+from sparseheal.sparsity.patterns import Pattern
+from sparseheal.sparsity.plan import Assignment, Module, assign, ignore_rule, read_plan
 from sparseheal.sparsity.store import save_masks, weights_hash
 
 __all__ = ["calibration_tokens", "run_prune"]
@@ -62,6 +67,57 @@ def _layer_sparsity(lm, tokens, how: PruneSettings, spread: LayerSparsitySetting
     return sparsities, {"mode": "owl", "m": spread.owl_m, "lambda": spread.owl_lambda,
                         "outlier_ratios": [round(r, 6) for r in ratios], "layer_params": sizes,
                         "sparsities": [round(x, 6) for x in sparsities]}
+
+
+def plan_assignments(model, how: PruneSettings, options: dict[str, Settings | None],
+                     refine: RefineSettings) -> dict[str, Assignment | None] | None:
+    """Each prunable weight's method, pattern and ratio (None: dense) under ``--plan`` and ``--ignore``,
+    checked against ``model``'s structure (a skeleton will do); None without a plan.
+
+    Args:
+        options: each method's built settings group (None for a method without one), by name.
+    """
+    if not how.plan and not how.ignore:
+        return None
+    rules, strict = read_plan(how.plan) if how.plan else ([], False)
+    if how.ignore:
+        rules.insert(0, ignore_rule(how.ignore))
+    layers = weight_layers(model)
+    modules = {key: Module(w.family, layers[key], *w.matrix(0 if w.experts else None).shape)
+               for key, w in model_weights(model).items()}
+
+    def check(method: str, pattern: Pattern, where: str) -> None:
+        try:
+            cls = PRUNERS.get(method)
+            cls.check_pattern(options.get(cls.name), pattern)
+            refine.check_method(cls.name, cls.needs_calibration, pattern.kind)
+        except ConfigError as err:
+            raise ConfigError("--plan", f"{where}: {err.flag}: {err.message}") from None
+
+    default = Assignment(how.method, how.shape, how.sparsity, "the command's flags")
+    return assign(rules, modules, default, strict, check)
+
+
+def _choices(assignments: dict[str, Assignment | None] | None, options: dict[str, Settings | None],
+             refine: RefineSettings) -> dict[str, Choice | None] | None:
+    """The driver's choices for a plan's assignments (each method's pruner, refined when asked)."""
+    if assignments is None:
+        return None
+    classes = {}
+    for a in assignments.values():
+        if a is not None and a.method not in classes:
+            cls = PRUNERS.get(a.method)
+            classes[a.method] = refined(cls, refine) if refine.refine == "dsnot" else cls
+    return {key: None if a is None else Choice(classes[a.method], options.get(a.method), a.pattern,
+                                               a.sparsity) for key, a in assignments.items()}
+
+
+def _module_layout(used: dict[str, Choice], assignments: dict[str, Assignment | None] | None) -> dict:
+    """Each pruned weight's method, pattern (with its N, M, V, tile, axis) and sparsity, as the masks
+    file and the record state them."""
+    rules = {k: a.rule for k, a in (assignments or {}).items() if a is not None}
+    return {key: {"method": c.pruner.name, **c.pattern.meta(), "sparsity": round(c.sparsity, 6),
+                  "rule": rules.get(key, "the command's flags")} for key, c in used.items()}
 
 
 def _partial_groups(lm, nm: tuple[int, int] | None) -> dict | None:
@@ -109,12 +165,20 @@ def _prune_record(model: str, how: PruneSettings, calibration: CalibrationSettin
 
 def run_prune(model: str, output: str, overwrite: bool, how: PruneSettings, calibration: CalibrationSettings,
               options: Settings | None, refine: RefineSettings, spread: LayerSparsitySettings,
-              compute: ComputeSettings,
-              trust: TrustSettings, data_dir: str | None) -> Path:
-    """Prunes ``model`` and writes ``output`` (see ``sparseheal.api.prune``); returns the output."""
+              compute: ComputeSettings, trust: TrustSettings, data_dir: str | None,
+              method_options: dict[str, Settings | None] | None = None) -> Path:
+    """Prunes ``model`` and writes ``output`` (see ``sparseheal.api.prune``); returns the output.
+
+    ``method_options`` holds each method's settings for the methods a plan names (``options`` is the
+    chosen method's)."""
     watch = Stopwatch()
+    method_options = {how.method: options, **(method_options or {})}
+    assignments = plan_assignments(model_skeleton(model, trust.trust_remote_code), how, method_options,
+                                   refine) if how.plan or how.ignore else None
+    calibrated = how.pruner.needs_calibration or any(
+        PRUNERS.get(a.method).needs_calibration for a in (assignments or {}).values() if a is not None)
     tokens = None
-    if how.pruner.needs_calibration:  # first, so that data that cannot serve fails before the weights load
+    if calibrated:  # first, so that data that cannot serve fails before the weights load
         with watch("calibration_data"):
             tokens = calibration_tokens(model, calibration, data_dir)
     with watch("load"):
@@ -122,34 +186,52 @@ def run_prune(model: str, output: str, overwrite: bool, how: PruneSettings, cali
         lm, tokenizer, source = load_model(model, compute.dtype or default_dtype(device),
                                            "cpu" if how.offload else device, trust.trust_remote_code,
                                            trust.allow_pickle)
-    batch = calibration.calibration_batch_size
-    ratios, spread_record = _layer_sparsity(lm, tokens, how, spread, batch, device, watch)
+    ratios, spread_record = _layer_sparsity(lm, tokens, how, spread, calibration.calibration_batch_size,
+                                            device, watch)
     park = None  # finished layers go to disk where calibration activations share the memory with them
-    if how.pruner.needs_calibration:
+    if calibrated:
         model_bytes = sum(p.numel() * p.element_size() for p in lm.parameters())
         park = parking_for(output, model_bytes, torch.device("cpu" if how.offload else device))
     unreached: dict[str, list[int]] = {}
     orders: dict[str, torch.Tensor] = {}
+    used: dict[str, Choice] = {}
     with watch("prune"):
         pruner = refined(how.pruner, refine) if refine.refine == "dsnot" else how.pruner
-        masks = prune_model(lm, pruner, tokens, how.nm, how.sparsity, calibration.calibration_batch_size,
+        masks = prune_model(lm, pruner, tokens, how.shape, how.sparsity, calibration.calibration_batch_size,
                             device, offload=how.offload, options=options, layer_sparsity=ratios, park=park,
-                            unreached=unreached, input_orders=orders)
+                            unreached=unreached, input_orders=orders,
+                            choices=_choices(assignments, method_options, refine), used=used)
+    layout = _module_layout(used, assignments)
     record = {**_prune_record(model, how, calibration, options, source, lm, masks, watch, unreached),
-              "layer_sparsity": spread_record}
-    if refine.refine != "none":
-        record["refine"] = refine.values()
-    if orders:
-        record["input_orders"] = (f"N:M along a permuted input order for {len(orders)} weights: "
-                                  f"input_order/KEY tensors in {MASKS_FILE}")
+              "layer_sparsity": spread_record, **_extras(how, refine, orders, assignments, lm, layout)}
     with atomic_dir(output, overwrite) as tmp:
         save_model(lm, tokenizer, tmp)
         record["weights_hash"] = weights_hash(tmp)  # the masks belong to these weights (checked on load)
         save_masks(masks, tmp / MASKS_FILE, {"base_hash": record["base_hash"], "pattern": how.pattern,
-                                             "weights_hash": record["weights_hash"]}, orders)
+                                             "weights_hash": record["weights_hash"], "layout_version": "2",
+                                             "modules": json.dumps(layout)}, orders)
         write_record(tmp, record)
         write_card(tmp, name=Path(output).name)
     log.info("pruned %s with %s (%s) -> %s: %.2f%% of the %d weights it pruned are zero (%s)", model,
              how.method, how.pattern, output, 100 * record["sparsity_achieved"],
              record["prunable_parameters"], describe_families(record["families"]))
     return Path(output)
+
+
+def _extras(how: PruneSettings, refine: RefineSettings, orders: dict, assignments: dict | None, lm,
+            layout: dict) -> dict:
+    """The record's refinement, input orders and plan (what each weight got, what stayed dense)."""
+    extra: dict = {}
+    if refine.refine != "none":
+        extra["refine"] = refine.values()
+    if orders:
+        extra["input_orders"] = (f"N:M along a permuted input order for {len(orders)} weights: "
+                                 f"input_order/KEY tensors in {MASKS_FILE}")
+    if assignments is not None:
+        dense = [k for k, a in assignments.items() if a is None]
+        weights = model_weights(lm)
+        extra["plan"] = {"file": how.plan, "ignore": how.ignore,
+                         "modules": {k: layout.get(k, "dense") for k in assignments},
+                         "dense": {"modules": len(dense),
+                                   "parameters": sum(weights[k].param.numel() for k in dense)}}
+    return extra

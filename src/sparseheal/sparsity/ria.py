@@ -43,13 +43,13 @@ class RiaSettings(Settings):
     ria_permute: bool = setting(False, "ria: channel reallocation before N:M groups are formed (the mask is "
                                        "N:M along the saved input order; N:M only).")
 
-    def check_pattern(self, nm: tuple[int, int] | None) -> None:
-        if self.ria_permute and nm is None:
+    def check_pattern(self, pattern) -> None:
+        if self.ria_permute and pattern.kind != "nm":
             raise ConfigError("--ria-permute", "applies to N:M patterns only (it forms the groups of M); "
                                                "drop it or pass --pattern N:M")
-        if self.ria_per_row and nm is not None:
-            raise ConfigError("--ria-per-row", "applies to unstructured pruning only (N:M compares within "
-                                               "each group of M)")
+        if self.ria_per_row and pattern.kind != "unstructured":
+            raise ConfigError("--ria-per-row", "applies to unstructured pruning only (a pattern compares "
+                                               "within its own groups)")
 
 
 def ria_scores(weight: torch.Tensor, mean_sq_input: torch.Tensor, power: float) -> torch.Tensor:
@@ -103,10 +103,17 @@ class RiaPruner(WandaPruner):
     def __init__(self, module, options: RiaSettings | None = None) -> None:
         super().__init__(module, options or RiaSettings())
 
-    def select(self, weight: torch.Tensor, nm: tuple[int, int] | None, sparsity: float) -> torch.Tensor:
+    @property
+    def per_row(self) -> bool:
+        return self.options.ria_per_row
+
+    def scores(self, weight: torch.Tensor) -> torch.Tensor:
         if self.sq_sum is None:
             raise RuntimeError("ria needs calibration inputs before pruning")
-        scores = ria_scores(weight, self.sq_sum / self.tokens, self.options.ria_power)  # (out, in)
+        return ria_scores(weight, self.sq_sum / self.tokens, self.options.ria_power)  # (out, in)
+
+    def select(self, weight: torch.Tensor, nm: tuple[int, int] | None, sparsity: float) -> torch.Tensor:
+        scores = self.scores(weight)  # (out, in)
         if nm is None or not self.options.ria_permute:
             return mask_from_scores(scores, nm, sparsity, per_row=self.options.ria_per_row)
         order = snake_order(scores, nm[1])  # (in,)

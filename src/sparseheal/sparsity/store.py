@@ -20,6 +20,7 @@ from sparseheal.models import hash_weights, model_skeleton, read_as_loaded
 from sparseheal.records import read_record
 from sparseheal.sources import read_tensor, weight_files
 from sparseheal.sparsity.masks import PackedMask, pack_mask, unpack_mask
+from sparseheal.sparsity.patterns import Pattern, parse
 
 __all__ = [
     "save_masks",
@@ -36,12 +37,15 @@ __all__ = [
     "ORDER_PREFIX",
     "load_input_orders",
     "carry_input_orders",
+    "module_rules",
+    "export_masks",
 ]
 
 log = logging.getLogger(__name__)
 
 _FORMAT = "packbits-msb-v1"
 ORDER_PREFIX = "input_order/"  # + mask key: the input order its N:M groups run along (int32)
+_LAYOUT_KEYS = ("layout_version", "modules", "plan")  # metadata that describes the masks, not the run
 
 
 def save_masks(
@@ -160,17 +164,25 @@ def load_input_orders(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         return {k[len(ORDER_PREFIX):]: fh.get_tensor(k).long() for k in keys}
 
 
+def module_rules(meta: dict[str, str]) -> dict[str, tuple[Pattern, float]]:
+    """Each module's pattern and sparsity as a masks file's ``modules`` metadata states them."""
+    modules = json.loads(meta.get("modules") or "{}")
+    return {key: (parse(m["pattern"]), float(m.get("sparsity") or 0.0)) for key, m in modules.items()}
+
+
 def carry_input_orders(source_dir: str | os.PathLike, path: str | os.PathLike) -> None:
-    """Adds to the masks file ``path`` the input orders of ``source_dir``'s masks (the masks a heal or a
-    merge kept): the permutation a kernel needs stays with the masks it belongs to."""
-    orders = load_input_orders(Path(source_dir) / MASKS_FILE)
-    if not orders or not Path(path).is_file():
+    """Adds to the masks file ``path`` what ``source_dir``'s masks say beyond the bits (the masks a heal
+    or a merge kept): the input orders and each module's pattern, which a kernel needs, stay with them."""
+    source = Path(source_dir) / MASKS_FILE
+    orders = load_input_orders(source)
+    layout = {k: v for k, v in masks_meta(source).items() if k in _LAYOUT_KEYS} if source.is_file() else {}
+    if not (orders or layout) or not Path(path).is_file():
         return
     with safe_open(str(path), framework="pt") as fh:
         meta = fh.metadata() or {}
         tensors = {name: fh.get_tensor(name) for name in fh.keys()}
     tensors.update(_order_tensors(orders))
-    save_file(tensors, str(path), metadata=meta)
+    save_file(tensors, str(path), metadata={**meta, **layout})
 
 
 def _order_tensors(orders: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -243,3 +255,26 @@ def check_own_masks(model_dir: str | os.PathLike, flag: str) -> None:
     path = masks_path(model_dir)
     if path.is_file():
         check_masks_belong(path, model_dir, flag)
+
+
+def export_masks(masks_file: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """Writes ``out_dir`` (which must not exist): one ``KEY.npy`` bool keep-mask per weight in its stored
+    shape, ``KEY.input_order.npy`` for permuted inputs, and ``masks.json`` (shapes, each module's pattern
+    and the file's metadata), for readers that do not want the packed format."""
+    import numpy as np
+
+    from sparseheal.records import atomic_dir
+
+    masks, meta = load_masks(masks_file)
+    orders = load_input_orders(masks_file)
+    with atomic_dir(out_dir) as tmp:
+        for key, mask in masks.items():
+            np.save(tmp / f"{key}.npy", mask.numpy())
+        for key, order in orders.items():
+            np.save(tmp / f"{key}.input_order.npy", order.numpy().astype(np.int32))
+        info = {"format": "one KEY.npy bool keep-mask per weight (True = kept), in the stored shape",
+                "shapes": {k: list(m.shape) for k, m in masks.items()},
+                "modules": json.loads(meta.get("modules") or "{}"), "input_orders": sorted(orders),
+                "metadata": {k: v for k, v in meta.items() if k not in ("shapes", "modules")}}
+        (tmp / "masks.json").write_text(json.dumps(info, indent=2) + "\n")
+    return Path(out_dir)

@@ -36,10 +36,11 @@ class WandaSettings(Settings):
     wanda_variant: bool = setting(False, "wanda: the appendix variant, each row pruned to one share alpha of "
                                          "its summed score (alpha by bisection; unstructured only).")
 
-    def check_pattern(self, nm: tuple[int, int] | None) -> None:
-        if self.wanda_variant and nm is not None:
-            raise ConfigError("--wanda-variant", "applies to unstructured pruning only (N:M fixes the count "
-                                                 "of every group); drop it or use --pattern unstructured")
+    def check_pattern(self, pattern) -> None:
+        if self.wanda_variant and pattern.kind != "unstructured":
+            raise ConfigError("--wanda-variant", "applies to unstructured pruning only (a pattern fixes the "
+                                                 "count of every group); drop it or pass --pattern "
+                                                 "unstructured")
 
 
 def wanda_scores(weight: torch.Tensor, mean_sq_input: torch.Tensor) -> torch.Tensor:
@@ -93,6 +94,7 @@ class WandaPruner(LinearPruner):
 
     settings = WandaSettings
     statistics = ("sq_sum", "tokens")
+    kinds = ("unstructured", "nm", "vnm", "block")
 
     def __init__(self, module: torch.nn.Module, options: WandaSettings | None = None) -> None:
         super().__init__(module, options or WandaSettings())
@@ -105,10 +107,13 @@ class WandaPruner(LinearPruner):
         self.sq_sum = batch_sq if self.sq_sum is None else self.sq_sum + batch_sq
         self.tokens += flat.shape[0]
 
-    def select(self, weight: torch.Tensor, nm: tuple[int, int] | None, sparsity: float) -> torch.Tensor:
+    def scores(self, weight: torch.Tensor) -> torch.Tensor:
         if self.sq_sum is None:
             raise RuntimeError("wanda needs calibration inputs before pruning")
-        scores = wanda_scores(weight, self.sq_sum / self.tokens)
+        return wanda_scores(weight, self.sq_sum / self.tokens)
+
+    def select(self, weight: torch.Tensor, nm: tuple[int, int] | None, sparsity: float) -> torch.Tensor:
+        scores = self.scores(weight)
         if self.options.wanda_variant:
             return variant_mask(scores, sparsity)
         return mask_from_scores(scores, nm, sparsity, per_row=True)
