@@ -86,7 +86,7 @@ def dsnot(original, current, keep, s, var, mean_sq, nm, cycles, threshold, power
     keep = keep.clone()
     d0, d1 = original.float() * s, current.float() * s
     err_all = (d0 - d1).sum(dim=1)
-    gain = torch.where(var > 0, d0 / var.pow(power), torch.zeros_like(d0))
+    gain = torch.where(var.pow(power) > 0, d0 / var.pow(power), torch.zeros_like(d0))
     score = current.float().abs() * mean_sq.sqrt()
     for r in range(keep.shape[0]):
         err = err_all[r]

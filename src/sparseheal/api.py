@@ -135,9 +135,13 @@ def check_prune_model(model: str, how: PruneSettings, calibration: CalibrationSe
 
 
 def _method_options(how: PruneSettings, built: dict) -> Settings | None:
-    """The chosen method's own settings; another method's settings, when changed, are refused."""
+    """The chosen method's own settings; another method's settings, when changed, are refused (unless a
+    plan's rule names that method)."""
+    from sparseheal.sparsity.pipeline import plan_methods
+
+    planned = {PRUNERS.get(name).settings for name in plan_methods(how)}
     for group in dict.fromkeys(p.settings for _, p in PRUNERS.items() if p.settings is not None):
-        if group is not how.pruner.settings:
+        if group is not how.pruner.settings and group not in planned:
             owners = " or ".join(n for n, p in PRUNERS.items() if p.settings is group)
             refuse_unused(built[group], (), lambda _name, owners=owners: f"applies to --method {owners} only")
     options = built[how.pruner.settings] if how.pruner.settings else None
@@ -173,11 +177,16 @@ def _prune_preflight(built: dict) -> Settings | None:
         read_record(io.model, "MODEL")  # a damaged record of the input: refused now, not after the work
     check_prune_model(io.model, how, calibration, built[TrustSettings].trust_remote_code)  # a broken config
     # says so first
-    if how.plan or how.ignore:  # every rule checked against the model's structure, before weights load
-        from sparseheal.sparsity.pipeline import plan_assignments
+    if how.plan or how.ignore or how.shape.kind in ("vnm", "block"):  # checked against the model's
+        from sparseheal.sparsity.pipeline import plan_assignments  # structure, before weights load
 
-        plan_assignments(model_skeleton(io.model, built[TrustSettings].trust_remote_code), how,
-                         _all_method_options(built), built[RefineSettings])
+        planned = plan_assignments(model_skeleton(io.model, built[TrustSettings].trust_remote_code), how,
+                                   _all_method_options(built), built[RefineSettings]) or {}
+        if not how.pruner.needs_calibration and any(PRUNERS.get(a.method).needs_calibration
+                                                    for a in planned.values() if a is not None):
+            check_seqlen(io.model, calibration.seqlen)  # a rule's method reads the calibration draw
+            check_source(calibration.calibration_data, "--calibration-data")
+            check_not_an_input(io.output, [("--calibration-data", calibration.calibration_data)])
     check_weight_files(input_path(io.model) if Path(io.model).is_dir() else None, "MODEL")
     check_free_space(io.output, _prune_output_bytes(io.model), "the model's weight files, their masks "
                      "(a sixteenth at most) and its tokenizer and config files")
@@ -355,7 +364,8 @@ def inspect(built: dict) -> dict:
     if record is not None and masks_file is not None and not record.get("pattern"):
         # a healed (or masked-merge) model keeps the masks of its prune: its pattern is checked too
         pruned = pruning_record(stage_chain(record, source.path))
-        record = {**record, "pattern": pruned.get("pattern"), "layer_sparsity": pruned.get("layer_sparsity")}
+        record = {**record, "pattern": pruned.get("pattern"), "sparsity": pruned.get("sparsity"),
+                  "layer_sparsity": pruned.get("layer_sparsity")}
     report = inspect_model(lm, record, masks_file)
     if io.export_masks is not None:
         if masks_file is None:

@@ -223,7 +223,7 @@ def _chooser(stack_name: str, default: Choice, ratios: list[float], target: floa
     def choose(index: int, key: str) -> Choice | None:
         full = f"{stack_name}.{index}.{key}"
         choice = default if choices is None else choices.get(full, default)
-        if choice is not None and choice.pattern.implied is None:
+        if choice is not None and choice.pattern.implied is None and ratios[index] != target:
             ratio = min(max(choice.sparsity + ratios[index] - target, 0.0), 0.99)
             choice = Choice(choice.pruner, choice.options, choice.pattern, ratio)
         if choice is not None:

@@ -60,19 +60,26 @@ class RefineSettings(Settings):
 
 class DSnoTStats:
     """Per input feature: the sum over tokens (for ``s``), the sum of squares (for ``||X||``), and the
-    token-weighted sum of each sample's variance over its tokens."""
+    token-weighted sum of each sample's variance over its tokens.
 
-    def __init__(self) -> None:
+    Args:
+        seqlen: tokens per calibration sample; the routed tokens an expert receives (2-D inputs, no
+            sample boundaries) count as ``tokens / seqlen`` samples, so that ``s`` does not depend on the
+            batch size.
+    """
+
+    def __init__(self, seqlen: int | None = None) -> None:
         self.sum = self.sq_sum = self.var_sum = None
-        self.samples = self.tokens = 0
+        self.samples, self.tokens, self.seqlen = 0.0, 0, seqlen
 
     def add(self, inputs: torch.Tensor) -> None:
-        """Adds a batch of inputs, (B, T, in) (2-D inputs count as one sample)."""
-        x = inputs.reshape(-1, inputs.shape[-2], inputs.shape[-1]).float() if inputs.dim() > 1 else inputs
+        """Adds a batch of inputs, (B, T, in), or an expert's routed tokens, (N, in)."""
+        x = inputs.float() if inputs.dim() == 3 else inputs.float().reshape(1, -1, inputs.shape[-1])
         parts = (x.sum(dim=(0, 1)), x.pow(2).sum(dim=(0, 1)),
                  (x.var(dim=1, unbiased=False) * x.shape[1]).sum(dim=0))  # (in,) each
         self._add(*parts)
-        self.samples += x.shape[0]
+        routed = inputs.dim() != 3 and self.seqlen
+        self.samples += x.shape[1] / self.seqlen if routed else x.shape[0]
         self.tokens += x.shape[0] * x.shape[1]
 
     def absorb(self, other: DSnoTStats) -> None:
@@ -90,7 +97,7 @@ class DSnoTStats:
 
     def signal(self) -> torch.Tensor:
         """(in,) s_j: the sum of x_j over a sample's tokens, averaged over samples."""
-        return self.sum / max(self.samples, 1)
+        return self.sum / max(self.samples, 1e-9)
 
     def variance(self) -> torch.Tensor:
         """(in,) the token-weighted mean of each sample's variance of x_j over its tokens."""
@@ -151,7 +158,8 @@ def dsnot_refine(original: torch.Tensor, current: torch.Tensor, keep: torch.Tens
     s, var = stats.signal().to(original.device), stats.variance().to(original.device)  # (in,)
     d_orig, d_cur = original.float() * s, current.float() * s  # (out, in) contributions
     err = (d_orig - d_cur).sum(dim=1)  # (out,) expected error of each row
-    gain = torch.where(var > 0, d_orig / var.pow(power), torch.zeros_like(d_orig))  # (out, in)
+    denominator = var.pow(power)  # (in,)
+    gain = torch.where(denominator > 0, d_orig / denominator, torch.zeros_like(d_orig))  # (out, in)
     score = current.float().abs() * stats.mean_sq().to(original.device).sqrt()  # (out, in) Wanda's
     keep, regrown = keep.clone(), torch.zeros_like(keep)
     grow_order, n_pruned = _sorted_candidates(gain, ~keep)  # pruned, ascending gain
@@ -188,7 +196,8 @@ def dsnot_refine(original: torch.Tensor, current: torch.Tensor, keep: torch.Tens
     return keep, regrown
 
 
-def refined(pruner_cls: type[LinearPruner], options: RefineSettings) -> type[LinearPruner]:
+def refined(pruner_cls: type[LinearPruner], options: RefineSettings,
+            seqlen: int | None = None) -> type[LinearPruner]:
     """``pruner_cls`` with DSnoT after its selection: it also gathers :class:`DSnoTStats`, keeps each
     matrix's weights before pruning, and swaps in ``commit`` (where every method's mask arrives)."""
 
@@ -197,14 +206,13 @@ def refined(pruner_cls: type[LinearPruner], options: RefineSettings) -> type[Lin
 
         def __init__(self, module, method_options=None) -> None:
             super().__init__(module, method_options)
-            self.dsnot = DSnoTStats()
+            self.dsnot = DSnoTStats(seqlen)
             self.skipped = self.slot.weight.family == options.dsnot_skip
             self.original: torch.Tensor | None = None
 
         def add_batch(self, inputs: torch.Tensor) -> None:
             super().add_batch(inputs)
-            if not self.skipped:
-                self.dsnot.add(inputs)
+            self.dsnot.add(inputs)  # even when skipped: a linear reading the same input adopts them
 
         def prune(self, nm, sparsity):
             self.nm = nm
@@ -247,7 +255,7 @@ def refined(pruner_cls: type[LinearPruner], options: RefineSettings) -> type[Lin
 
 def _permuted(stats: DSnoTStats, order: torch.Tensor) -> DSnoTStats:
     """The statistics with their features in ``order``."""
-    out = DSnoTStats()
+    out = DSnoTStats(stats.seqlen)
     out.sum, out.sq_sum, out.var_sum = (t.to(order.device)[order] for t in (stats.sum, stats.sq_sum,
                                                                              stats.var_sum))
     out.samples, out.tokens = stats.samples, stats.tokens

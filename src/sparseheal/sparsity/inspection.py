@@ -66,8 +66,10 @@ def inspect_model(model: nn.Module, record: dict | None, masks_file: str | os.Pa
     default = (parse(pattern), float((record or {}).get("sparsity") or 0.0)) if pattern else None
     if masks is not None:  # the weights the file names too (checked to exist by check_masks_match)
         weights.update({name: masked_weight(model, name) for name in masks if name not in weights})
-    rows = [_layer_row(name, w, modules.get(name, default), None if masks is None else masks.get(name),
-                       orders.get(name)) for name, w in weights.items()]
+    # a file stating each weight's pattern (layout 2) leaves out exactly the weights kept dense
+    rows = [_layer_row(name, w, modules.get(name) if modules else default,
+                       None if masks is None else masks.get(name), orders.get(name))
+            for name, w in weights.items()]
     families = family_table(model, {r["name"]: r["numel"] - r["zeros"] for r in rows})
     zeros, numel = sum(r["zeros"] for r in rows), sum(r["numel"] for r in rows)
     nm_bad = sum(r.get("nm_violations", 0) for r in rows)

@@ -135,20 +135,18 @@ def vnm_mask(scores: torch.Tensor, v: int, n: int, m: int) -> torch.Tensor:
     rows, cols = scores.shape
     subsets = torch.tensor(list(itertools.combinations(range(m), _VNM_COLUMNS)),
                            device=scores.device)  # (K, 4)
-    blocks = scores.float().reshape(rows // v, v, cols // m, m)  # (R, V, B, m)
-    keep = torch.zeros(rows // v, v, cols // m, m, dtype=torch.bool, device=scores.device)
-    chunk = max(1, 2**25 // (v * (cols // m) * subsets.shape[0] * _VNM_COLUMNS))  # row blocks per step
+    # blocks as (block, V, m): every V x M block of the weight, row bands first
+    blocks = scores.float().reshape(rows // v, v, cols // m, m).permute(0, 2, 1, 3).reshape(-1, v, m)
+    keep = torch.zeros_like(blocks, dtype=torch.bool)  # (blocks, V, m)
+    chunk = max(1, 2**24 // (v * subsets.shape[0] * _VNM_COLUMNS))  # blocks per step: about 64 MiB
     for start in range(0, blocks.shape[0], chunk):
-        part = blocks[start : start + chunk]  # (r, V, B, m)
-        picked = part[..., subsets]  # (r, V, B, K, 4)
-        best_two = picked.topk(n, dim=-1).values.sum(-1)  # (r, V, B, K) each row's best N of the 4
-        total = best_two.sum(dim=1)  # (r, B, K)
-        choice = subsets[_first_argmax(total)]  # (r, B, 4)
-        cand = part.gather(-1, choice.unsqueeze(1).expand(-1, v, -1, -1))  # (r, V, B, 4)
-        order = torch.sort(-cand, dim=-1, stable=True).indices[..., :n]  # (r, V, B, N) best first
-        cols_kept = choice.unsqueeze(1).expand(-1, v, -1, -1).gather(-1, order)  # (r, V, B, N)
-        keep[start : start + chunk].scatter_(-1, cols_kept, True)
-    return keep.reshape(rows, cols)
+        part = blocks[start : start + chunk]  # (b, V, m)
+        best = part[..., subsets].topk(n, dim=-1).values.sum(-1)  # (b, V, K) each row's best N of the 4
+        choice = subsets[_first_argmax(best.sum(dim=1))]  # (b, 4) the subset of highest total
+        chosen = choice.unsqueeze(1).expand(-1, v, -1)  # (b, V, 4)
+        order = torch.sort(-part.gather(-1, chosen), dim=-1, stable=True).indices[..., :n]  # (b, V, N)
+        keep[start : start + chunk].scatter_(-1, chosen.gather(-1, order), True)
+    return keep.reshape(rows // v, cols // m, v, m).permute(0, 2, 1, 3).reshape(rows, cols)
 
 
 def _first_argmax(values: torch.Tensor) -> torch.Tensor:

@@ -39,7 +39,7 @@ from sparseheal.sparsity.patterns import Pattern
 from sparseheal.sparsity.plan import Assignment, Module, assign, ignore_rule, read_plan
 from sparseheal.sparsity.store import save_masks, weights_hash
 
-__all__ = ["calibration_tokens", "run_prune"]
+__all__ = ["calibration_tokens", "run_prune", "plan_assignments", "plan_methods"]
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +78,7 @@ def plan_assignments(model, how: PruneSettings, options: dict[str, Settings | No
         options: each method's built settings group (None for a method without one), by name.
     """
     if not how.plan and not how.ignore:
+        _check_fit(model, how.shape)
         return None
     rules, strict = read_plan(how.plan) if how.plan else ([], False)
     if how.ignore:
@@ -98,8 +99,28 @@ def plan_assignments(model, how: PruneSettings, options: dict[str, Settings | No
     return assign(rules, modules, default, strict, check)
 
 
+def plan_methods(how: PruneSettings) -> set[str]:
+    """The methods a plan's rules name (read from the file alone), besides ``--method``."""
+    if not how.plan:
+        return set()
+    names = {rule.method for rule in read_plan(how.plan)[0] if rule.method}
+    try:
+        return {PRUNERS.canonical(name) for name in names}
+    except ConfigError as err:
+        raise ConfigError("--plan", err.message) from None
+
+
+def _check_fit(model, pattern: Pattern) -> None:
+    """Refuses a pattern some prunable weight's shape cannot take (V:N:M blocks, tiles)."""
+    for key, w in model_weights(model).items():
+        out_features, in_features = w.matrix(0 if w.experts else None).shape
+        if (why := pattern.misfit(out_features, in_features)) is not None:
+            raise ConfigError("--pattern", f"{key} is {out_features}x{in_features}: {why}; keep it dense "
+                                           "with --ignore or give it another pattern in a --plan")
+
+
 def _choices(assignments: dict[str, Assignment | None] | None, options: dict[str, Settings | None],
-             refine: RefineSettings) -> dict[str, Choice | None] | None:
+             refine: RefineSettings, seqlen: int) -> dict[str, Choice | None] | None:
     """The driver's choices for a plan's assignments (each method's pruner, refined when asked)."""
     if assignments is None:
         return None
@@ -107,7 +128,7 @@ def _choices(assignments: dict[str, Assignment | None] | None, options: dict[str
     for a in assignments.values():
         if a is not None and a.method not in classes:
             cls = PRUNERS.get(a.method)
-            classes[a.method] = refined(cls, refine) if refine.refine == "dsnot" else cls
+            classes[a.method] = refined(cls, refine, seqlen) if refine.refine == "dsnot" else cls
     return {key: None if a is None else Choice(classes[a.method], options.get(a.method), a.pattern,
                                                a.sparsity) for key, a in assignments.items()}
 
@@ -116,7 +137,7 @@ def _module_layout(used: dict[str, Choice], assignments: dict[str, Assignment | 
     """Each pruned weight's method, pattern (with its N, M, V, tile, axis) and sparsity, as the masks
     file and the record state them."""
     rules = {k: a.rule for k, a in (assignments or {}).items() if a is not None}
-    return {key: {"method": c.pruner.name, **c.pattern.meta(), "sparsity": round(c.sparsity, 6),
+    return {key: {"method": c.pruner.name, **c.pattern.meta(), "sparsity": c.sparsity,
                   "rule": rules.get(key, "the command's flags")} for key, c in used.items()}
 
 
@@ -130,7 +151,8 @@ def _partial_groups(lm, nm: tuple[int, int] | None) -> dict | None:
 
 
 def _prune_record(model: str, how: PruneSettings, calibration: CalibrationSettings, options: Settings | None,
-                  source, lm, masks: dict, watch: Stopwatch, unreached: dict[str, list[int]]) -> dict:
+                  source, lm, masks: dict, watch: Stopwatch, unreached: dict[str, list[int]],
+                  calibrated: bool) -> dict:
     layers = {name: round(sparsity_of(masked_weight(lm, name).param), 6) for name in masks}
     kept = {name: m.kept() for name, m in masks.items()}
     total = sum(m.numel() for m in masks.values())
@@ -143,7 +165,7 @@ def _prune_record(model: str, how: PruneSettings, calibration: CalibrationSettin
         "method": how.method,
         "pattern": how.pattern,
         "sparsity": how.sparsity,
-        "calibration": calibration.spec() if how.pruner.needs_calibration else None,  # unused: not recorded
+        "calibration": calibration.spec() if calibrated else None,  # unused: not recorded
         "dtype": str(next(lm.parameters()).dtype).removeprefix("torch."),
         "sparsity_achieved": round(pruned / max(total, 1), 6),
         "pruned_parameters": pruned,
@@ -196,13 +218,15 @@ def run_prune(model: str, output: str, overwrite: bool, how: PruneSettings, cali
     orders: dict[str, torch.Tensor] = {}
     used: dict[str, Choice] = {}
     with watch("prune"):
-        pruner = refined(how.pruner, refine) if refine.refine == "dsnot" else how.pruner
+        pruner = refined(how.pruner, refine, calibration.seqlen) if refine.refine == "dsnot" else how.pruner
         masks = prune_model(lm, pruner, tokens, how.shape, how.sparsity, calibration.calibration_batch_size,
                             device, offload=how.offload, options=options, layer_sparsity=ratios, park=park,
                             unreached=unreached, input_orders=orders,
-                            choices=_choices(assignments, method_options, refine), used=used)
+                            choices=_choices(assignments, method_options, refine, calibration.seqlen),
+                            used=used)
     layout = _module_layout(used, assignments)
-    record = {**_prune_record(model, how, calibration, options, source, lm, masks, watch, unreached),
+    record = {**_prune_record(model, how, calibration, options, source, lm, masks, watch, unreached,
+                              calibrated),
               "layer_sparsity": spread_record, **_extras(how, refine, orders, assignments, lm, layout)}
     with atomic_dir(output, overwrite) as tmp:
         save_model(lm, tokenizer, tmp)

@@ -202,6 +202,9 @@ def assign(rules: list[Rule], modules: dict[str, Module], default: Assignment, s
         if rule is None and strict:
             raise ConfigError(_FLAG, f"no rule matches {key} and all_must_match is true")
         used.add(None if rule is None else rule.index)
+        if rule is None and (why := default.pattern.misfit(module.out_features, module.in_features)):
+            raise ConfigError("--pattern", f"{key} (no rule matches it) is {module.out_features}x"
+                                           f"{module.in_features}: {why}")
         out[key] = default if rule is None else _assignment(rule, key, module, default, check)
     for rule in rules:
         if rule.index not in used:
