@@ -151,11 +151,11 @@ def _print_report(report: dict) -> None:
 
 
 def _print_inspect(report: dict) -> int:
-    print(f"{'layer':<48} {'shape':<14} {'sparsity':>8} {'N:M':>5} {'N:M bad':>7} {'mask bad':>8}")
+    print(f"{'layer':<48} {'shape':<14} {'sparsity':>8} {'N:M':>5} {'N:M bad':>7} {'mask bad':>8}  pattern")
     for r in report["layers"]:
         shape = "x".join(map(str, r["shape"]))
         print(f"{r['name']:<48} {shape:<14} {r['sparsity']:>8.4f} {r['nm_detected'] or '-':>5} "
-              f"{r.get('nm_violations', '-'):>7} {r.get('mask_violations', '-'):>8}")
+              f"{r.get('nm_violations', '-'):>7} {r.get('mask_violations', '-'):>8}  {r.get('pattern', '-')}")
     spread = report.get("layer_sparsity") or {}
     if spread.get("mode") == "owl":
         shown = ", ".join(f"{i}: {x:.3f}" for i, x in enumerate(spread["sparsities"]))

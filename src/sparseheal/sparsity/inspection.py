@@ -35,9 +35,10 @@ def _layer_row(name: str, masked: MaskedWeight, rule: tuple[Pattern, float] | No
         "numel": weight.numel(),
         "nm_detected": f"{found[0]}:{found[1]}" if found else None,
     }
+    if rule is not None:
+        row["pattern"] = rule[0].text  # the pattern this weight was pruned to (checked unless unstructured)
     if rule is not None and rule[0].kind != "unstructured":
         pattern, sparsity = rule
-        row["pattern"] = pattern.text
         per = weight.shape[0] // (masked.experts or 1)  # each expert's matrix checked alone
         row["nm_violations"] = sum(pattern.violations(part, sparsity) for part in weight.split(per))
     if mask is not None:
