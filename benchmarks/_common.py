@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-__all__ = ["run_measured", "perplexity", "print_table", "write_json", "machine"]
+__all__ = ["run_measured", "cached", "perplexity", "print_table", "write_json", "machine"]
 
 _SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 if "SPARSEHEAL_DATA_DIR" not in os.environ and _SHARED_DATA.is_dir():
@@ -39,6 +39,15 @@ def run_measured(cmd: list[str], env: dict | None = None, log: Path | None = Non
         "minor_faults": usage.ru_minflt,
         "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
     }
+
+
+def cached(path: Path, make) -> dict:
+    """``make()``'s JSON result, kept in ``path`` and read from there when a run is resumed."""
+    if path.is_file():
+        return json.loads(path.read_text())
+    value = make()
+    path.write_text(json.dumps(value))
+    return value
 
 
 def perplexity(model: str, result: Path, windows: int, seqlen: int = 1024, dtype: str | None = None,

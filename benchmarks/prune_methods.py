@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import perplexity, print_table, run_measured, write_json  # noqa: E402
+from _common import cached, perplexity, print_table, run_measured, write_json  # noqa: E402
 
 PY = [sys.executable, "-m", "sparseheal"]
 # name -> prune flags; which settings each defines (the variant is unstructured, reallocation N:M only)
@@ -40,14 +40,6 @@ DSNOT = ("wanda", "sparsegpt", "ria")  # the calibrated methods refined with DSn
 SETTINGS = {"50%": ["--sparsity", "0.5"], "2:4": ["--pattern", "2:4"], "70%": ["--sparsity", "0.7"]}
 
 
-def _cached(path: Path, make) -> dict:
-    if path.is_file():
-        return json.loads(path.read_text())
-    value = make()
-    path.write_text(json.dumps(value))
-    return value
-
-
 def prune_row(method: str, setting: str, dsnot: bool, args, work: Path) -> dict:
     """Prunes and evaluates one configuration (reusing a finished one)."""
     label = f"{method}{'-dsnot' if dsnot else ''}-{setting.replace(':', 'of').replace('%', '')}"
@@ -55,7 +47,7 @@ def prune_row(method: str, setting: str, dsnot: bool, args, work: Path) -> dict:
     flags = METHODS[method][0] + SETTINGS[setting] + (["--refine", "dsnot"] if dsnot else [])
     cmd = PY + ["prune", args.model, "-o", str(out), "--nsamples", str(args.nsamples), "--seqlen",
                 str(args.calib_seqlen), "--overwrite", *flags]
-    run = _cached(work / f"{label}.run.json", lambda: run_measured(cmd, log=work / f"{label}.log"))
+    run = cached(work / f"{label}.run.json", lambda: run_measured(cmd, log=work / f"{label}.log"))
     record = json.loads((out / "sparseheal.json").read_text())
     ppl = perplexity(str(out), work / f"{label}.eval.json", args.eval_windows, reuse=True)["ppl"]
     return {"method": method, "dsnot": "yes" if dsnot else "no", "setting": setting, "ppl": round(ppl, 3),
@@ -69,7 +61,7 @@ def heal_row(row: dict, args, work: Path) -> dict:
     cmd = PY + ["heal", str(work / row["path"]), "-o", str(out), "--method", "full", "--max-steps",
                 str(args.steps), "--block-size", str(args.block_size), "--batch-size", "1",
                 "--gradient-accumulation", "1", "--max-eval-samples", "0", "--data", "c4", "--overwrite"]
-    run = _cached(work / f"{out.name}.run.json", lambda: run_measured(cmd, log=work / f"{out.name}.log"))
+    run = cached(work / f"{out.name}.run.json", lambda: run_measured(cmd, log=work / f"{out.name}.log"))
     ppl = perplexity(str(out), work / f"{out.name}.eval.json", args.eval_windows, reuse=True)["ppl"]
     return {**row, "healed_ppl": round(ppl, 3), "heal_wall_s": run["wall_s"]}
 

@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import perplexity, print_table, run_measured, write_json  # noqa: E402
+from _common import cached, perplexity, print_table, run_measured, write_json  # noqa: E402
 
 PY = [sys.executable, "-m", "sparseheal"]
 PLANS = {
@@ -45,20 +45,12 @@ def _flags(name: str, work: Path) -> list[str]:
     return flags
 
 
-def _cached(path: Path, make) -> dict:
-    if path.is_file():
-        return json.loads(path.read_text())
-    value = make()
-    path.write_text(json.dumps(value))
-    return value
-
-
 def row(label: str, flags: list[str], args, work: Path) -> dict:
     """Prune, evaluate, heal, evaluate one configuration."""
     out = work / label
     cmd = PY + ["prune", args.model, "-o", str(out), "--method", "wanda", "--nsamples", str(args.nsamples),
                 "--seqlen", str(args.calib_seqlen), "--overwrite", *flags]
-    _cached(work / f"{label}.run.json", lambda: run_measured(cmd, log=work / f"{label}.log"))
+    cached(work / f"{label}.run.json", lambda: run_measured(cmd, log=work / f"{label}.log"))
     record = json.loads((out / "sparseheal.json").read_text())
     dense = ((record.get("plan") or {}).get("dense") or {}).get("parameters", 0)
     weights = record["prunable_parameters"] + dense
@@ -68,9 +60,9 @@ def row(label: str, flags: list[str], args, work: Path) -> dict:
     heal = PY + ["heal", str(out), "-o", str(healed), "--method", "full", "--max-steps", str(args.steps),
                  "--block-size", str(args.block_size), "--batch-size", "1", "--gradient-accumulation", "1",
                  "--max-eval-samples", "0", "--data", "c4", "--overwrite"]
-    _cached(work / f"{healed.name}.run.json", lambda: run_measured(heal, log=work / f"{healed.name}.log"))
+    cached(work / f"{healed.name}.run.json", lambda: run_measured(heal, log=work / f"{healed.name}.log"))
     after = perplexity(str(healed), work / f"{healed.name}.eval.json", args.eval_windows, reuse=True)["ppl"]
-    ok = _cached(work / f"{healed.name}.inspect.json", lambda: {"ok": _inspect(healed)})["ok"]
+    ok = cached(work / f"{healed.name}.inspect.json", lambda: {"ok": _inspect(healed)})["ok"]
     return {"config": label, "share": round(share, 4), "ppl": round(ppl, 3), "healed_ppl": round(after, 3),
             "healed_inspect_ok": ok}
 

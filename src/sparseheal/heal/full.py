@@ -65,6 +65,7 @@ __all__ = [
     "select_trainable",
     "MaskKeeper",
     "MaskCallback",
+    "save_verified",
     "verify_saved_masks",
     "weight_files",
     "FullHealer",
@@ -237,6 +238,30 @@ class MaskCallback(TrainerCallback):
         self.keeper.apply()  # W = W * m + 0.0 after every optimizer step
 
 
+def save_verified(model: nn.Module, tokenizer, out_dir: str | os.PathLike, masks: dict[str, torch.Tensor],
+                  pattern: str) -> tuple[int, int, dict]:
+    """Freezes ``model``, writes it with its masks and checks every pruned position of the saved weights
+    bit for bit (a failure raises: nothing is written). Returns (trainable, total parameters, report)."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    for param in model.parameters():
+        param.requires_grad_(False)
+    save_model(model, tokenizer, out_dir)
+    save_masks(masks, Path(out_dir) / MASKS_FILE, {"pattern": pattern})
+    report = verify_saved_masks(out_dir, masks, model)
+    if not report["ok"]:
+        # a non-finite weight times the mask stays non-finite: then the cause is the training's, not the
+        # mask's (the products keep +0.0 for every finite weight)
+        bad = sum(int((~torch.isfinite(p)).sum()) for p in model.parameters())
+        if bad:
+            raise StageError("--lr", f"training left {bad} weights that are not finite; nothing was written: "
+                                     "lower --lr or use float32")
+        raise RuntimeError(f"{report['mask_violations']} pruned weights are not +0.0 after training; nothing "
+                           "was written")
+    log.info("verified: all %d pruned weights are +0.0 in the saved model", report["pruned_parameters"])
+    return trainable, total, report
+
+
 def verify_saved_masks(model_dir: str | os.PathLike, masks: dict[str, torch.Tensor | PackedMask],
                        model: nn.Module | None = None) -> dict:
     """Checks bit for bit that every pruned position of the saved weights is +0.0 (bool or bit-packed
@@ -325,23 +350,7 @@ class FullHealer(Healer):
         """Writes a normal HF directory plus the masks, verifies them bit for bit, returns record fields."""
         if self.keeper is not None:
             self.keeper.remove()
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in model.parameters())
-        for param in model.parameters():
-            param.requires_grad_(False)
-        save_model(model, tokenizer, out_dir)
-        save_masks(masks, Path(out_dir) / MASKS_FILE, {"pattern": pattern})
-        report = verify_saved_masks(out_dir, masks, model)
-        if not report["ok"]:
-            # a non-finite weight times the mask stays non-finite: then the cause is the training's, not
-            # the mask's (the products keep +0.0 for every finite weight)
-            bad = sum(int((~torch.isfinite(p)).sum()) for p in model.parameters())
-            if bad:
-                raise StageError("--lr", f"training left {bad} weights that are not finite; nothing was "
-                                         "written: lower --lr or use float32")
-            raise RuntimeError(f"{report['mask_violations']} pruned weights are not +0.0 after training; "
-                               "nothing was written")
-        log.info("verified: all %d pruned weights are +0.0 in the saved model", report["pruned_parameters"])
+        trainable, total, report = save_verified(model, tokenizer, out_dir, masks, pattern)
         tensors = {role: len(names) for role, names in self.roles.items()}
         pruned = report["pruned_parameters"]
         return {"mask_verification": report, "parameter_tensors": tensors, "trainable_parameters": trainable,

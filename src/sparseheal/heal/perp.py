@@ -3,9 +3,9 @@
 After pruning, the weights stay as pruned (frozen: every pruned position keeps its +0.0 and every kept
 weight its value) and only the parameters that rescale and shift activations train end to end with the
 Trainer: every normalisation module's parameters (RMSNorm / LayerNorm weights and biases, the final norm
-included) and every bias of a linear or fused experts module. For smollm2-135m that is about 0.02% of the
-parameters. Zimmer, Andoni, Spiegel, Pokutta, "PERP: Rethinking the Prune-Retrain Paradigm in the Era of
-LLMs", https://arxiv.org/abs/2312.15230 (their "biases and normalisation" retraining).
+included) and every bias of a linear or fused experts module; the record counts them. Zimmer, Andoni,
+Spiegel, Pokutta, "PERP: Rethinking the Prune-Retrain Paradigm in the Era of LLMs",
+https://arxiv.org/abs/2312.15230 (their "biases and normalisation" retraining).
 
 Memory: the Trainer keeps gradients and AdamW moments for the trained tensors only; the model itself is
 held once, frozen.
@@ -19,13 +19,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from sparseheal.checks import MASKS_FILE
 from sparseheal.errors import ConfigError
 from sparseheal.heal.base import Healer
-from sparseheal.heal.full import verify_saved_masks
-from sparseheal.models import save_model
+from sparseheal.heal.full import save_verified
 from sparseheal.registry import HEALERS
-from sparseheal.sparsity.store import check_masks_match, save_masks
+from sparseheal.sparsity.store import check_masks_match
 
 __all__ = ["perp_parameters", "PerpHealer"]
 
@@ -74,15 +72,6 @@ class PerpHealer(Healer):
     def save(self, model: nn.Module, tokenizer, out_dir: Path, masks: dict[str, torch.Tensor],
              pattern: str) -> dict:
         """Writes the model and its masks and verifies every pruned position bit for bit."""
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in model.parameters())
-        for param in model.parameters():
-            param.requires_grad_(False)
-        save_model(model, tokenizer, out_dir)
-        save_masks(masks, Path(out_dir) / MASKS_FILE, {"pattern": pattern})
-        report = verify_saved_masks(out_dir, masks, model)
-        if not report["ok"]:
-            raise RuntimeError(f"{report['mask_violations']} pruned weights are not +0.0; nothing was "
-                               "written")
+        trainable, total, report = save_verified(model, tokenizer, out_dir, masks, pattern)
         return {"trainable_parameters": trainable, "total_parameters": total, "mask_verification": report,
                 "trainable_tensors": {role: len(names) for role, names in self.roles.items()}}
