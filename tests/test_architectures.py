@@ -19,6 +19,7 @@ from test_heal_lora import _cli_refuses
 
 import sparseheal
 from sparseheal.cli import main
+from sparseheal.errors import ConfigError
 from sparseheal.layout import masked_weight, parameter_families
 from sparseheal.models import decoder_layers, load_model
 from sparseheal.sparsity.masks import count_violations
@@ -27,7 +28,8 @@ from sparseheal.sparsity.store import load_masks
 PRUNE = dict(nsamples=2, seqlen=48, calibration_batch_size=2, device="cpu")  # longer than the windows
 HEAL = dict(max_steps=2, block_size=32, max_eval_samples=1, lr=1e-2, device="cpu")
 TRAINED = {"full": ("attention", "mlp", "experts", "routers"), "blockwise": ("attention", "mlp", "experts"),
-           "lora": ("attention",)}
+           "submodules": ("attention", "mlp", "experts"), "lora": ("attention",)}
+UNSPLIT = {"opt": "fc1"}  # the layer holds its MLP's linears itself: no submodule granularity
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +97,17 @@ def test_every_stage_on_every_architecture(model_type, arch_dir, tmp_path):
         "blockwise": sparseheal.heal(str(pruned), str(tmp_path / "bw"), method="blockwise", epochs=1,
                                      lr=1e-2, device="cpu"),
     }
+    submodules = dict(method="blockwise", granularity="submodule", recon_inputs="mix", epochs=1, lr=1e-2,
+                      device="cpu")
+    if model_type in UNSPLIT:
+        with pytest.raises(ConfigError, match=UNSPLIT[model_type]) as err:
+            sparseheal.heal(str(pruned), str(tmp_path / "sub"), **submodules)
+        assert err.value.flag == "--granularity" and not (tmp_path / "sub").exists()
+    else:
+        outputs["submodules"] = sparseheal.heal(str(pruned), str(tmp_path / "sub"), **submodules)
+        record = json.loads((outputs["submodules"] / "sparseheal.json").read_text())
+        units = [u["unit"] for u in record["blockwise"]["layers"][0]["units"]]
+        assert len(units) >= 2 and len(set(units)) == len(units) and "layer" not in units
     for healer, out in outputs.items():
         _check_masks_kept(out, masks)
         after = _family_weights(load_model(str(out), device="cpu")[0])

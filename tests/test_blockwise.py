@@ -66,18 +66,18 @@ def test_output_is_a_pruned_directory_any_healer_can_take(pruned, tmp_path, llam
 
 def test_resume_ends_bit_identical_to_an_uninterrupted_run(pruned, tmp_path, monkeypatch):
     whole = sparseheal.heal(str(pruned), str(tmp_path / "whole"), **BLOCK)
-    original = blockwise.BlockwiseHealer.fit_layer
+    original = blockwise.fit_unit
 
-    def stop_at_layer_one(self, layer, masks, inputs, targets, training, index, device):
-        if index == 1:
+    def stop_at_layer_one(*args, **kwargs):
+        if args[-1].endswith("layer 1"):  # its progress description
             raise KeyboardInterrupt("killed")
-        return original(self, layer, masks, inputs, targets, training, index, device)
+        return original(*args, **kwargs)
 
-    monkeypatch.setattr(blockwise.BlockwiseHealer, "fit_layer", stop_at_layer_one)
+    monkeypatch.setattr(blockwise, "fit_unit", stop_at_layer_one)
     with pytest.raises(KeyboardInterrupt):
         sparseheal.heal(str(pruned), str(tmp_path / "cut"), **BLOCK)
     assert not (tmp_path / "cut").exists() and (tmp_path / "cut.ckpt" / "layer-0.safetensors").is_file()
-    monkeypatch.setattr(blockwise.BlockwiseHealer, "fit_layer", original)
+    monkeypatch.setattr(blockwise, "fit_unit", original)
     with pytest.raises(ConfigError, match="--resume"):  # changed settings are refused
         sparseheal.heal(str(pruned), str(tmp_path / "cut"), **{**BLOCK, "lr": 5e-4}, resume=True)
     resumed = sparseheal.heal(str(pruned), str(tmp_path / "cut"), **BLOCK, resume=True)
@@ -100,16 +100,16 @@ def test_only_the_current_layer_and_its_twin_are_on_the_device(pruned, tmp_path,
         peak[0] = max(peak[0], len(resident))
         return twin
 
-    original_fit = blockwise.BlockwiseHealer.fit_layer
+    original_fit = blockwise.fit_unit
 
-    def fit(self, layer, *args, **kwargs):
-        result = original_fit(self, layer, *args, **kwargs)
+    def fit(*args, **kwargs):
+        result = original_fit(*args, **kwargs)
         resident.clear()  # the twin is dropped before training, the layer leaves after its outputs
         return result
 
     monkeypatch.setattr(blockwise, "to_device", to_device)
     monkeypatch.setattr(blockwise.DenseLayers, "build", build)
-    monkeypatch.setattr(blockwise.BlockwiseHealer, "fit_layer", fit)
+    monkeypatch.setattr(blockwise, "fit_unit", fit)
     sparseheal.heal(str(pruned), str(tmp_path / "o"), **BLOCK)
     assert peak[0] == 2
 
@@ -150,7 +150,7 @@ def test_the_command_line_summary_names_the_layers(pruned, tmp_path, capsys):
         cli.main(["heal", str(pruned), "-o", str(tmp_path / "o"), "--method", "blockwise", "--device", "cpu"])
     assert info.value.code == 0
     out = capsys.readouterr().out
-    assert "with blockwise: 2 layers, 2 of them closer to their dense twin" in out
+    assert "with blockwise (layer): 2 layers, 2 of them closer to their dense twin" in out
     assert "None" not in out and "nan" not in out
 
 

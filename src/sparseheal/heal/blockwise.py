@@ -32,9 +32,7 @@ import copy
 import functools
 import json
 import logging
-import math
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,32 +40,55 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
-from tqdm.auto import tqdm
 
-from sparseheal.checks import positive, seed
+from sparseheal.checks import non_negative, positive, seed
 from sparseheal.errors import ConfigError
 from sparseheal.heal.base import Healer
+from sparseheal.heal.blockwise_io import (
+    PROGRESS_FILE,
+    load_file_state,
+    load_progress,
+    save_layer,
+    write_blockwise_output,
+)
 from sparseheal.heal.checkpoints import RECIPE_FILE
-from sparseheal.heal.full import MaskKeeper
+from sparseheal.heal.recon import (
+    GRANULARITIES,
+    INPUT_MODES,
+    Call,
+    FitSchedule,
+    fit_unit,
+    layer_units,
+    tap_units,
+)
 from sparseheal.models import checkpoint_keys, decoder_layers, read_as_loaded
-from sparseheal.records import replace_file
 from sparseheal.registry import HEALERS
 from sparseheal.settings import Settings, setting
 from sparseheal.sources import read_tensor, weight_files
 
 __all__ = ["BlockwiseSettings", "BlockwiseHealer", "layer_loss", "propagate", "DenseLayers",
-           "run_blockwise", "to_device"]
+           "run_blockwise", "to_device", "check_holdout"]
 
 log = logging.getLogger(__name__)
-
-PROGRESS_FILE = "blockwise_progress.json"
 
 
 @dataclass
 class BlockwiseSettings(Settings):
-    """The calibration draw of ``--method blockwise`` (default: the pruned model's own)."""
+    """The units, inputs, held-out slice and calibration draw of ``--method blockwise`` (default draw:
+    the pruned model's own)."""
+
+    granularity: str = setting("layer", "blockwise: reconstruct each decoder layer whole (layer), or its "
+                                        "attention, MLP and expert groups one by one (submodule).",
+                               choices=GRANULARITIES)
+    recon_inputs: str = setting("sparse", "blockwise: train each unit on what the sparse model feeds it "
+                                          "(sparse), what the dense model feeds it (dense), or either at "
+                                          "random per step (mix).", choices=INPUT_MODES)
+    holdout: int = setting(0, "blockwise: calibration samples held out (the last ones) to measure each "
+                              "unit's reconstruction loss after every epoch.", check=non_negative("a count"))
+    early_stop: int = setting(0, "blockwise: stop a unit after this many held-out checks without a new best "
+                                 "and keep its best weights (0: off; needs --holdout).",
+                              check=non_negative("a count"))
 
     calibration_data: str | None = setting(None, "blockwise: calibration text (default: the pruned model's).")
     nsamples: int | None = setting(None, "blockwise: calibration samples (default: the pruned model's).",
@@ -76,6 +97,11 @@ class BlockwiseSettings(Settings):
                                  check=positive)
     calibration_seed: int | None = setting(None, "blockwise: seed of the calibration draw (default: the "
                                                  "pruned model's).", check=seed)
+
+    def validate(self) -> None:
+        if self.early_stop and not self.holdout:
+            raise ConfigError("--early-stop", "early stopping watches a held-out slice: give --holdout N "
+                                              "(calibration samples to hold out) too")
 
 
 def layer_loss(layer: nn.Module, inputs: list, targets: list[torch.Tensor], device: torch.device) -> float:
@@ -175,6 +201,16 @@ class BlockwiseHealer(Healer):
     def output_bytes(self, weights: int, checkpoints: int, merged: bool) -> tuple[int, str]:
         return 2 * weights, "the model's weights, plus the finished layers' checkpoint"
 
+    def validate(self, skeleton: nn.Module) -> None:
+        """Refuses a granularity the model's layers cannot give (a weightless skeleton is enough)."""
+        _, layers = decoder_layers(skeleton)
+        for index, layer in enumerate(layers):
+            try:
+                layer_units(layer, self.options.granularity)
+            except ValueError as err:
+                raise ConfigError("--granularity", f"layer {index} of this model cannot be split into "
+                                                   f"submodules: {err}; use --granularity layer") from None
+
     def latest_checkpoint(self, checkpoint_dir: Path) -> Path | None:
         path = Path(checkpoint_dir) / PROGRESS_FILE
         return path if path.is_file() else None
@@ -187,62 +223,10 @@ class BlockwiseHealer(Healer):
     def summary(cls, record: dict) -> str:
         layers = record["blockwise"]["layers"]
         closer = sum(x["loss_after"] < x["loss_before"] for x in layers)
-        return (f"healed {record.get('pruned_from')} with blockwise: {len(layers)} layers, {closer} of them "
-                f"closer to their dense twin (MSE, last layer {layers[-1]['loss_before']:.4g} -> "
+        how = record["blockwise"].get("granularity", "layer")
+        return (f"healed {record.get('pruned_from')} with blockwise ({how}): {len(layers)} layers, {closer} "
+                f"of them closer to their dense twin (MSE, last layer {layers[-1]['loss_before']:.4g} -> "
                 f"{layers[-1]['loss_after']:.4g})")
-
-    def fit_layer(self, layer: nn.Module, masks: dict[str, torch.Tensor], inputs: list,
-                  targets: list[torch.Tensor], training: Any, index: int, device: torch.device) -> dict:
-        """Trains one layer on (input, target) batches; returns its loss before training and its steps."""
-        from transformers import get_scheduler
-
-        before = layer_loss(layer, inputs, targets, device)
-        keeper = MaskKeeper(layer, masks)
-        keeper.apply()
-        keeper.install_grad_hooks()
-        params = [p for p in layer.parameters()]
-        for p in params:
-            p.requires_grad_(True)
-        steps = max(1, round(training.epochs * len(inputs)))
-        optimizer = torch.optim.AdamW(params, lr=training.lr, weight_decay=training.weight_decay)
-        schedule = get_scheduler(training.scheduler, optimizer, training.warmup_steps, steps)
-        generator = torch.Generator().manual_seed(training.seed * 1_000_003 + index)
-        order = torch.cat([torch.randperm(len(inputs), generator=generator)
-                           for _ in range(math.ceil(steps / len(inputs)))])[:steps]
-        layer.train()
-        for step in tqdm(order.tolist(), desc=f"blockwise: layer {index}", unit="step", leave=False):
-            x, kwargs = inputs[step]
-            # MSE between the sparse layer's output and the dense twin's, on this batch
-            loss = F.mse_loss(_forward(layer, x, kwargs, device).float(), targets[step].to(device).float())
-            loss.backward()  # the keeper's hooks zero the gradients of pruned weights
-            if training.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(params, training.max_grad_norm)
-            optimizer.step()
-            keeper.apply()  # W = W * m + 0.0: pruned weights stay exactly +0.0
-            schedule.step()
-            optimizer.zero_grad(set_to_none=True)
-        layer.eval()
-        keeper.remove()
-        for p in params:
-            p.requires_grad_(False)
-        return {"index": index, "loss_before": before, "steps": steps}  # the loss after: propagate()
-
-
-def save_layer(layer: nn.Module, checkpoint_dir: Path, index: int, result: dict, recipe: dict) -> None:
-    """Writes a finished layer's weights, then the progress file that names it (the last write)."""
-    checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in layer.state_dict().items()}
-    save_file(state, str(checkpoint_dir / f"layer-{index}.safetensors"))
-    progress_path = checkpoint_dir / PROGRESS_FILE
-    progress = json.loads(progress_path.read_text()) if progress_path.is_file() else {"layers": []}
-    progress["layers"] = [r for r in progress["layers"] if r["index"] < index] + [result]
-    progress.update(recipe=recipe, updated=time.strftime("%Y-%m-%dT%H:%M:%S"))
-    replace_file(progress_path, json.dumps(progress, indent=2) + "\n")
-
-
-def load_progress(checkpoint_dir: Path) -> list[dict]:
-    path = checkpoint_dir / PROGRESS_FILE
-    return json.loads(path.read_text())["layers"] if path.is_file() else []
 
 
 def _calibration(job: Any, options: BlockwiseSettings, pruned_record: dict,
@@ -257,6 +241,16 @@ def _calibration(job: Any, options: BlockwiseSettings, pruned_record: dict,
             "seed": recorded.get("seed", 0) if options.calibration_seed is None else options.calibration_seed}
     docs = load_documents(spec["source"], "train", job.data_dir, "--calibration-data")
     return calibration_samples(docs, tokenizer, spec["nsamples"], spec["seqlen"], spec["seed"]), spec
+
+
+def check_holdout(holdout: int, nsamples: int, batch_size: int) -> None:
+    """A held-out slice of whole batches that leaves at least one batch to train on."""
+    if holdout % batch_size:
+        raise ConfigError("--holdout", f"hold out whole batches: a multiple of --batch-size {batch_size}; "
+                                       f"got {holdout}")
+    if holdout >= nsamples:
+        raise ConfigError("--holdout", f"hold out fewer than the {nsamples} calibration samples; "
+                                       f"got {holdout}")
 
 
 def _layer_masks(masks: dict, prefix: str) -> dict[str, torch.Tensor]:
@@ -281,6 +275,8 @@ def run_blockwise(job: Any, healer: BlockwiseHealer) -> Path:
     watch, source = Stopwatch(), resolve_source(job.pruned_dir)
     pruned_record = read_record(source.path) or {}
     teacher, _ = resolve_teacher(job.distill.teacher, pruned_record)
+    recorded = (pruned_record.get("calibration") or {}).get("nsamples", 128)
+    check_holdout(healer.options.holdout, healer.options.nsamples or recorded, job.training.batch_size)
     lm, tokenizer, _ = load_model(job.pruned_dir, job.compute.dtype, "cpu", job.trust.trust_remote_code,
                                   job.trust.allow_pickle, flag="PRUNED_DIR")
     prefix, layers = decoder_layers(lm)
@@ -311,7 +307,8 @@ def run_blockwise(job: Any, healer: BlockwiseHealer) -> Path:
 
 def _heal_layer(healer: BlockwiseHealer, job: Any, layer: nn.Module, index: int, dense: DenseLayers,
                 streams: dict, masks: dict, prefix: str, done: list[dict], device: torch.device) -> dict:
-    """Layer ``index``: its dense targets, then its fit (or its finished weights), then the next inputs.
+    """Layer ``index``: its dense targets, then the fit of each unit in turn (or the layer's finished
+    weights), then the next inputs.
 
     Both streams are rewritten in place: the dense stream becomes this layer's targets (and the next
     layer's dense inputs), the sparse stream the healed layer's outputs. Each batch goes with the
@@ -320,17 +317,21 @@ def _heal_layer(healer: BlockwiseHealer, job: Any, layer: nn.Module, index: int,
 
     streams = {name: at_layer(stream, index) for name, stream in streams.items()}
     twin = dense.build(layer, index, device)
-    propagate(twin, streams["dense"], None, device)  # the dense twin's outputs
+    units = layer_units(layer, healer.options.granularity)
+    twin_calls = _twin_pass(twin, units, streams["dense"], healer.options.recon_inputs != "sparse", device)
     del twin
-    targets = [y for y, _ in streams["dense"]]
+    targets = [y for y, _ in streams["dense"]]  # (B, T, d) each: the dense twin's outputs
     to_device(layer, device)
     if index < len(done):  # finished before an interruption: its healed weights, as trained
         layer.load_state_dict(load_file_state(job.checkpoint_dir / f"layer-{index}.safetensors"))
         propagate(layer, streams["sparse"], None, device)
         result = done[index]
     else:
-        result = healer.fit_layer(layer, _layer_masks(masks, prefix), streams["sparse"], targets,
-                                  job.training, index, device)
+        result = {"index": index, "loss_before": layer_loss(layer, streams["sparse"], targets, device)}
+        result["units"] = [_fit_one(healer, job, layer, index, number, unit, twin_calls[unit], streams,
+                                    _layer_masks(masks, prefix), device)
+                           for number, unit in enumerate(twin_calls)]
+        result["steps"] = sum(u["steps"] for u in result["units"])
         # the healed layer's outputs feed the next sparse layer; their MSE is its loss after training
         result["loss_after"] = propagate(layer, streams["sparse"], targets, device)
         save_layer(layer, job.checkpoint_dir, index, result, job.recipe)
@@ -339,50 +340,36 @@ def _heal_layer(healer: BlockwiseHealer, job: Any, layer: nn.Module, index: int,
     return result
 
 
-def write_blockwise_output(job: Any, lm, tokenizer, ctx: dict, watch: Any) -> Path:
-    """A pruned-model directory with the reconstructed layers: weights, masks, record naming the dense
-    model (so that a later heal finds its teacher), written atomically."""
-    from sparseheal.cards import write_card
-    from sparseheal.checks import MASKS_FILE
-    from sparseheal.errors import StageError
-    from sparseheal.heal.full import verify_saved_masks
-    from sparseheal.heal.output import check_finite_weights
-    from sparseheal.layout import masked_weight
-    from sparseheal.models import save_model, source_hash
-    from sparseheal.records import atomic_dir, peak_rss_mb, write_record
-    from sparseheal.sparsity.masks import sparsity_of
-    from sparseheal.sparsity.store import carry_input_orders, save_masks, weights_hash
-
-    pruned, teacher = ctx["pruned_record"], ctx["teacher"]
-    with atomic_dir(job.output, job.overwrite) as tmp, watch("save"):
-        save_model(lm, tokenizer, tmp)
-        check_finite_weights(tmp)
-        weights = weights_hash(tmp)
-        save_masks(ctx["masks"], tmp / MASKS_FILE, {"pattern": pruned.get("pattern", "unstructured"),
-                                                    "weights_hash": weights})
-        carry_input_orders(ctx["source"].path, tmp / MASKS_FILE)
-        verification = verify_saved_masks(tmp, ctx["masks"], lm)
-        if not verification["ok"]:
-            raise StageError("--lr", f"{verification['mask_violations']} pruned weights are not +0.0; "
-                                     "nothing was written")
-        keep = ("method", "pattern", "sparsity", "layer_sparsity", "pruned_parameters", "prunable_parameters",
-                "families")
-        record = {"stage": "heal", **{k: pruned.get(k) for k in keep}, "heal_method": job.healer.name,
-                  "base_model": teacher.name, "base_path": teacher.path,
-                  "base_hash": source_hash(teacher), "pruned_from": job.pruned_dir, "weights_hash": weights,
-                  "calibration": ctx["calibration"], "masks_from": ctx["mask_source"],
-                  "layers": {n: round(sparsity_of(masked_weight(lm, n).param), 6) for n in ctx["masks"]},
-                  "sparsity_achieved": pruned.get("sparsity_achieved"), "mask_verification": verification,
-                  "blockwise": {"layers": ctx["layers"], "epochs": job.training.epochs, "lr": job.training.lr,
-                                "batch_size": job.training.batch_size, "scheduler": job.training.scheduler},
-                  "recipe": job.recipe, "timings": watch.times, "peak_rss_mb": round(peak_rss_mb(), 1),
-                  "previous": pruned}
-        write_record(tmp, record)
-        write_card(tmp, name=Path(job.output).name)
-    return Path(job.output)
+def _twin_pass(twin: nn.Module, units: list[str], stream: list, dense_inputs: bool,
+               device: torch.device) -> dict[str, list[Call]]:
+    """Advances the dense stream through the twin; returns, per unit in call order, what the dense
+    model feeds it (kept only when training reads it) and its output (the unit's targets)."""
+    if units == [""]:  # the layer itself: its inputs are the stream's, its outputs the stream after it
+        calls = [Call((hidden.clone() if dense_inputs else None,), kwargs, hidden)
+                 for hidden, kwargs in stream]
+        propagate(twin, stream, None, device)
+        return {"": calls}
+    return tap_units(twin, units, stream, device, advance=True)
 
 
-def load_file_state(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(path))
+def _fit_one(healer: BlockwiseHealer, job: Any, layer: nn.Module, index: int, number: int, unit: str,
+             twin_calls: list[Call], streams: dict, masks: dict, device: torch.device) -> dict:
+    """Fits one unit of a layer to the dense twin's, on the inputs ``--recon-inputs`` names."""
+    options, training = healer.options, job.training
+    if unit:  # what the sparse layer, healed up to this unit, feeds it
+        sparse_calls = tap_units(layer, [unit], streams["sparse"], device, stop=True)[unit]
+    else:
+        sparse_calls = [Call((hidden,), kwargs) for hidden, kwargs in streams["sparse"]]
+    targets = [c.output for c in twin_calls]
+    choices = {"sparse": lambda s, d: [s], "dense": lambda s, d: [d], "mix": lambda s, d: [s, d]}
+    pairs = [choices[options.recon_inputs](s, d) for s, d in zip(sparse_calls, twin_calls, strict=True)]
+    n = len(pairs) - options.holdout // training.batch_size  # the last batches are held out
+    schedule = FitSchedule(training.lr, training.weight_decay, training.scheduler, training.warmup_steps,
+                           training.max_grad_norm, training.epochs, options.early_stop)
+    inside = {key[len(unit) + 1:] if unit else key: m for key, m in masks.items()
+              if not unit or key.startswith(unit + ".")}
+    result = fit_unit(layer.get_submodule(unit), inside, pairs[:n], targets[:n],
+                      list(zip(sparse_calls[n:], targets[n:], strict=True)), schedule,
+                      training.seed * 1_000_003 + index + 7_919 * number, device,
+                      f"blockwise: layer {index}{' ' + unit if unit else ''}")
+    return {"unit": unit or "layer", **result}

@@ -225,7 +225,7 @@ class MaskCallback(TrainerCallback):
     ========================  ==========================================================================
 
     Under ``--fsdp`` both act on each rank's shard (``MaskKeeper``); block-wise healing runs the same
-    three steps in its own loop (``BlockwiseHealer.fit_layer``).
+    three steps in its own loop (``heal.recon.fit_unit``).
     """
 
     def __init__(self, keeper: MaskKeeper) -> None:
