@@ -150,3 +150,16 @@ def test_reconstruction_settings_with_another_healer_are_refused(pruned, tmp_pat
     proc = _run("heal", str(pruned), "-o", str(tmp_path / "o"), "--method", "full", "--granularity",
                 "submodule")
     assert proc.returncode == 2 and "--granularity" in proc.stderr
+
+
+def test_perp_style_reconstruction_trains_only_norms(pruned, tmp_path):
+    out = sparseheal.heal(str(pruned), str(tmp_path / "o"), **{**BLOCK, "lr": 1e-2},
+                          recon_params="norms-biases")
+    before, after = _weights(pruned), _weights(out)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all("norm" in k for k in changed)
+    record = json.loads((out / "sparseheal.json").read_text())
+    assert all(x["loss_after"] < x["loss_before"] for x in record["blockwise"]["layers"])
+    proc = _run("heal", str(pruned), "-o", str(tmp_path / "x"), "--method", "blockwise", "--granularity",
+                "submodule", "--recon-params", "norms-biases")  # llama's attention has no norm or bias
+    assert proc.returncode == 2 and "--recon-params" in proc.stderr and not (tmp_path / "x").exists()

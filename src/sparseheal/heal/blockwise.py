@@ -84,6 +84,9 @@ class BlockwiseSettings(Settings):
     recon_inputs: str = setting("sparse", "blockwise: train each unit on what the sparse model feeds it "
                                           "(sparse), what the dense model feeds it (dense), or either at "
                                           "random per step (mix).", choices=INPUT_MODES)
+    recon_params: str = setting("all", "blockwise: what each unit trains: every parameter (all), or only its "
+                                       "norms and biases, PERP-style (norms-biases).",
+                                choices=("all", "norms-biases"))
     holdout: int = setting(0, "blockwise: calibration samples held out (the last ones) to measure each "
                               "unit's reconstruction loss after every epoch.", check=non_negative("a count"))
     early_stop: int = setting(0, "blockwise: stop a unit after this many held-out checks without a new best "
@@ -206,10 +209,15 @@ class BlockwiseHealer(Healer):
         _, layers = decoder_layers(skeleton)
         for index, layer in enumerate(layers):
             try:
-                layer_units(layer, self.options.granularity)
+                units = layer_units(layer, self.options.granularity)
             except ValueError as err:
                 raise ConfigError("--granularity", f"layer {index} of this model cannot be split into "
                                                    f"submodules: {err}; use --granularity layer") from None
+            for unit in units if self.options.recon_params == "norms-biases" else ():
+                if not _trained_names(layer.get_submodule(unit), "norms-biases"):
+                    raise ConfigError("--recon-params", f"{unit or 'layer'} {index} has no norm or bias "
+                                                        "to train; use --granularity layer or "
+                                                        "--recon-params all")
 
     def latest_checkpoint(self, checkpoint_dir: Path) -> Path | None:
         path = Path(checkpoint_dir) / PROGRESS_FILE
@@ -241,6 +249,15 @@ def _calibration(job: Any, options: BlockwiseSettings, pruned_record: dict,
             "seed": recorded.get("seed", 0) if options.calibration_seed is None else options.calibration_seed}
     docs = load_documents(spec["source"], "train", job.data_dir, "--calibration-data")
     return calibration_samples(docs, tokenizer, spec["nsamples"], spec["seqlen"], spec["seed"]), spec
+
+
+def _trained_names(unit: nn.Module, which: str) -> set[str] | None:
+    """The parameters of a unit that train (None: all)."""
+    if which == "all":
+        return None
+    from sparseheal.heal.perp import perp_parameters
+
+    return {name for names in perp_parameters(unit).values() for name in names}
 
 
 def check_holdout(holdout: int, nsamples: int, batch_size: int) -> None:
@@ -371,5 +388,6 @@ def _fit_one(healer: BlockwiseHealer, job: Any, layer: nn.Module, index: int, nu
     result = fit_unit(layer.get_submodule(unit), inside, pairs[:n], targets[:n],
                       list(zip(sparse_calls[n:], targets[n:], strict=True)), schedule,
                       training.seed * 1_000_003 + index + 7_919 * number, device,
-                      f"blockwise: layer {index}{' ' + unit if unit else ''}")
+                      f"blockwise: layer {index}{' ' + unit if unit else ''}",
+                      _trained_names(layer.get_submodule(unit), options.recon_params))
     return {"unit": unit or "layer", **result}

@@ -186,6 +186,19 @@ def _masked_layer_sparsity(model: nn.Module, masks: dict[str, torch.Tensor]) -> 
 
 
 @torch.no_grad()
+def _keep_trained_copies(model: nn.Module) -> None:
+    """Writes the trained copy of each ``modules_to_save`` module (norms trained beside the adapter) into
+    the module it wraps, which is what ``unload`` keeps."""
+    from peft.utils import ModulesToSaveWrapper
+
+    for module in model.modules():
+        if isinstance(module, ModulesToSaveWrapper):
+            active = [a for a in module.active_adapters if a in module.modules_to_save]
+            if active:
+                module.original_module.load_state_dict(module.modules_to_save[active[0]].state_dict())
+
+
+@torch.no_grad()
 def merge_lora(model: nn.Module, masks: dict[str, torch.Tensor], mode: str) -> tuple[nn.Module, dict]:
     """Merges the active LoRA adapter of a PeftModel into its base and returns the plain model.
 
@@ -205,6 +218,7 @@ def merge_lora(model: nn.Module, masks: dict[str, torch.Tensor], mode: str) -> t
         delta = sum(layer.get_delta_weight(a) for a in layer.active_adapters if a in layer.lora_A)
         keep = as_bool(masks[name]) if mode == "masked" and name in masks else None
         weight.data = merge_weight(weight.data, delta, None if keep is None else keep.to(weight.device))
+    _keep_trained_copies(model)
     merged = model.unload()
     after = _masked_layer_sparsity(merged, masks)
     stats = {"mode": mode, "layers_merged": len(layers), "sparsity_before": round(before, 6),

@@ -230,7 +230,7 @@ class _Checks:
 
 def fit_unit(module: nn.Module, masks: dict[str, torch.Tensor], choices: list[list[Call]],
              targets: list[torch.Tensor], heldout: list[tuple[Call, torch.Tensor]], schedule: FitSchedule,
-             seed: int, device: torch.device, desc: str) -> dict:
+             seed: int, device: torch.device, desc: str, only: set[str] | None = None) -> dict:
     """Trains ``module`` (masked weights by ``masks``, keyed inside it) so that g(U_b) ≈ Y_b.
 
     Args:
@@ -240,6 +240,7 @@ def fit_unit(module: nn.Module, masks: dict[str, torch.Tensor], choices: list[li
         heldout: (sparse inputs, target) pairs checked after every epoch; with ``schedule.patience``,
             training stops after that many checks without a new best and the best weights are restored.
         seed: seeds the batch order and the input picks.
+        only: the names (inside ``module``) of the parameters to train; None: all of them.
 
     Returns:
         steps run and planned, the mean training loss of the first and the last epoch, the held-out
@@ -250,7 +251,7 @@ def fit_unit(module: nn.Module, masks: dict[str, torch.Tensor], choices: list[li
     keeper = MaskKeeper(module, masks)
     keeper.apply()
     keeper.install_grad_hooks()
-    params = list(module.parameters())
+    params = [p for name, p in module.named_parameters() if only is None or name in only]
     for p in params:
         p.requires_grad_(True)
     order, pick = _steps(schedule, len(choices), seed), torch.Generator().manual_seed(seed + 1)
