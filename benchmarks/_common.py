@@ -51,8 +51,10 @@ def cached(path: Path, make) -> dict:
 
 
 def perplexity(model: str, result: Path, windows: int, seqlen: int = 1024, dtype: str | None = None,
-               adapter: str | None = None, device: str | None = None, reuse: bool = False) -> dict:
-    """WikiText-2 perplexity of ``model`` through ``sparseheal evaluate`` in its own process.
+               adapter: str | None = None, device: str | None = None, reuse: bool = False,
+               dataset: str | None = None) -> dict:
+    """WikiText-2 (or ``dataset``'s) perplexity of ``model`` through ``sparseheal evaluate`` in its own
+    process.
 
     Writes ``result`` (and ``result`` with ``.log``); with ``reuse``, a result already there at the same
     windows, sequence length and dtype is returned without evaluating again.
@@ -69,6 +71,7 @@ def perplexity(model: str, result: Path, windows: int, seqlen: int = 1024, dtype
     cmd += ["--dtype", dtype] if dtype else []
     cmd += ["--adapter", adapter] if adapter else []
     cmd += ["--device", device] if device else []
+    cmd += ["--dataset", dataset] if dataset else []
     run_measured(cmd, log=result.with_suffix(".log"))
     return json.loads(result.read_text())["results"][0]
 

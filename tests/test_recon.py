@@ -163,3 +163,25 @@ def test_perp_style_reconstruction_trains_only_norms(pruned, tmp_path):
     proc = _run("heal", str(pruned), "-o", str(tmp_path / "x"), "--method", "blockwise", "--granularity",
                 "submodule", "--recon-params", "norms-biases")  # llama's attention has no norm or bias
     assert proc.returncode == 2 and "--recon-params" in proc.stderr and not (tmp_path / "x").exists()
+
+
+def test_a_token_budget_sets_the_length_of_each_healer(pruned, tmp_path):
+    bw = sparseheal.heal(str(pruned), str(tmp_path / "bw"), **{k: v for k, v in BLOCK.items() if k != "epochs"},
+                         budget_tokens=6 * 32)  # 4 samples of 32 tokens: 1.5 epochs, 6 steps per layer
+    layers = json.loads((bw / "sparseheal.json").read_text())["blockwise"]["layers"]
+    assert [unit["steps"] for layer in layers for unit in layer["units"]] == [6, 6]
+    full = sparseheal.heal(str(pruned), str(tmp_path / "full"), method="full", block_size=32, batch_size=2,
+                           budget_tokens=200, max_eval_samples=1, device="cpu")
+    record = json.loads((full / "sparseheal.json").read_text())
+    assert record["recipe"]["max_steps"] == 3 and record["recipe"]["budget_tokens"] == 200  # 64 per step
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--method", "full", "--block-size", "32", "--budget-tokens", "31"], "at least 32"),
+    (["--method", "blockwise", "--budget-tokens", "31"], "at least 32"),
+    (["--method", "full", "--budget-tokens", "500", "--max-steps", "3"], "not both"),
+])
+def test_a_budget_too_small_for_one_step_is_refused(pruned, tmp_path, flags, needle):
+    proc = _run("heal", str(pruned), "-o", str(tmp_path / "o"), *flags)
+    assert proc.returncode == 2 and "--budget-tokens" in proc.stderr and needle in proc.stderr, proc.stderr
+    assert not (tmp_path / "o").exists()

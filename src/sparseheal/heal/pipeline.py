@@ -39,7 +39,7 @@ from sparseheal.heal.fsdp import FsdpSettings, check_fsdp
 from sparseheal.heal.job import HealJob
 from sparseheal.heal.merge import HealMergeSettings
 from sparseheal.heal.selfgen import SELF_DATA, SelfGenSettings, check_self_settings
-from sparseheal.heal.training import TrainingSettings
+from sparseheal.heal.training import TrainingSettings, budget_steps
 from sparseheal.models import (
     ComputeSettings,
     TrustSettings,
@@ -79,6 +79,9 @@ def plan_heal(pruned_dir: str, output: str, overwrite: bool, built: dict[type, S
     shared = [built[TrainingSettings], built[DistillSettings], built[SelfGenSettings], built[FsdpSettings]]
     refuse_unused_shared(shared, healer_cls)  # a shared setting the healer does not read
     training = built[TrainingSettings].with_method_defaults(healer_cls.defaults)
+    if training.budget_tokens and healer_cls.trainer_based:  # the Trainer's length; block-wise: its epochs
+        training.max_steps = budget_steps(training.budget_tokens, training.block_size, training.batch_size,
+                                          training.gradient_accumulation)
     compute = built[ComputeSettings]
     fsdp = built[FsdpSettings].fsdp
     check_fsdp(fsdp, merge, training.save_steps, training.resume, compute.device)

@@ -3,6 +3,7 @@ in ``trainer.py``, so that declaring them (for the command line and recipes) loa
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,7 +14,7 @@ from sparseheal.heal.base import format_rate
 from sparseheal.registry import HEALERS
 from sparseheal.settings import Settings, setting
 
-__all__ = ["LOG_FILE", "TrainingSettings"]
+__all__ = ["LOG_FILE", "TrainingSettings", "budget_steps", "budget_epochs"]
 
 LOG_FILE = "train_log.jsonl"
 
@@ -49,6 +50,9 @@ class TrainingSettings(Settings):
     block_size: int = setting(1024, "tokens per training block, at least 2.", check=window_length)
     max_steps: int | None = setting(None, "optimizer steps (overrides epochs).", check=positive)
     epochs: float = setting(1.0, "passes over the training blocks.", check=above_zero)
+    budget_tokens: int | None = setting(None, "train on about this many tokens: sets --max-steps (tokens per "
+                                              "step: block size x batch x accumulation) or block-wise's "
+                                              "--epochs (its samples x seqlen per epoch).", check=positive)
     batch_size: int = setting(1, "blocks per device and step.", check=positive)
     gradient_accumulation: int = setting(1, "micro-batches per optimizer step.", check=positive)
     lr: float | None = setting(None, _default_help("peak learning rate", "lr", format_rate), check=above_zero)
@@ -74,6 +78,12 @@ class TrainingSettings(Settings):
     max_bad_steps: int = setting(10, "non-finite losses in a row tolerated (their updates dropped) before "
                                      "stopping.", check=non_negative("an integer"), resumable=True)
 
+    def validate(self) -> None:
+        if self.budget_tokens and (self.max_steps or self.epochs != 1.0):
+            given = "--max-steps" if self.max_steps else "--epochs"
+            raise ConfigError("--budget-tokens", f"sets the length of the heal itself; give it or {given}, "
+                              "not both")
+
     def with_method_defaults(self, defaults: dict[str, Any]) -> TrainingSettings:
         """Fills ``lr`` and ``scheduler`` left unset with the healer's defaults."""
         if self.lr is None and "lr" in defaults:
@@ -96,3 +106,24 @@ class TrainingSettings(Settings):
         if self.max_steps:
             limit = min(limit, self.max_steps * self.batch_size * self.gradient_accumulation)
         return limit
+
+
+def budget_steps(budget: int, block_size: int, batch_size: int, accumulation: int) -> int:
+    """Optimizer steps that train on at most ``budget`` tokens: budget // (block x batch x accumulation x
+    processes); refused when not even one step fits."""
+    per_step = block_size * batch_size * accumulation * int(os.environ.get("WORLD_SIZE", "1"))
+    if budget < per_step:
+        raise ConfigError("--budget-tokens", f"{budget} tokens are fewer than one step trains on "
+                                             f"({per_step}: --block-size x --batch-size x "
+                                             f"--gradient-accumulation); give at least {per_step}")
+    return budget // per_step
+
+
+def budget_epochs(budget: int, samples: int, seqlen: int, batch_size: int) -> float:
+    """Block-wise epochs over ``samples`` training samples of ``seqlen`` tokens that train on ``budget``
+    tokens per unit; refused when not even one batch fits."""
+    if budget < batch_size * seqlen:
+        raise ConfigError("--budget-tokens", f"{budget} tokens are fewer than one block-wise step trains on "
+                                             f"({batch_size * seqlen}: --batch-size x the samples' "
+                                             f"{seqlen} tokens); give at least {batch_size * seqlen}")
+    return budget / (samples * seqlen)

@@ -1,0 +1,209 @@
+"""Reconstruction against end-to-end healing per token, per second and per byte (smollm2-135m).
+
+Protocol: Wanda with 64 x 1024 C4 calibration tokens (seed 0) at each ``--settings`` entry (50%, 2:4, 70%,
+70%-owl); WikiText-2 perplexity at seqlen 1024 over the first ``--eval-windows`` windows, and the same on
+held-out text of another genre: Python source code (a fixed list of standard-library modules of the
+interpreter that runs the benchmark, concatenated; its SHA-256 is in the JSON). For each budget of
+training tokens (``--budgets``) the recipes are:
+
+- ``full``: ``heal --method full --lr 3e-4 --warmup-steps 10``, budget / 1024 steps of 1024 tokens;
+- ``lora``: LoRA on every linear, r 16, alpha 32, lr 1e-3, warm-up 10, mask-aware, merged with the mask;
+- ``perp``: ``heal --method perp`` (norms and biases, lr 1e-3), the same steps;
+- ``bw-layer`` / ``bw-sub``: ``heal --method blockwise`` by layer / by submodule on S = min(budget /
+  1024, ``--max-samples``) calibration samples of 1024 tokens for budget / (1024 S) epochs (lr 1e-3);
+- ``bw-sub+full``: ``bw-sub`` on half the budget, then ``full`` on the other half.
+
+Tokens seen are the tokens of the training steps (block-wise: steps x 1024 per unit, forward-only passes
+not counted). Each heal runs in its own process: wall time, CPU time and peak RSS are that process's (the
+sum and the maximum over a recipe's stages). Gap closed = (ppl_pruned - ppl) / (ppl_pruned - ppl_dense).
+Finished runs in ``--workdir`` are reused; rows already in ``--output`` are kept.
+
+    python benchmarks/heal_recon.py --workdir DIR --settings 50%,2:4 --budgets 100000
+    python benchmarks/heal_recon.py --workdir DIR --settings 50% --budgets 2048 --recipes bw-sub,full \\
+        --nsamples 4 --calib-seqlen 128 --eval-windows 2                  # a short check
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import sysconfig
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import cached, perplexity, print_table, run_measured, write_json  # noqa: E402
+
+PY = [sys.executable, "-m", "sparseheal"]
+SETTINGS = {"50%": ["--sparsity", "0.5"], "2:4": ["--pattern", "2:4"], "70%": ["--sparsity", "0.7"],
+            "70%-owl": ["--sparsity", "0.7", "--layer-sparsity", "owl"]}
+FULL = ["--method", "full", "--lr", "3e-4", "--warmup-steps", "10"]
+LORA = ["--method", "lora", "--targets", "all-linear", "--rank", "16", "--alpha", "32", "--lr", "1e-3",
+        "--warmup-steps", "10", "--mask-aware", "--merge", "masked"]
+PERP = ["--method", "perp"]
+RECIPES = ("full", "lora", "perp", "bw-layer", "bw-sub", "bw-sub+full")
+CODE_MODULES = ("textwrap", "json/decoder", "json/encoder", "argparse", "dataclasses", "functools",
+                "collections/__init__", "pathlib", "inspect", "typing")
+BLOCK = 1024
+
+
+def code_text(path: Path) -> dict:
+    """Writes the held-out code text (standard-library sources) to ``path``; returns what it holds."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    text = "\n\n".join((root / f"{name}.py").read_text() for name in CODE_MODULES)
+    path.write_text(text)
+    return {"modules": list(CODE_MODULES), "chars": len(text),
+            "sha256": hashlib.sha256(text.encode()).hexdigest(), "python": sys.version.split()[0]}
+
+
+def prune(setting: str, args, work: Path) -> Path:
+    out = work / f"pruned-{label(setting)}"
+    cmd = PY + ["prune", args.model, "-o", str(out), "--method", "wanda", "--nsamples", str(args.nsamples),
+                "--seqlen", str(args.calib_seqlen), "--overwrite", *SETTINGS[setting]]
+    cached(work / f"{out.name}.run.json", lambda: run_measured(cmd, log=work / f"{out.name}.log"))
+    return out
+
+
+def label(text: str) -> str:
+    return text.replace(":", "of").replace("%", "")
+
+
+def trainer_stage(flags: list[str], tokens: int) -> tuple[list[str], int]:
+    steps = max(1, tokens // BLOCK)
+    return flags + ["--max-steps", str(steps), "--block-size", str(BLOCK), "--batch-size", "1",
+                    "--gradient-accumulation", "1", "--max-eval-samples", "0", "--data", "c4"], steps * BLOCK
+
+
+def blockwise_stage(granularity: str, tokens: int, max_samples: int) -> tuple[list[str], int]:
+    samples = max(1, min(tokens // BLOCK, max_samples))
+    epochs = tokens / (BLOCK * samples)
+    flags = ["--method", "blockwise", "--granularity", granularity, "--nsamples", str(samples),
+             "--seqlen", str(BLOCK), "--epochs", f"{epochs:.6g}"]
+    return flags, max(1, round(epochs * samples)) * BLOCK
+
+
+def stages(recipe: str, budget: int, max_samples: int) -> list[tuple[list[str], int]]:
+    """The heal commands' flags of a recipe at a budget, and the training tokens each sees."""
+    if recipe == "full":
+        return [trainer_stage(FULL, budget)]
+    if recipe == "lora":
+        return [trainer_stage(LORA, budget)]
+    if recipe == "perp":
+        return [trainer_stage(PERP, budget)]
+    if recipe in ("bw-layer", "bw-sub"):
+        return [blockwise_stage("layer" if recipe == "bw-layer" else "submodule", budget, max_samples)]
+    if recipe == "bw-sub+full":
+        return [blockwise_stage("submodule", budget // 2, max_samples), trainer_stage(FULL, budget // 2)]
+    raise SystemExit(f"--recipes: unknown recipe {recipe!r}; choose from {', '.join(RECIPES)}")
+
+
+def heal_row(setting: str, budget: int, recipe: str, pruned: Path, args, work: Path) -> dict:
+    """Runs a recipe's stages (reusing finished ones) and measures the healed model."""
+    source, runs, tokens = pruned, [], 0
+    for number, (flags, seen) in enumerate(stages(recipe, budget, args.max_samples)):
+        out = work / f"{pruned.name}-{recipe}-{budget}-{number}"
+        cmd = PY + ["heal", str(source), "-o", str(out), *flags, "--overwrite"]
+        runs.append(cached(work / f"{out.name}.run.json", lambda c=cmd, o=out: run_measured(
+            c, log=work / f"{o.name}.log")))
+        source, tokens = (out / "merged" if (out / "merged").is_dir() else out), tokens + seen
+    measured = evaluations(str(source), f"{pruned.name}-{recipe}-{budget}", args, work)
+    wiki, code = measured["ppl"], measured["code_ppl"]
+    return {"setting": setting, "budget": budget, "recipe": recipe, "tokens": tokens, "ppl": round(wiki, 3),
+            "code_ppl": round(code, 3), "wall_s": round(sum(r["wall_s"] for r in runs), 1),
+            "cpu_s": round(sum(r["cpu_s"] for r in runs), 1),
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in runs), "stages": len(runs)}
+
+
+def with_gaps(row: dict, base: dict) -> dict:
+    """Adds the share of the pruning gap closed on both texts."""
+    for key, ppl in (("gap_closed", "ppl"), ("code_gap_closed", "code_ppl")):
+        gap = base[f"pruned_{ppl}"] - base[f"dense_{ppl}"]
+        row[key] = round((base[f"pruned_{ppl}"] - row[ppl]) / gap, 4) if gap > 0 else None
+    return row
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Gap closed against training tokens (top) and against wall time (bottom), a column per setting."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    settings = list(dict.fromkeys(r["setting"] for r in rows))
+    fig, axes = plt.subplots(2, len(settings), figsize=(4.5 * len(settings), 7), squeeze=False)
+    for col, setting in enumerate(settings):
+        for recipe in RECIPES:
+            points = sorted((r["tokens"], r["wall_s"], 100 * r["gap_closed"]) for r in rows if
+                            (r["setting"], r["recipe"]) == (setting, recipe) and r["gap_closed"] is not None)
+            if points:
+                tokens, wall, gap = zip(*points, strict=True)
+                axes[0][col].plot(tokens, gap, marker="o", label=recipe)
+                axes[1][col].plot(wall, gap, marker="o", label=recipe)
+        axes[0][col].set(title=f"Wanda {setting}", xscale="log", xlabel="training tokens",
+                         ylabel="gap closed (%)")
+        axes[1][col].set(xscale="log", xlabel="wall time (s)", ylabel="gap closed (%)")
+        axes[1][col].xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
+def evaluations(model: str, name: str, args, work: Path) -> dict:
+    """WikiText-2 and held-out code perplexity of a model."""
+    return {"ppl": perplexity(model, work / f"{name}.eval.json", args.eval_windows, reuse=True)["ppl"],
+            "code_ppl": perplexity(model, work / f"{name}.code.json", args.eval_windows, reuse=True,
+                                   dataset=str(work / "code.txt"))["ppl"]}
+
+
+def kept_rows(output: Path, args) -> tuple[list[dict], dict]:
+    """Rows and pruned baselines already in ``output``, measured under the same protocol."""
+    old = json.loads(output.read_text()) if output.is_file() else {}
+    same = old and all(old["settings"].get(k) == getattr(args, k)
+                       for k in ("model", "nsamples", "calib_seqlen", "eval_windows", "max_samples"))
+    return (list(old["rows"]), dict(old["pruned"])) if same else ([], {})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--settings", default="50%,2:4,70%,70%-owl")
+    parser.add_argument("--budgets", default="25000,100000,400000", help="training tokens per heal")
+    parser.add_argument("--recipes", default=",".join(RECIPES))
+    parser.add_argument("--max-samples", type=int, default=32, help="calibration samples of block-wise")
+    parser.add_argument("--nsamples", type=int, default=64)
+    parser.add_argument("--calib-seqlen", type=int, default=1024)
+    parser.add_argument("--eval-windows", type=int, default=32)
+    parser.add_argument("--workdir", default=None)
+    parser.add_argument("--output", default=str(Path(__file__).parent / "results" / "heal_recon.json"))
+    parser.add_argument("--plot", default=str(Path(__file__).parent / "results" / "heal_recon.png"))
+    args = parser.parse_args()
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="sparseheal-recon-"))
+    work.mkdir(parents=True, exist_ok=True)
+    code = code_text(work / "code.txt")
+    dense = evaluations(args.model, "dense", args, work)
+    rows, pruned_rows = kept_rows(Path(args.output), args)
+    done = {(r["setting"], r["budget"], r["recipe"]) for r in rows}
+    settings = {k: v for k, v in vars(args).items() if k not in ("output", "plot")}
+    for setting in args.settings.split(","):
+        pruned = prune(setting, args, work)
+        base = {f"dense_{k}": v for k, v in dense.items()}
+        base.update({f"pruned_{k}": v for k, v in evaluations(str(pruned), pruned.name, args, work).items()})
+        pruned_rows[setting] = {k: round(v, 3) for k, v in base.items()}
+        for budget in (int(b) for b in args.budgets.split(",")):
+            for recipe in (r for r in args.recipes.split(",") if (setting, budget, r) not in done):
+                rows.append(with_gaps(heal_row(setting, budget, recipe, pruned, args, work), base))
+                print(json.dumps(rows[-1]), flush=True)
+                write_json(Path(args.output), {"settings": settings, "code_text": code, "pruned": pruned_rows,
+                                               "rows": rows})
+    print_table(rows, ["setting", "budget", "recipe", "tokens", "ppl", "gap_closed", "code_ppl",
+                       "code_gap_closed", "wall_s", "cpu_s", "peak_rss_mb"])
+    if rows:
+        plot(rows, Path(args.plot))
+
+
+if __name__ == "__main__":
+    main()
