@@ -56,7 +56,7 @@ def test_perp_with_mask_lora_merges_into_the_trained_model_with_the_mask_exact(p
     assert not any(n.endswith("proj.base_layer.weight") for n in trainable)
     torch.manual_seed(0)
     with torch.no_grad():  # a trained state: non-zero updates and norms moved
-        for name, param in student.named_parameters():
+        for param in student.parameters():
             if param.requires_grad:
                 param.add_(0.05 * torch.randn_like(param))
     tokens = torch.randint(0, 100, (2, 16))

@@ -16,6 +16,7 @@ from architectures import make_arch_dir
 from safetensors.torch import load_file
 from test_cli import _run
 
+import sparseheal
 from sparseheal.sparsity.patterns import block_mask, parse, vnm_mask
 from sparseheal.sparsity.store import load_masks
 
@@ -121,6 +122,8 @@ def test_a_mixed_plan_prunes_as_asked_and_every_healer_keeps_it(llama_dir, tmp_p
     masks = _check_modules(pruned)
     record = json.loads((pruned / "sparseheal.json").read_text())
     assert record["plan"]["modules"]["model.layers.0.mlp.up_proj"] == "dense"
+    assert record["pattern"] == "mixed" and record["methods"] == ["wanda"]  # each weight's: in the plan
+    assert record["partial_groups"] is None
     assert "sparsity plan" in (pruned / "README.md").read_text()
     heals = {"full": ("--method", "full"), "blockwise": ("--method", "blockwise", "--nsamples", "4"),
              "lora": ("--method", "lora", "--merge", "masked")}
@@ -204,3 +207,22 @@ def test_dsnot_statistic_of_routed_tokens_does_not_depend_on_the_batch():
     assert whole.samples == halves.samples == 4
     torch.testing.assert_close(whole.signal(), halves.signal())
     torch.testing.assert_close(whole.signal(), x.sum(0) / 4)
+
+
+def test_a_plans_nm_rule_and_calibrated_method_are_what_the_record_says(tmp_path, caplog):
+    """The flags say magnitude, unstructured; the plan's rule prunes the experts 2:3 by Wanda."""
+    model = make_arch_dir(tmp_path / "mixtral", "mixtral")
+    plan = _plan(tmp_path, [{"family": "experts", "method": "wanda", "pattern": "2:3"}])
+    with caplog.at_level("WARNING"):
+        out = sparseheal.prune(str(model), str(tmp_path / "p"), method="magnitude", plan=plan, nsamples=2,
+                               seqlen=32)
+    assert "ignoring" not in caplog.text  # the plan's Wanda reads the calibration settings
+    record = json.loads((out / "sparseheal.json").read_text())
+    assert record["pattern"] == "mixed" and record["methods"] == ["magnitude", "wanda"]
+    assert record["calibration"]["nsamples"] == 2
+    partial = record["partial_groups"]
+    assert partial["rule"] == "the trailing group of fewer than 3 inputs of each row keeps at most 2"
+    assert "model.layers.0.mlp.experts.gate_up_proj" in partial["weights"]
+    assert not any("self_attn" in k for k in partial["weights"])  # unstructured: no groups
+    report = sparseheal.inspect(str(out))
+    assert report["ok"] and report["pattern"] == "mixed"

@@ -166,8 +166,9 @@ def test_perp_style_reconstruction_trains_only_norms(pruned, tmp_path):
 
 
 def test_a_token_budget_sets_the_length_of_each_healer(pruned, tmp_path):
-    bw = sparseheal.heal(str(pruned), str(tmp_path / "bw"), **{k: v for k, v in BLOCK.items() if k != "epochs"},
-                         budget_tokens=6 * 32)  # 4 samples of 32 tokens: 1.5 epochs, 6 steps per layer
+    lengthless = {k: v for k, v in BLOCK.items() if k != "epochs"}
+    # 4 samples of 32 tokens: 1.5 epochs, 6 steps per layer
+    bw = sparseheal.heal(str(pruned), str(tmp_path / "bw"), **lengthless, budget_tokens=6 * 32)
     layers = json.loads((bw / "sparseheal.json").read_text())["blockwise"]["layers"]
     assert [unit["steps"] for layer in layers for unit in layer["units"]] == [6, 6]
     full = sparseheal.heal(str(pruned), str(tmp_path / "full"), method="full", block_size=32, batch_size=2,

@@ -124,7 +124,9 @@ def check_prune_model(model: str, how: PruneSettings, calibration: CalibrationSe
     leaves them out). A model holding weights of a layout no method can prune is refused."""
     check_prunable_layout(model_skeleton(model, trust_remote_code))
     load_tokenizer(resolve_source(model), trust_remote_code)  # a missing or broken one: refused now
-    if how.pruner.needs_calibration:
+    from sparseheal.sparsity.pipeline import plan_methods
+
+    if how.pruner.needs_calibration or any(PRUNERS.get(m).needs_calibration for m in plan_methods(how)):
         check_seqlen(model, calibration.seqlen)
         check_source(calibration.calibration_data, "--calibration-data")
         return

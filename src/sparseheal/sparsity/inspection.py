@@ -64,7 +64,8 @@ def inspect_model(model: nn.Module, record: dict | None, masks_file: str | os.Pa
         masks, meta = load_masks(masks_file)
         check_masks_match(model, masks, str(masks_file))
         orders, modules = load_input_orders(masks_file), module_rules(meta)
-    default = (parse(pattern), float((record or {}).get("sparsity") or 0.0)) if pattern else None
+    default = (parse(pattern), float((record or {}).get("sparsity") or 0.0)) \
+        if pattern and not modules else None  # a plan's files state each weight's own ("mixed" overall)
     if masks is not None:  # the weights the file names too (checked to exist by check_masks_match)
         weights.update({name: masked_weight(model, name) for name in masks if name not in weights})
     # a file stating each weight's pattern (layout 2) leaves out exactly the weights kept dense

@@ -141,18 +141,30 @@ def _module_layout(used: dict[str, Choice], assignments: dict[str, Assignment | 
                   "rule": rules.get(key, "the command's flags")} for key, c in used.items()}
 
 
-def _partial_groups(lm, nm: tuple[int, int] | None) -> dict | None:
-    """The weights whose inputs do not split into whole groups of M, and the rule they were pruned by."""
-    if nm is None:
+def _partial_groups(lm, layout: dict) -> dict | None:
+    """The weights pruned to N:M whose inputs do not split into whole groups of M, and the rule they
+    were pruned by."""
+    weights = model_weights(lm)
+    partial = {key: (e["n"], e["m"]) for key, e in layout.items() if e.get("kind") == "nm"
+               and weights[key].matrix(0 if weights[key].experts else None).shape[1] % e["m"]}
+    if not partial:
         return None
-    weights = [k for k, w in model_weights(lm).items() if w.matrix(0 if w.experts else None).shape[1] % nm[1]]
-    return {"rule": f"the trailing group of fewer than {nm[1]} inputs of each row keeps at most {nm[0]}",
-            "weights": weights} if weights else None
+    rules = sorted(set(partial.values()))
+    rule = "; ".join(f"the trailing group of fewer than {m} inputs of each row keeps at most {n}"
+                     for n, m in rules)
+    return {"rule": rule, "weights": list(partial)}
+
+
+def _overall(layout: dict, field: str, flags: str) -> str:
+    """The pattern (or method) every pruned weight got, ``mixed`` when a plan gave them several (each
+    weight's is in the masks file and the record's plan), the flags' when nothing was pruned."""
+    found = {entry[field] for entry in layout.values()}
+    return found.pop() if len(found) == 1 else ("mixed" if found else flags)
 
 
 def _prune_record(model: str, how: PruneSettings, calibration: CalibrationSettings, options: Settings | None,
                   source, lm, masks: dict, watch: Stopwatch, unreached: dict[str, list[int]],
-                  calibrated: bool) -> dict:
+                  calibrated: bool, layout: dict) -> dict:
     layers = {name: round(sparsity_of(masked_weight(lm, name).param), 6) for name in masks}
     kept = {name: m.kept() for name, m in masks.items()}
     total = sum(m.numel() for m in masks.values())
@@ -163,7 +175,7 @@ def _prune_record(model: str, how: PruneSettings, calibration: CalibrationSettin
         "base_path": source.path,
         "base_hash": source_hash(source),
         "method": how.method,
-        "pattern": how.pattern,
+        "pattern": _overall(layout, "pattern", how.pattern),
         "sparsity": how.sparsity,
         "calibration": calibration.spec() if calibrated else None,  # unused: not recorded
         "dtype": str(next(lm.parameters()).dtype).removeprefix("torch."),
@@ -175,7 +187,7 @@ def _prune_record(model: str, how: PruneSettings, calibration: CalibrationSettin
         "unreached_experts": {"rule": "pooled statistics of the tensor's reached experts",
                               "experts": unreached} if unreached else None,
         "routers": "dense (routers and gates output routing or gating scalars)",
-        "partial_groups": _partial_groups(lm, how.nm),
+        "partial_groups": _partial_groups(lm, layout),
         "timings": watch.times,
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "previous": read_record(source.path) if source.kind == "local" else None,
@@ -226,12 +238,12 @@ def run_prune(model: str, output: str, overwrite: bool, how: PruneSettings, cali
                             used=used)
     layout = _module_layout(used, assignments)
     record = {**_prune_record(model, how, calibration, options, source, lm, masks, watch, unreached,
-                              calibrated),
+                              calibrated, layout),
               "layer_sparsity": spread_record, **_extras(how, refine, orders, assignments, lm, layout)}
     with atomic_dir(output, overwrite) as tmp:
         save_model(lm, tokenizer, tmp)
         record["weights_hash"] = weights_hash(tmp)  # the masks belong to these weights (checked on load)
-        save_masks(masks, tmp / MASKS_FILE, {"base_hash": record["base_hash"], "pattern": how.pattern,
+        save_masks(masks, tmp / MASKS_FILE, {"base_hash": record["base_hash"], "pattern": record["pattern"],
                                              "weights_hash": record["weights_hash"], "layout_version": "2",
                                              "modules": json.dumps(layout)}, orders)
         write_record(tmp, record)
@@ -252,6 +264,7 @@ def _extras(how: PruneSettings, refine: RefineSettings, orders: dict, assignment
         extra["input_orders"] = (f"N:M along a permuted input order for {len(orders)} weights: "
                                  f"input_order/KEY tensors in {MASKS_FILE}")
     if assignments is not None:
+        extra["methods"] = sorted({entry["method"] for entry in layout.values()})
         dense = [k for k, a in assignments.items() if a is None]
         weights = model_weights(lm)
         extra["plan"] = {"file": how.plan, "ignore": how.ignore,
