@@ -101,6 +101,24 @@ def heal_row(row: dict, args, work: Path) -> dict:
             "heal_peak_rss_mb": run["peak_rss_mb"], "measured": measured_here()}
 
 
+def markdown(payload: dict) -> str:
+    """The docs table of a results file: every row (where it was measured) and the healed ones."""
+    lines = ["| method | DSnoT | pattern | WikiText-2 ppl | pruned share | prune wall s | prune CPU s | "
+             "peak RSS MiB | measured at |", "|---|---|---|---:|---:|---:|---:|---:|---|"]
+    for r in payload["rows"]:
+        where = r.get("measured", {})
+        lines.append(f"| `{r['method']}` | {r['dsnot']} | {r['setting']} | {r['ppl']:.3f} | "
+                     f"{r['achieved']:.4f} | {r['prune_wall_s']:.0f} | {r['prune_cpu_s']:.0f} | "
+                     f"{r['peak_rss_mb']:.0f} | "
+                     f"{where.get('revision', '')[:7]}, {where.get('torch_threads', '')} thr |")
+    if payload["healed"]:
+        lines += ["", "| method | DSnoT | pattern | ppl pruned | ppl after full heal | heal wall s |",
+                  "|---|---|---|---:|---:|---:|"]
+        lines += [f"| `{r['method']}` | {r['dsnot']} | {r['setting']} | {r['ppl']:.3f} | "
+                  f"{r['healed_ppl']:.3f} | {r['heal_wall_s']:.0f} |" for r in payload["healed"]]
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -114,7 +132,11 @@ def main() -> None:
     parser.add_argument("--block-size", type=int, default=1024)
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--output", default=str(Path(__file__).parent / "results" / "prune_methods.json"))
+    parser.add_argument("--markdown", action="store_true", help="print the docs table of --output and stop")
     args = parser.parse_args()
+    if args.markdown:
+        print(markdown(json.loads(Path(args.output).read_text())))
+        return
     work = Path(args.workdir or tempfile.mkdtemp(prefix="sparseheal-methods-"))
     work.mkdir(parents=True, exist_ok=True)
     settings = args.settings.split(",")
