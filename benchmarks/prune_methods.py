@@ -91,6 +91,8 @@ def prune_row(method: str, setting: str, dsnot: bool, args, work: Path) -> dict:
 
 def heal_row(row: dict, args, work: Path) -> dict:
     """The default full heal of one pruned model at the budget, and its perplexity."""
+    if not (work / row["path"]).is_dir():  # a row carried from another workdir: the same prune again
+        prune_row(row["method"], row["setting"], row["dsnot"] == "yes", args, work)
     out = work / f"healed-{row['path']}"
     cmd = PY + ["heal", str(work / row["path"]), "-o", str(out), "--method", "full", "--max-steps",
                 str(args.steps), "--block-size", str(args.block_size), "--batch-size", "1",
