@@ -73,6 +73,8 @@ __all__ = ["BlockwiseSettings", "BlockwiseHealer", "layer_loss", "propagate", "D
 
 log = logging.getLogger(__name__)
 
+LOSS_BATCHES = 8  # a layer's MSE before and after healing is measured on its first 8 calibration batches
+
 
 @dataclass
 class BlockwiseSettings(Settings):
@@ -117,10 +119,10 @@ def layer_loss(layer: nn.Module, inputs: list, targets: list[torch.Tensor], devi
 
 
 def propagate(layer: nn.Module, stream: list, targets: list[torch.Tensor] | None,
-              device: torch.device) -> float | None:
+              device: torch.device, first: int | None = None) -> float | None:
     """Replaces each batch's hidden states (B, T, d) by the layer's outputs, in place (one copy of the
-    stream is ever held); with ``targets``, returns the mean over batches of MSE(outputs, targets), the
-    same number as :func:`layer_loss` from the same forward pass."""
+    stream is ever held); with ``targets``, returns the mean over batches (the ``first`` ones when given)
+    of MSE(outputs, targets), the same number as :func:`layer_loss` from the same forward pass."""
     losses = []
     with torch.no_grad():
         for (hidden, kwargs), target in zip(stream, targets or [None] * len(stream), strict=True):
@@ -128,7 +130,7 @@ def propagate(layer: nn.Module, stream: list, targets: list[torch.Tensor] | None
             if target is not None:
                 losses.append(F.mse_loss(out.float(), target.to(device).float()))
             hidden.copy_(out)
-    return float(torch.stack(losses).mean()) if losses else None
+    return float(torch.stack(losses[:first]).mean()) if losses else None
 
 
 def _forward(layer: nn.Module, hidden: torch.Tensor, kwargs: dict, device: torch.device) -> torch.Tensor:
@@ -350,13 +352,15 @@ def _heal_layer(healer: BlockwiseHealer, job: Any, layer: nn.Module, index: int,
         propagate(layer, streams["sparse"], None, device)
         result = done[index]
     else:
-        result = {"index": index, "loss_before": layer_loss(layer, streams["sparse"], targets, device)}
+        probe = min(LOSS_BATCHES, len(targets))  # the batches the MSE before and after is measured on
+        result = {"index": index, "loss_batches": probe,
+                  "loss_before": layer_loss(layer, streams["sparse"][:probe], targets[:probe], device)}
         result["units"] = [_fit_one(healer, job, layer, index, number, unit, twin_calls[unit], streams,
                                     _layer_masks(masks, prefix), device)
                            for number, unit in enumerate(twin_calls)]
         result["steps"] = sum(u["steps"] for u in result["units"])
         # the healed layer's outputs feed the next sparse layer; their MSE is its loss after training
-        result["loss_after"] = propagate(layer, streams["sparse"], targets, device)
+        result["loss_after"] = propagate(layer, streams["sparse"], targets, device, first=probe)
         save_layer(layer, job.checkpoint_dir, index, result, job.recipe)
     layer.to("cpu")
     log.info("blockwise layer %d: MSE %.6g -> %.6g", index, result["loss_before"], result["loss_after"])
