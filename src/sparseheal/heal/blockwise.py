@@ -58,6 +58,8 @@ from sparseheal.heal.recon import (
     INPUT_MODES,
     Call,
     FitSchedule,
+    NormedUnit,
+    feeding_norms,
     fit_unit,
     layer_units,
     tap_units,
@@ -212,15 +214,13 @@ class BlockwiseHealer(Healer):
         _, layers = decoder_layers(skeleton)
         for index, layer in enumerate(layers):
             try:
-                units = layer_units(layer, self.options.granularity)
+                layer_units(layer, self.options.granularity)
             except ValueError as err:
                 raise ConfigError("--granularity", f"layer {index} of this model cannot be split into "
                                                    f"submodules: {err}; use --granularity layer") from None
-            for unit in units if self.options.recon_params == "norms-biases" else ():
-                if not _trained_names(layer.get_submodule(unit), "norms-biases"):
-                    raise ConfigError("--recon-params", f"{unit or 'layer'} {index} has no norm or bias "
-                                                        "to train; use --granularity layer or "
-                                                        "--recon-params all")
+            if self.options.recon_params == "norms-biases" and not _trained_names(layer, "norms-biases"):
+                raise ConfigError("--recon-params", f"layer {index} has no norm or bias to train; use "
+                                                    "--recon-params all")
 
     def latest_checkpoint(self, checkpoint_dir: Path) -> Path | None:
         path = Path(checkpoint_dir) / PROGRESS_FILE
@@ -343,7 +343,9 @@ def _heal_layer(healer: BlockwiseHealer, job: Any, layer: nn.Module, index: int,
     streams = {name: at_layer(stream, index) for name, stream in streams.items()}
     twin = dense.build(layer, index, device)
     units = layer_units(layer, healer.options.granularity)
-    twin_calls = _twin_pass(twin, units, streams["dense"], healer.options.recon_inputs != "sparse", device)
+    norms = feeding_norms(twin, units, streams["dense"][0], device) if units != [""] else {}
+    twin_calls = _twin_pass(twin, units, streams["dense"], healer.options.recon_inputs != "sparse", device,
+                            norms)
     del twin
     targets = [y for y, _ in streams["dense"]]  # (B, T, d) each: the dense twin's outputs
     to_device(layer, device)
@@ -356,7 +358,7 @@ def _heal_layer(healer: BlockwiseHealer, job: Any, layer: nn.Module, index: int,
         result = {"index": index, "loss_batches": probe,
                   "loss_before": layer_loss(layer, streams["sparse"][:probe], targets[:probe], device)}
         result["units"] = [_fit_one(healer, job, layer, index, number, unit, twin_calls[unit], streams,
-                                    _layer_masks(masks, prefix), device)
+                                    _layer_masks(masks, prefix), device, norms.get(unit))
                            for number, unit in enumerate(twin_calls)]
         result["steps"] = sum(u["steps"] for u in result["units"])
         # the healed layer's outputs feed the next sparse layer; their MSE is its loss after training
@@ -368,7 +370,7 @@ def _heal_layer(healer: BlockwiseHealer, job: Any, layer: nn.Module, index: int,
 
 
 def _twin_pass(twin: nn.Module, units: list[str], stream: list, dense_inputs: bool,
-               device: torch.device) -> dict[str, list[Call]]:
+               device: torch.device, norms: dict) -> dict[str, list[Call]]:
     """Advances the dense stream through the twin; returns, per unit in call order, what the dense
     model feeds it (kept only when training reads it) and its output (the unit's targets)."""
     if units == [""]:  # the layer itself: its inputs are the stream's, its outputs the stream after it
@@ -376,15 +378,18 @@ def _twin_pass(twin: nn.Module, units: list[str], stream: list, dense_inputs: bo
                  for hidden, kwargs in stream]
         propagate(twin, stream, None, device)
         return {"": calls}
-    return tap_units(twin, units, stream, device, advance=True)
+    return tap_units(twin, units, stream, device, advance=True, norms=norms)
 
 
 def _fit_one(healer: BlockwiseHealer, job: Any, layer: nn.Module, index: int, number: int, unit: str,
-             twin_calls: list[Call], streams: dict, masks: dict, device: torch.device) -> dict:
-    """Fits one unit of a layer to the dense twin's, on the inputs ``--recon-inputs`` names."""
+             twin_calls: list[Call], streams: dict, masks: dict, device: torch.device,
+             norm: tuple[str, int | str] | None) -> dict:
+    """Fits one unit of a layer (with the norm that feeds it, if any) to the dense twin's, on the inputs
+    ``--recon-inputs`` names."""
     options, training = healer.options, job.training
     if unit:  # what the sparse layer, healed up to this unit, feeds it
-        sparse_calls = tap_units(layer, [unit], streams["sparse"], device, stop=True)[unit]
+        fed = {unit: norm} if norm else None
+        sparse_calls = tap_units(layer, [unit], streams["sparse"], device, stop=True, norms=fed)[unit]
     else:
         sparse_calls = [Call((hidden,), kwargs) for hidden, kwargs in streams["sparse"]]
     targets = [c.output for c in twin_calls]
@@ -395,9 +400,13 @@ def _fit_one(healer: BlockwiseHealer, job: Any, layer: nn.Module, index: int, nu
                            training.max_grad_norm, training.epochs, options.early_stop)
     inside = {key[len(unit) + 1:] if unit else key: m for key, m in masks.items()
               if not unit or key.startswith(unit + ".")}
-    result = fit_unit(layer.get_submodule(unit), inside, pairs[:n], targets[:n],
+    module = layer.get_submodule(unit)
+    if norm:  # the unit's own inputs come from its norm, which trains with it
+        module = NormedUnit(layer.get_submodule(norm[0]), module, norm[1])
+        inside = {f"unit.{key}": m for key, m in inside.items()}
+    result = fit_unit(module, inside, pairs[:n], targets[:n],
                       list(zip(sparse_calls[n:], targets[n:], strict=True)), schedule,
                       training.seed * 1_000_003 + index + 7_919 * number, device,
                       f"blockwise: layer {index}{' ' + unit if unit else ''}",
-                      _trained_names(layer.get_submodule(unit), options.recon_params))
-    return {"unit": unit or "layer", **result}
+                      _trained_names(module, options.recon_params))
+    return {"unit": unit or "layer", "norm": norm[0] if norm else None, **result}

@@ -34,7 +34,7 @@ from sparseheal.layout import layer_weights
 from sparseheal.sparsity.capture import StopForward
 
 __all__ = ["GRANULARITIES", "INPUT_MODES", "Call", "FitSchedule", "layer_units", "tap_units", "unit_loss",
-           "fit_unit", "call_module"]
+           "fit_unit", "call_module", "feeding_norms", "NormedUnit"]
 
 GRANULARITIES = ("layer", "submodule")
 INPUT_MODES = ("sparse", "dense", "mix")
@@ -125,23 +125,80 @@ def call_module(module: nn.Module, args: tuple, kwargs: dict, device: torch.devi
     return _first(module(*_to(args, device), **_to(kwargs, device)))
 
 
+def _is_norm(module: nn.Module) -> bool:
+    return isinstance(module, (nn.LayerNorm, nn.GroupNorm)) or type(module).__name__.endswith("Norm")
+
+
+@torch.no_grad()
+def feeding_norms(layer: nn.Module, units: list[str], batch: tuple, device: torch.device) -> dict:
+    """For each unit, the norm of the layer (outside every unit) whose output the unit takes as an
+    argument, and where: ``{unit: (norm path, position or keyword)}``, from one forward of one batch.
+
+    A unit reconstructed with its feeding norm can rescale its own inputs (the norm's weight), which a
+    layer reconstructed whole can too; without it, a unit behind a norm cannot."""
+    inside = tuple(u + "." for u in units)
+    norms = {path: m for path, m in layer.named_modules() if path and _is_norm(m) and
+             path not in units and not path.startswith(inside)}
+    outputs: dict[int, tuple[str, torch.Tensor]] = {}  # the tensors are held: their ids stay theirs
+    found: dict[str, tuple[str, int | str]] = {}
+
+    def after_norm(path: str):
+        return lambda module, args, output: outputs.__setitem__(id(output), (path, output))
+
+    def before_unit(unit: str):
+        def check(module, args, kwargs):
+            for slot, value in [*enumerate(args), *kwargs.items()]:
+                if unit not in found and torch.is_tensor(value) and id(value) in outputs:
+                    found[unit] = (outputs[id(value)][0], slot)
+        return check
+
+    handles = [m.register_forward_hook(after_norm(p)) for p, m in norms.items()]
+    handles += [layer.get_submodule(u).register_forward_pre_hook(before_unit(u), with_kwargs=True)
+                for u in units]
+    try:
+        call_module(layer, batch[:1], batch[1], device)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return found
+
+
+class NormedUnit(nn.Module):
+    """A unit behind the norm that feeds it: ``forward(x, *args, **kwargs)`` puts ``norm(x)`` in the
+    unit's argument ``slot`` (a position or a keyword) and calls the unit, so both train together."""
+
+    def __init__(self, norm: nn.Module, unit: nn.Module, slot: int | str) -> None:
+        super().__init__()
+        self.norm, self.unit, self.slot = norm, unit, slot
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        normed = self.norm(x)  # (B, T, d)
+        if isinstance(self.slot, int):
+            args = (*args[: self.slot], normed, *args[self.slot + 1 :])
+        else:
+            kwargs = {**kwargs, self.slot: normed}
+        return self.unit(*args, **kwargs)
+
+
 @torch.no_grad()
 def tap_units(layer: nn.Module, units: list[str], stream: list, device: torch.device,
-              stop: bool = False, advance: bool = False) -> dict[str, list[Call]]:
+              stop: bool = False, advance: bool = False, norms: dict | None = None) -> dict[str, list[Call]]:
     """Runs each (hidden (B, T, d), keyword arguments) batch of ``stream`` through ``layer`` and records
     every call of each unit (arguments, first output), units in the order the forward calls them; with
     ``stop`` the forward ends after the last unit, with ``advance`` each batch's hidden states are replaced
-    by the layer's outputs.
+    by the layer's outputs. A unit with a feeding norm (``norms``, from :func:`feeding_norms`) is recorded
+    with the norm's input first, as :class:`NormedUnit` takes it.
 
     Raises:
         ValueError: a unit did not run exactly once per forward of the layer.
     """
     calls: dict[str, list[Call]] = {}
-    last = units[-1]
+    last, norms, norm_inputs = units[-1], norms or {}, {}
 
     def hook(unit: str, keep: dict[int, Any]):
         def record(module, args, kwargs, output):
-            calls.setdefault(unit, []).append(Call(_host(args, keep), _host(kwargs, keep),
+            fed = (_host(norm_inputs[norms[unit][0]], {}),) if unit in norms else ()
+            calls.setdefault(unit, []).append(Call(fed + _host(args, keep), _host(kwargs, keep),
                                                    _host(_first(output), {})))
             if stop and unit == last:
                 raise StopForward
@@ -151,6 +208,8 @@ def tap_units(layer: nn.Module, units: list[str], stream: list, device: torch.de
         keep = {id(v): v for v in kwargs.values()}
         handles = [layer.get_submodule(u).register_forward_hook(hook(u, keep), with_kwargs=True)
                    for u in units]
+        handles += [layer.get_submodule(n).register_forward_hook(
+            lambda m, args, out, n=n: norm_inputs.__setitem__(n, args[0])) for n, _ in set(norms.values())]
         try:
             out = call_module(layer, (hidden,), kwargs, device)  # (B, T, d)
             if advance:
