@@ -59,10 +59,12 @@ from sparseheal.heal.recon import (
     Call,
     FitSchedule,
     NormedUnit,
+    check_holdout,
     feeding_norms,
     fit_unit,
     layer_units,
     tap_units,
+    trained_names,
 )
 from sparseheal.heal.training import budget_epochs
 from sparseheal.models import checkpoint_keys, decoder_layers, read_as_loaded
@@ -71,7 +73,7 @@ from sparseheal.settings import Settings, setting
 from sparseheal.sources import read_tensor, weight_files
 
 __all__ = ["BlockwiseSettings", "BlockwiseHealer", "layer_loss", "propagate", "DenseLayers",
-           "run_blockwise", "to_device", "check_holdout"]
+           "run_blockwise", "to_device"]
 
 log = logging.getLogger(__name__)
 
@@ -218,7 +220,7 @@ class BlockwiseHealer(Healer):
             except ValueError as err:
                 raise ConfigError("--granularity", f"layer {index} of this model cannot be split into "
                                                    f"submodules: {err}; use --granularity layer") from None
-            if self.options.recon_params == "norms-biases" and not _trained_names(layer, "norms-biases"):
+            if self.options.recon_params == "norms-biases" and not trained_names(layer, "norms-biases"):
                 raise ConfigError("--recon-params", f"layer {index} has no norm or bias to train; use "
                                                     "--recon-params all")
 
@@ -252,25 +254,6 @@ def _calibration(job: Any, options: BlockwiseSettings, pruned_record: dict,
             "seed": recorded.get("seed", 0) if options.calibration_seed is None else options.calibration_seed}
     docs = load_documents(spec["source"], "train", job.data_dir, "--calibration-data")
     return calibration_samples(docs, tokenizer, spec["nsamples"], spec["seqlen"], spec["seed"]), spec
-
-
-def _trained_names(unit: nn.Module, which: str) -> set[str] | None:
-    """The parameters of a unit that train (None: all)."""
-    if which == "all":
-        return None
-    from sparseheal.heal.perp import perp_parameters
-
-    return {name for names in perp_parameters(unit).values() for name in names}
-
-
-def check_holdout(holdout: int, nsamples: int, batch_size: int) -> None:
-    """A held-out slice of whole batches that leaves at least one batch to train on."""
-    if holdout % batch_size:
-        raise ConfigError("--holdout", f"hold out whole batches: a multiple of --batch-size {batch_size}; "
-                                       f"got {holdout}")
-    if holdout >= nsamples:
-        raise ConfigError("--holdout", f"hold out fewer than the {nsamples} calibration samples; "
-                                       f"got {holdout}")
 
 
 def _layer_masks(masks: dict, prefix: str) -> dict[str, torch.Tensor]:
@@ -408,5 +391,5 @@ def _fit_one(healer: BlockwiseHealer, job: Any, layer: nn.Module, index: int, nu
                       list(zip(sparse_calls[n:], targets[n:], strict=True)), schedule,
                       training.seed * 1_000_003 + index + 7_919 * number, device,
                       f"blockwise: layer {index}{' ' + unit if unit else ''}",
-                      _trained_names(module, options.recon_params))
+                      trained_names(module, options.recon_params))
     return {"unit": unit or "layer", "norm": norm[0] if norm else None, **result}

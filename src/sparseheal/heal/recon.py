@@ -29,12 +29,13 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from sparseheal.errors import ConfigError
 from sparseheal.heal.full import MaskKeeper
 from sparseheal.layout import layer_weights
 from sparseheal.sparsity.capture import StopForward
 
 __all__ = ["GRANULARITIES", "INPUT_MODES", "Call", "FitSchedule", "layer_units", "tap_units", "unit_loss",
-           "fit_unit", "call_module", "feeding_norms", "NormedUnit"]
+           "fit_unit", "call_module", "feeding_norms", "NormedUnit", "trained_names", "check_holdout"]
 
 GRANULARITIES = ("layer", "submodule")
 INPUT_MODES = ("sparse", "dense", "mix")
@@ -346,3 +347,22 @@ def fit_unit(module: nn.Module, masks: dict[str, torch.Tensor], choices: list[li
             "train_loss_first_epoch": sum(losses[:epoch]) / epoch,
             "train_loss_last_epoch": sum(losses[-epoch:]) / epoch, "heldout": checks.losses,
             "kept_check": kept}
+
+
+def trained_names(unit: nn.Module, which: str) -> set[str] | None:
+    """The parameters of a unit that train (None: all)."""
+    if which == "all":
+        return None
+    from sparseheal.heal.perp import perp_parameters
+
+    return {name for names in perp_parameters(unit).values() for name in names}
+
+
+def check_holdout(holdout: int, nsamples: int, batch_size: int) -> None:
+    """A held-out slice of whole batches that leaves at least one batch to train on."""
+    if holdout % batch_size:
+        raise ConfigError("--holdout", f"hold out whole batches: a multiple of --batch-size {batch_size}; "
+                                       f"got {holdout}")
+    if holdout >= nsamples:
+        raise ConfigError("--holdout", f"hold out fewer than the {nsamples} calibration samples; "
+                                       f"got {holdout}")
