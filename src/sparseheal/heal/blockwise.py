@@ -325,7 +325,8 @@ def _heal_layer(healer: BlockwiseHealer, job: Any, layer: nn.Module, index: int,
 
     streams = {name: at_layer(stream, index) for name, stream in streams.items()}
     twin = dense.build(layer, index, device)
-    units = layer_units(layer, healer.options.granularity)
+    # a layer finished before an interruption only advances the dense stream: no unit is recorded
+    units = layer_units(layer, healer.options.granularity) if index >= len(done) else [""]
     norms = feeding_norms(twin, units, streams["dense"][0], device) if units != [""] else {}
     twin_calls = _twin_pass(twin, units, streams["dense"], healer.options.recon_inputs != "sparse", device,
                             norms)
