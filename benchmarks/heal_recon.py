@@ -11,7 +11,8 @@ training tokens (``--budgets``) the recipes are:
 - ``perp``: ``heal --method perp`` (norms and biases, lr 1e-3), the same steps;
 - ``bw-layer`` / ``bw-sub``: ``heal --method blockwise`` by layer / by submodule on S = min(budget /
   1024, ``--max-samples``) calibration samples of 1024 tokens for budget / (1024 S) epochs (lr 1e-3);
-- ``bw-sub+full``: ``bw-sub`` on half the budget, then ``full`` on the other half.
+- ``bw-layer+full`` / ``bw-sub+full``: ``bw-layer`` / ``bw-sub`` on half the budget, then ``full`` on the
+  other half.
 
 Tokens seen are the tokens of the training steps (block-wise: steps x 1024 per unit, forward-only passes
 not counted). Each heal runs in its own process: wall time, CPU time and peak RSS are that process's (the
@@ -28,6 +29,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import sys
 import sysconfig
 import tempfile
@@ -43,7 +45,7 @@ FULL = ["--method", "full", "--lr", "3e-4", "--warmup-steps", "10"]
 LORA = ["--method", "lora", "--targets", "all-linear", "--rank", "16", "--alpha", "32", "--lr", "1e-3",
         "--warmup-steps", "10", "--mask-aware", "--merge", "masked"]
 PERP = ["--method", "perp"]
-RECIPES = ("full", "lora", "perp", "bw-layer", "bw-sub", "bw-sub+full")
+RECIPES = ("full", "lora", "perp", "bw-layer", "bw-sub", "bw-layer+full", "bw-sub+full")
 CODE_MODULES = ("textwrap", "json/decoder", "json/encoder", "argparse", "dataclasses", "functools",
                 "collections/__init__", "pathlib", "inspect", "typing")
 BLOCK = 1024
@@ -94,8 +96,9 @@ def stages(recipe: str, budget: int, max_samples: int) -> list[tuple[list[str], 
         return [trainer_stage(PERP, budget)]
     if recipe in ("bw-layer", "bw-sub"):
         return [blockwise_stage("layer" if recipe == "bw-layer" else "submodule", budget, max_samples)]
-    if recipe == "bw-sub+full":
-        return [blockwise_stage("submodule", budget // 2, max_samples), trainer_stage(FULL, budget // 2)]
+    if recipe in ("bw-layer+full", "bw-sub+full"):
+        granularity = "layer" if recipe == "bw-layer+full" else "submodule"
+        return [blockwise_stage(granularity, budget // 2, max_samples), trainer_stage(FULL, budget // 2)]
     raise SystemExit(f"--recipes: unknown recipe {recipe!r}; choose from {', '.join(RECIPES)}")
 
 
@@ -113,7 +116,8 @@ def heal_row(setting: str, budget: int, recipe: str, pruned: Path, args, work: P
     return {"setting": setting, "budget": budget, "recipe": recipe, "tokens": tokens, "ppl": round(wiki, 3),
             "code_ppl": round(code, 3), "wall_s": round(sum(r["wall_s"] for r in runs), 1),
             "cpu_s": round(sum(r["cpu_s"] for r in runs), 1),
-            "peak_rss_mb": max(r["peak_rss_mb"] for r in runs), "stages": len(runs)}
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in runs), "stages": len(runs),
+            "omp_threads": os.environ.get("OMP_NUM_THREADS", "all")}
 
 
 def with_gaps(row: dict, base: dict) -> dict:
