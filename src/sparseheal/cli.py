@@ -172,6 +172,10 @@ def _print_inspect(report: dict) -> int:
 
 def _print_heal(output: Path) -> None:
     r = read_record(output) or {}
+    if r.get("auto"):
+        chosen = r["auto"]
+        stages = ", then ".join(f"{s['method']} on {s['tokens']} tokens" for s in chosen["stages"])
+        print(f"auto: {chosen['recipe']} for {chosen['budget_tokens']} tokens ({stages})")
     healer = HEALERS.get(r["heal_method"]) if r.get("heal_method") in HEALERS.names() else None
     line = healer.summary(r) if healer else None
     if line:

@@ -12,8 +12,9 @@ imported in ``heal/__init__.py``. The pipeline never tests a healer's name; it r
 - ``requires_sparsity``: whether the input must hold pruned weights (masks or zeros);
 - ``packed_masks``: whether it wants bit-packed masks (one layer unpacked at a time);
 - ``writes``: what its output holds, for messages;
-- :meth:`output_bytes` (how large the output and checkpoints are), :meth:`validate` (on a weightless
-  skeleton, in the preflight), :meth:`prepare`, :meth:`callbacks` and :meth:`save`;
+- :meth:`check_training` (the shared training settings, when the heal is planned), :meth:`output_bytes`
+  (how large the output and checkpoints are), :meth:`validate` (on a weightless skeleton, in the
+  preflight), :meth:`prepare`, :meth:`callbacks` and :meth:`save`;
 - or, with ``trainer_based = False``, :meth:`run` (its own loop and output) and
   :meth:`latest_checkpoint` (what ``--resume`` continues from).
 """
@@ -53,6 +54,9 @@ class Healer:
 
     def __init__(self, options: Settings | None = None) -> None:
         self.options = options if options is not None or self.settings is None else self.settings()
+
+    def check_training(self, training: Any) -> None:
+        """Checks the shared training settings (a ``TrainingSettings``) when the heal is planned."""
 
     def output_bytes(self, weights: int, checkpoints: int, merged: bool) -> tuple[int, str]:
         """Estimated bytes of the output (a model of ``weights`` bytes) plus ``checkpoints`` kept

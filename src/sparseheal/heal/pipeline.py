@@ -58,7 +58,7 @@ from sparseheal.registry import HEALERS
 from sparseheal.settings import Settings
 from sparseheal.sparsity.store import check_masks_file, check_masks_hold, check_own_masks, weights_hash
 
-__all__ = ["HealJob", "plan_heal", "preflight_heal", "check_heal_model", "run_heal"]
+__all__ = ["HealJob", "plan_heal", "settle_training", "preflight_heal", "check_heal_model", "run_heal"]
 
 log = logging.getLogger(__name__)
 
@@ -78,18 +78,27 @@ def plan_heal(pruned_dir: str, output: str, overwrite: bool, built: dict[type, S
             refuse_foreign_settings(built[group], owners, method, healer_cls.writes)
     shared = [built[TrainingSettings], built[DistillSettings], built[SelfGenSettings], built[FsdpSettings]]
     refuse_unused_shared(shared, healer_cls)  # a shared setting the healer does not read
-    training = built[TrainingSettings].with_method_defaults(healer_cls.defaults)
-    if training.budget_tokens and healer_cls.trainer_based:  # the Trainer's length; block-wise: its epochs
-        training.max_steps = budget_steps(training.budget_tokens, training.block_size, training.batch_size,
-                                          training.gradient_accumulation)
+    training = settle_training(built[TrainingSettings], healer_cls)
     compute = built[ComputeSettings]
     fsdp = built[FsdpSettings].fsdp
     check_fsdp(fsdp, merge, training.save_steps, training.resume, compute.device)
     recipe = {k: v for group in built.values() for k, v in group.values().items()}
     options = built[healer_cls.settings] if healer_cls.settings else None
-    return HealJob(pruned_dir, output, overwrite, healer_cls(options), training, merge,
+    healer = healer_cls(options)
+    healer.check_training(training)
+    return HealJob(pruned_dir, output, overwrite, healer, training, merge,
                    built[DistillSettings], built[SelfGenSettings], fsdp, compute, built[TrustSettings],
                    built[DataSettings].data_dir, recipe)
+
+
+def settle_training(training: TrainingSettings, healer_cls: type) -> TrainingSettings:
+    """Fills the healer's defaults (``lr``, ``scheduler``) and turns ``--budget-tokens`` into the Trainer's
+    ``max_steps`` (a healer of its own loop turns it into its own length)."""
+    training = training.with_method_defaults(healer_cls.defaults)
+    if training.budget_tokens and healer_cls.trainer_based:
+        training.max_steps = budget_steps(training.budget_tokens, training.block_size, training.batch_size,
+                                          training.gradient_accumulation)
+    return training
 
 
 def _check_checkpoints(job: HealJob, resumable: set[str]) -> None:
