@@ -156,6 +156,24 @@ def plot(rows: list[dict], path: Path) -> None:
     print(f"wrote {path}")
 
 
+def markdown(payload: dict) -> str:
+    """The docs table of a results file: each row with its share of the gap closed on both texts, and its
+    wall time and peak RSS against full fine-tuning's at 100K tokens on the same setting."""
+    full = {r["setting"]: r for r in payload["rows"] if (r["recipe"], r["budget"]) == ("full", 100000)}
+    lines = ["| setting | budget | recipe | tokens | WikiText-2 ppl (gap closed) | code ppl (gap closed) | "
+             "wall s | CPU s | peak RSS MiB | wall, RSS vs full 100K |", "|---|---:|---|---:|---:|---:|---:|"
+             "---:|---:|---|"]
+    for r in sorted(payload["rows"], key=lambda r: (r["setting"], r["budget"], RECIPES.index(r["recipe"]))):
+        base = full.get(r["setting"])
+        ratio = (f"{r['wall_s'] / base['wall_s']:.2f}x, {r['peak_rss_mb'] / base['peak_rss_mb']:.2f}x"
+                 if base else "")
+        lines.append(f"| {r['setting']} | {r['budget']} | `{r['recipe']}` | {r['tokens']} | {r['ppl']:.2f} "
+                     f"({100 * r['gap_closed']:.1f}%) | {r['code_ppl']:.2f} "
+                     f"({100 * r['code_gap_closed']:.1f}%) | {r['wall_s']:.0f} | {r['cpu_s']:.0f} | "
+                     f"{r['peak_rss_mb']:.0f} | {ratio} |")
+    return "\n".join(lines)
+
+
 def evaluations(model: str, name: str, args, work: Path) -> dict:
     """WikiText-2 and held-out code perplexity of a model."""
     return {"ppl": perplexity(model, work / f"{name}.eval.json", args.eval_windows, reuse=True)["ppl"],
@@ -184,7 +202,11 @@ def main() -> None:
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--output", default=str(Path(__file__).parent / "results" / "heal_recon.json"))
     parser.add_argument("--plot", default=str(Path(__file__).parent / "results" / "heal_recon.png"))
+    parser.add_argument("--markdown", action="store_true", help="print the docs table of --output and stop")
     args = parser.parse_args()
+    if args.markdown:
+        print(markdown(json.loads(Path(args.output).read_text())))
+        return
     work = Path(args.workdir or tempfile.mkdtemp(prefix="sparseheal-recon-"))
     work.mkdir(parents=True, exist_ok=True)
     code = code_text(work / "code.txt")
