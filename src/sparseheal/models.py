@@ -69,6 +69,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_CHECKPOINT_DTYPE = "auto"  # transformers: load in the dtype the checkpoint stores
 
 
 @dataclass
@@ -118,8 +119,8 @@ def load_config(model: str | ModelSource, trust_remote_code: bool = False):
             "MODEL", f"cannot read the model config of {source.name} from {where} ({type(err).__name__})"
         ) from err
     stored = getattr(config, "dtype", None)
-    if isinstance(stored, str) and stored != "auto" and not isinstance(getattr(torch, stored, None),
-                                                                       torch.dtype):
+    named = isinstance(stored, str) and stored != _CHECKPOINT_DTYPE
+    if named and not isinstance(getattr(torch, stored, None), torch.dtype):
         raise ConfigError("MODEL", f"the config of {source.name} names the dtype {stored[:40]!r}, which is "
                                    "not a torch dtype (float32, bfloat16, float16, ...); correct its "
                                    "config.json")
@@ -190,7 +191,7 @@ def load_model(
     try:
         lm = AutoModelForCausalLM.from_pretrained(
             source.path,
-            dtype="auto" if dtype == "auto" else torch_dtype(dtype, device),
+            dtype=_CHECKPOINT_DTYPE if dtype == _CHECKPOINT_DTYPE else torch_dtype(dtype, device),
             trust_remote_code=trust_remote_code,
             use_safetensors=_use_safetensors(source, allow_pickle),
         )
