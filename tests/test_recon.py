@@ -9,6 +9,7 @@ import pytest
 import torch
 from architectures import make_arch_dir
 from safetensors.torch import load_file
+from test_auto import _pruned_weights_are_zero
 from test_cli import _run
 from torch import nn
 
@@ -193,3 +194,27 @@ def test_a_budget_too_small_for_one_step_is_refused(pruned, tmp_path, flags, nee
     proc = _run("heal", str(pruned), "-o", str(tmp_path / "o"), *flags)
     assert proc.returncode == 2 and "--budget-tokens" in proc.stderr and needle in proc.stderr, proc.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_the_relative_loss_weighs_every_token_alike():
+    from sparseheal.heal.recon import recon_loss
+
+    target = torch.zeros(1, 2, 8)
+    target[0, 0, 0], target[0, 1, 0] = 1000.0, 1.0  # a massive token and an ordinary one
+    off_massive, off_ordinary = target.clone(), target.clone()
+    off_massive[0, 0, 1] = 10.0  # the same absolute error on either token
+    off_ordinary[0, 1, 1] = 10.0
+    assert recon_loss(off_massive, target, "mse") == recon_loss(off_ordinary, target, "mse") == 100 / 16
+    assert recon_loss(off_massive, target, "relative") == pytest.approx(100 / 1e6 / 2, rel=1e-4)
+    assert recon_loss(off_ordinary, target, "relative") == pytest.approx(100 / 2, rel=1e-4)
+
+
+def test_blockwise_trains_on_the_relative_loss(pruned, tmp_path):
+    out = sparseheal.heal(str(pruned), str(tmp_path / "rel"), **BLOCK, recon_loss="relative", holdout=2,
+                          batch_size=1)
+    record = json.loads((out / "sparseheal.json").read_text())
+    assert record["blockwise"]["loss"] == "relative"
+    for layer in record["blockwise"]["layers"]:
+        held = layer["units"][0]["heldout"]  # relative loss before training and after each of 2 epochs
+        assert len(held) == 3 and held[-1] < held[0]
+    assert _pruned_weights_are_zero(pruned, out) > 0

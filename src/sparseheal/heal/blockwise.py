@@ -56,6 +56,7 @@ from sparseheal.heal.checkpoints import RECIPE_FILE
 from sparseheal.heal.recon import (
     GRANULARITIES,
     INPUT_MODES,
+    LOSSES,
     Call,
     FitSchedule,
     NormedUnit,
@@ -94,6 +95,9 @@ class BlockwiseSettings(Settings):
     recon_params: str = setting("all", "blockwise: what each unit trains: every parameter (all), or only its "
                                        "norms and biases, PERP-style (norms-biases).",
                                 choices=("all", "norms-biases"))
+    recon_loss: str = setting("mse", "blockwise: each unit's loss: mean squared error (mse), or each token's "
+                                     "squared error over its target's squared norm (relative).",
+                              choices=LOSSES)
     holdout: int = setting(0, "blockwise: calibration samples held out (the last ones) to measure each "
                               "unit's reconstruction loss after every epoch.", check=non_negative("a count"))
     early_stop: int = setting(0, "blockwise: stop a unit after this many held-out checks without a new best "
@@ -381,7 +385,7 @@ def _fit_one(healer: BlockwiseHealer, job: Any, layer: nn.Module, index: int, nu
     pairs = [choices[options.recon_inputs](s, d) for s, d in zip(sparse_calls, twin_calls, strict=True)]
     n = len(pairs) - options.holdout // training.batch_size  # the last batches are held out
     schedule = FitSchedule(training.lr, training.weight_decay, training.scheduler, training.warmup_steps,
-                           training.max_grad_norm, training.epochs, options.early_stop)
+                           training.max_grad_norm, training.epochs, options.early_stop, options.recon_loss)
     inside = {key[len(unit) + 1:] if unit else key: m for key, m in masks.items()
               if not unit or key.startswith(unit + ".")}
     module = layer.get_submodule(unit)

@@ -73,8 +73,8 @@ def write_blockwise_output(job: Any, lm, tokenizer, ctx: dict, watch: Any) -> Pa
                   "blockwise": {"layers": ctx["layers"], "epochs": job.training.epochs, "lr": job.training.lr,
                                 "batch_size": job.training.batch_size, "scheduler": job.training.scheduler,
                                 "granularity": options.granularity, "inputs": options.recon_inputs,
-                                "params": options.recon_params, "holdout": options.holdout,
-                                "early_stop": options.early_stop},
+                                "params": options.recon_params, "loss": options.recon_loss,
+                                "holdout": options.holdout, "early_stop": options.early_stop},
                   "recipe": job.recipe, "timings": watch.times, "peak_rss_mb": round(peak_rss_mb(), 1),
                   "previous": pruned}
         write_record(tmp, record)
