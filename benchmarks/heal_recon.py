@@ -10,9 +10,10 @@ training tokens (``--budgets``) the recipes are:
 - ``lora``: LoRA on every linear, r 16, alpha 32, lr 1e-3, warm-up 10, mask-aware, merged with the mask;
 - ``perp``: ``heal --method perp`` (norms and biases, lr 1e-3), the same steps;
 - ``bw-layer`` / ``bw-sub``: ``heal --method blockwise`` by layer / by submodule on S = min(budget /
-  1024, ``--max-samples``) calibration samples of 1024 tokens for budget / (1024 S) epochs (lr 1e-3);
-- ``bw-layer+full`` / ``bw-sub+full``: ``bw-layer`` / ``bw-sub`` on half the budget, then ``full`` on the
-  other half.
+  1024, ``--max-samples``) calibration samples of 1024 tokens for budget / (1024 S) epochs (lr 1e-3),
+  on the MSE; ``bw-layer-rel`` / ``bw-sub-rel``: the same on the relative loss (``--recon-loss``);
+- ``bw-layer+full``, ``bw-layer-rel+full``, ``bw-sub+full``: that reconstruction on half the budget, then
+  ``full`` on the other half.
 
 Tokens seen are the tokens of the training steps (block-wise: steps x 1024 per unit, forward-only passes
 not counted). Each heal runs in its own process: wall time, CPU time and peak RSS are that process's (the
@@ -45,7 +46,8 @@ FULL = ["--method", "full", "--lr", "3e-4", "--warmup-steps", "10"]
 LORA = ["--method", "lora", "--targets", "all-linear", "--rank", "16", "--alpha", "32", "--lr", "1e-3",
         "--warmup-steps", "10", "--mask-aware", "--merge", "masked"]
 PERP = ["--method", "perp"]
-RECIPES = ("full", "lora", "perp", "bw-layer", "bw-sub", "bw-layer+full", "bw-sub+full")
+RECIPES = ("full", "lora", "perp", "bw-layer", "bw-layer-rel", "bw-sub", "bw-sub-rel", "bw-layer+full",
+           "bw-layer-rel+full", "bw-sub+full")
 CODE_MODULES = ("textwrap", "json/decoder", "json/encoder", "argparse", "dataclasses", "functools",
                 "collections/__init__", "pathlib", "inspect", "typing")
 BLOCK = 1024
@@ -78,11 +80,14 @@ def trainer_stage(flags: list[str], tokens: int) -> tuple[list[str], int]:
                     "--gradient-accumulation", "1", "--max-eval-samples", "0", "--data", "c4"], steps * BLOCK
 
 
-def blockwise_stage(granularity: str, tokens: int, max_samples: int) -> tuple[list[str], int]:
+def blockwise_stage(recipe: str, tokens: int, max_samples: int) -> tuple[list[str], int]:
+    """``bw-layer``, ``bw-sub``, with ``-rel``: the relative loss (else MSE)."""
     samples = max(1, min(tokens // BLOCK, max_samples))
     epochs = tokens / (BLOCK * samples)
-    flags = ["--method", "blockwise", "--granularity", granularity, "--nsamples", str(samples),
-             "--seqlen", str(BLOCK), "--epochs", f"{epochs:.6g}"]
+    granularity = "layer" if recipe.startswith("bw-layer") else "submodule"
+    loss = "relative" if recipe.endswith("-rel") else "mse"
+    flags = ["--method", "blockwise", "--granularity", granularity, "--recon-loss", loss, "--nsamples",
+             str(samples), "--seqlen", str(BLOCK), "--epochs", f"{epochs:.6g}"]
     return flags, max(1, round(epochs * samples)) * BLOCK
 
 
@@ -94,11 +99,11 @@ def stages(recipe: str, budget: int, max_samples: int) -> list[tuple[list[str], 
         return [trainer_stage(LORA, budget)]
     if recipe == "perp":
         return [trainer_stage(PERP, budget)]
-    if recipe in ("bw-layer", "bw-sub"):
-        return [blockwise_stage("layer" if recipe == "bw-layer" else "submodule", budget, max_samples)]
-    if recipe in ("bw-layer+full", "bw-sub+full"):
-        granularity = "layer" if recipe == "bw-layer+full" else "submodule"
-        return [blockwise_stage(granularity, budget // 2, max_samples), trainer_stage(FULL, budget // 2)]
+    if recipe.startswith("bw-") and not recipe.endswith("+full"):
+        return [blockwise_stage(recipe, budget, max_samples)]
+    if recipe.startswith("bw-"):
+        return [blockwise_stage(recipe[:-len("+full")], budget // 2, max_samples),
+                trainer_stage(FULL, budget // 2)]
     raise SystemExit(f"--recipes: unknown recipe {recipe!r}; choose from {', '.join(RECIPES)}")
 
 
