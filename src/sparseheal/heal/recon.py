@@ -19,9 +19,9 @@ over its dense target's squared norm:
     relative:  mean_{b,t} || g(U_b)_t - Y_bt ||² / (|| Y_bt ||² + ε)
 
 In many decoders the first token of a sequence carries a massive activation (smollm2-135m: a norm of
-about 22 500 against a median of 132 after layer 11), so its error is over 90% of the plain MSE of every
-later layer, and MSE reconstruction spends its steps on that one token; the relative loss weighs every
-token alike.
+about 22 500 against a median of 132 after layer 11; after Wanda 50% its error was 98% of the squared
+error of layer 11's output and 92% of layer 19's), so MSE reconstruction spends its steps on that one
+token; the relative loss weighs every token alike.
 
 The inputs of a submodule are taken from a forward of its layer with a hook on the submodule (the rest of
 the layer is skipped once the hook has fired); targets from one forward of the dense twin with hooks on
