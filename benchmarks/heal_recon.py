@@ -92,7 +92,13 @@ def blockwise_stage(recipe: str, tokens: int, max_samples: int) -> tuple[list[st
 
 
 def stages(recipe: str, budget: int, max_samples: int) -> list[tuple[list[str], int]]:
-    """The heal commands' flags of a recipe at a budget, and the training tokens each sees."""
+    """The heal commands' flags of a recipe at a budget, and the training tokens each sees; a recipe
+    ``NAME@LR`` (``bw-layer-rel@3e-3``) trains its reconstruction stage at that learning rate."""
+    if "@" in recipe:
+        name, lr = recipe.split("@")
+        found = stages(name, budget, max_samples)
+        return [(flags + ["--lr", lr], seen) if "blockwise" in flags else (flags, seen)
+                for flags, seen in found]
     if recipe == "full":
         return [trainer_stage(FULL, budget)]
     if recipe == "lora":
@@ -105,6 +111,11 @@ def stages(recipe: str, budget: int, max_samples: int) -> list[tuple[list[str], 
         return [blockwise_stage(recipe[:-len("+full")], budget // 2, max_samples),
                 trainer_stage(FULL, budget // 2)]
     raise SystemExit(f"--recipes: unknown recipe {recipe!r}; choose from {', '.join(RECIPES)}")
+
+
+def _order(recipe: str) -> tuple[int, str]:
+    """Recipes in the order of RECIPES, learning-rate variants after their base."""
+    return RECIPES.index(recipe.split("@")[0]), recipe
 
 
 def heal_row(setting: str, budget: int, recipe: str, pruned: Path, args, work: Path) -> dict:
@@ -144,7 +155,7 @@ def plot(rows: list[dict], path: Path) -> None:
     settings = list(dict.fromkeys(r["setting"] for r in rows))
     fig, axes = plt.subplots(2, len(settings), figsize=(4.5 * len(settings), 7), squeeze=False)
     for col, setting in enumerate(settings):
-        for recipe in RECIPES:
+        for recipe in sorted({r["recipe"] for r in rows}, key=_order):
             points = sorted((r["tokens"], r["wall_s"], 100 * r["gap_closed"]) for r in rows if
                             (r["setting"], r["recipe"]) == (setting, recipe) and r["gap_closed"] is not None)
             if points:
@@ -168,7 +179,7 @@ def markdown(payload: dict) -> str:
     lines = ["| setting | budget | recipe | tokens | WikiText-2 ppl (gap closed) | code ppl (gap closed) | "
              "wall s | CPU s | peak RSS MiB | wall, RSS vs full 100K |", "|---|---:|---|---:|---:|---:|---:|"
              "---:|---:|---|"]
-    for r in sorted(payload["rows"], key=lambda r: (r["setting"], r["budget"], RECIPES.index(r["recipe"]))):
+    for r in sorted(payload["rows"], key=lambda r: (r["setting"], r["budget"], _order(r["recipe"]))):
         base = full.get(r["setting"])
         ratio = (f"{r['wall_s'] / base['wall_s']:.2f}x, {r['peak_rss_mb'] / base['peak_rss_mb']:.2f}x"
                  if base else "")
