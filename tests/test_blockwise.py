@@ -162,5 +162,6 @@ def test_shared_settings_blockwise_does_not_read_are_refused(pruned, tmp_path, e
 
     with pytest.raises(ConfigError) as err:
         sparseheal.heal(str(pruned), str(tmp_path / "o"), **{**BLOCK, **extra})
-    assert err.value.flag == flag and "applies to --method" in err.value.message and "full or lora" in err.value.message
+    message = err.value.message
+    assert err.value.flag == flag and "applies to --method" in message and "full or lora" in message
     assert "blockwise trains --epochs per layer" in err.value.message and not (tmp_path / "o").exists()
