@@ -65,12 +65,14 @@ def test_a_two_stage_recipe_runs_both_and_says_why(pruned, tmp_path, monkeypatch
     assert sorted(p.name for p in tmp_path.iterdir()) == ["healed"]  # no stage output left behind
 
 
-def test_a_small_budget_runs_reconstruction_alone(pruned, tmp_path):
+def test_a_small_budget_runs_the_first_recipe(pruned, tmp_path):
+    first = RECIPES[0]
     out = sparseheal.heal(str(pruned), str(tmp_path / "healed"), method="auto", budget_tokens=6 * 32,
                           block_size=32, device="cpu")
     record = json.loads((out / "sparseheal.json").read_text())
-    assert record["auto"]["recipe"] == choose_recipe(6 * 32).name == RECIPES[0].name
-    assert record["heal_method"] == "blockwise" and record["calibration"]["seqlen"] == 32
+    assert record["auto"]["recipe"] == choose_recipe(6 * 32).name == first.name
+    assert [s["method"] for s in record["auto"]["stages"]] == [s.method for s in first.stages]
+    assert record["auto"]["stages"][-1]["lr"] == first.stages[-1].training["lr"]
     assert _pruned_weights_are_zero(pruned, out) > 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["healed"]
 
@@ -91,4 +93,5 @@ def test_the_command_line_says_what_auto_chose(pruned, tmp_path):
     proc = _run("heal", str(pruned), "-o", str(tmp_path / "o"), "--method", "auto", "--budget-tokens", "64",
                 "--block-size", "32", "--device", "cpu")
     assert proc.returncode == 0, proc.stderr
-    assert f"auto: {RECIPES[0].name} for 64 tokens (blockwise on 64 tokens)" in proc.stdout
+    stage = RECIPES[0].stages[0].method
+    assert f"auto: {RECIPES[0].name} for 64 tokens ({stage} on 64 tokens)" in proc.stdout
