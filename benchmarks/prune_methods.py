@@ -114,10 +114,12 @@ def markdown(payload: dict) -> str:
                      f"{r['peak_rss_mb']:.0f} | "
                      f"{where.get('revision', '')[:7]}, {where.get('torch_threads', '')} thr |")
     if payload["healed"]:
-        lines += ["", "| method | DSnoT | pattern | ppl pruned | ppl after full heal | heal wall s |",
-                  "|---|---|---|---:|---:|---:|"]
+        lines += ["", "| method | DSnoT | pattern | ppl pruned | ppl after full heal | heal wall s | "
+                      "heal CPU s |", "|---|---|---|---:|---:|---:|---:|"]
         lines += [f"| `{r['method']}` | {r['dsnot']} | {r['setting']} | {r['ppl']:.3f} | "
-                  f"{r['healed_ppl']:.3f} | {r['heal_wall_s']:.0f} |" for r in payload["healed"]]
+                  f"{r['healed_ppl']:.3f} | {r['heal_wall_s']:.0f} | "
+                  f"{r.get('heal_cpu_s', float('nan')):.0f} |"
+                  for r in payload["healed"]]
     return "\n".join(lines)
 
 
