@@ -131,18 +131,16 @@ class AutoHealer(Healer):
 
         recipe = choose_recipe(job.training.budget_tokens)
         budgets = stage_budgets(recipe, job.training.budget_tokens)
-        jobs = []
-        for number, (stage, tokens) in enumerate(zip(recipe.stages, budgets, strict=True)):
-            jobs.append(_stage_job(job, stage, tokens, last=number == len(budgets) - 1))
-            check_heal_model(job.pruned_dir, jobs[-1])  # every stage's checks before any training
-        log.info("auto: %s for %d tokens (%s)", recipe.name, job.training.budget_tokens, recipe.why)
-        made: list[str] = []
+        jobs, made = [], []  # made: the stage outputs (hidden siblings), removed however the heal ends
         try:
+            for number, (stage, tokens) in enumerate(zip(recipe.stages, budgets, strict=True)):
+                jobs.append(_stage_job(job, stage, tokens, last=number == len(budgets) - 1))
+                made += [jobs[-1].output] if jobs[-1].output != job.output else []
+                check_heal_model(job.pruned_dir, jobs[-1])  # every stage's checks before any training
+            log.info("auto: %s for %d tokens (%s)", recipe.name, job.training.budget_tokens, recipe.why)
             source = job.pruned_dir
             for stage_job in jobs:
                 stage_job.pruned_dir = source
-                if stage_job.output != job.output:
-                    made.append(stage_job.output)
                 run_heal(stage_job)
                 source = _model_of(stage_job.output)
         finally:
