@@ -218,3 +218,6 @@ def test_blockwise_trains_on_the_relative_loss(pruned, tmp_path):
         held = layer["units"][0]["heldout"]  # relative loss before training and after each of 2 epochs
         assert len(held) == 3 and held[-1] < held[0]
     assert _pruned_weights_are_zero(pruned, out) > 0
+    mse = sparseheal.heal(str(pruned), str(tmp_path / "mse"), **BLOCK, holdout=2, batch_size=1)
+    rel, by_mse = _weights(out), _weights(mse)  # the same draw, order and seed: only the loss differs
+    assert any(not torch.equal(rel[k], by_mse[k]) for k in rel)

@@ -129,7 +129,7 @@ class AutoHealer(Healer):
         """Runs the stages (each a whole heal) and adds the choice to the output's record."""
         from sparseheal.heal.pipeline import check_heal_model, run_heal  # the stages run through it
 
-        recipe = choose_recipe(job.training.budget_tokens)
+        recipe = self.recipe  # chosen when the heal was planned (check_training)
         budgets = stage_budgets(recipe, job.training.budget_tokens)
         jobs, made = [], []  # made: the stage outputs (hidden siblings), removed however the heal ends
         try:
